@@ -1,0 +1,202 @@
+"""The `alto` command: run, worker, serve, openapi, bench."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from orchestrator.spec import EngineSpec, PipelineSpec, SpecError, load_pipeline, with_streaming
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help="alto: stream partial outputs between LLM pipeline stages.")
+console = Console(stderr=True)
+out = Console()
+
+
+def _load(path: Path, stream: bool = True) -> PipelineSpec:
+    try:
+        spec = load_pipeline(path)
+    except SpecError as exc:
+        console.print(f"[red]invalid pipeline[/red] {path}: {exc}")
+        raise typer.Exit(2) from None
+    return spec if stream else with_streaming(spec, False)
+
+
+def _engine_override(kind: str | None, options: list[str] | None = None) -> EngineSpec | None:
+    if not kind:
+        return None
+    extra: dict[str, Any] = {}
+    for opt in options or []:
+        k, _, v = opt.partition("=")
+        try:
+            extra[k] = json.loads(v)
+        except json.JSONDecodeError:
+            extra[k] = v
+    return EngineSpec(kind=kind, **extra)  # type: ignore[arg-type]
+
+
+async def _make_transport(redis_url: str | None):  # noqa: ANN202 - returns a Transport
+    if redis_url:
+        from workers.redis_transport import RedisTransport
+
+        t = RedisTransport(redis_url)
+        try:
+            await t.ping()
+        except Exception as exc:  # noqa: BLE001 - any connection failure is reported the same way
+            console.print(f"[red]cannot reach Redis at {redis_url}[/red]: {exc}")
+            raise typer.Exit(1) from None
+        return t
+    from orchestrator.embedded import EmbeddedTransport
+
+    return EmbeddedTransport()
+
+
+@cli.command()
+def run(
+    pipeline: Annotated[Path, typer.Argument(help="pipeline YAML")],
+    input: Annotated[str, typer.Option("--input", "-i", help="the run's input text")],
+    redis_url: Annotated[str | None, typer.Option(help="use Redis and running `alto worker`s")] = None,
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="barrier mode")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON event per line")] = False,
+    engine: Annotated[str | None, typer.Option(help="override every LM stage's engine kind")] = None,
+    engine_opt: Annotated[list[str] | None, typer.Option("--engine-opt", help="KEY=VALUE engine option")] = None,
+    deadline: Annotated[float, typer.Option(help="seconds before giving up")] = 600.0,
+) -> None:
+    """Run one request through a pipeline and print partial outputs as they arrive."""
+    from workers.settings import get_settings
+
+    settings = get_settings()
+    spec = _load(pipeline, not no_stream)
+    override = _engine_override(engine or settings.engine, engine_opt)
+    code = asyncio.run(_run(spec, input, redis_url or None, as_json, override, deadline))
+    raise typer.Exit(code)
+
+
+async def _run(spec: PipelineSpec, text: str, redis_url: str | None, as_json: bool,
+               override: EngineSpec | None, deadline: float) -> int:
+    from workers.client import follow_run, start_run
+    from workers.runtime import Runtime
+
+    transport = await _make_transport(redis_url)
+    runtime = None
+    if redis_url is None:
+        runtime = Runtime(transport, [spec], engine_override=override)
+        try:
+            await runtime.start()
+        except Exception as exc:  # noqa: BLE001
+            console.print(f"[red]cannot start the pipeline[/red]: {exc}")
+            return 1
+    code = 0
+    try:
+        run_id = await start_run(transport, spec, text)
+        try:
+            async for _, ev in follow_run(transport, spec, run_id, deadline_s=deadline):
+                if as_json:
+                    out.print_json(json.dumps(ev, ensure_ascii=False), indent=None)
+                    continue
+                kind = ev["type"]
+                if kind == "run":
+                    console.print(f"[bold]run[/bold] {ev['run']} ({spec.name})")
+                elif kind == "partial":
+                    data = ev["data"]
+                    text_ = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+                    console.print(f"[cyan]{ev['stage']}[/cyan] [dim]{ev['lineage']}[/dim] {text_[:200]}")
+                elif kind == "stage_done":
+                    console.print(f"[green]done[/green] {ev['stage']}")
+                elif kind == "result":
+                    o = ev["output"]
+                    out.print(o if isinstance(o, str) else json.dumps(o, indent=2, ensure_ascii=False))
+                elif kind == "error":
+                    console.print(f"[red]error[/red] {ev.get('stage', '')}: {ev['message']}")
+                    code = 1
+        except TimeoutError as exc:
+            await transport.cancel(run_id)
+            console.print(f"[red]{exc}[/red]")
+            code = 1
+    finally:
+        if runtime is not None:
+            await runtime.stop()
+        await transport.close()
+    return code
+
+
+@cli.command()
+def worker(
+    pipeline: Annotated[Path, typer.Option("--pipeline", "-p", help="pipeline YAML")],
+    stage: Annotated[str, typer.Option(help="the stage this process serves")],
+    redis_url: Annotated[str | None, typer.Option(help="Redis URL (or ALTO_REDIS_URL)")] = None,
+    engine: Annotated[str | None, typer.Option(help="override the engine kind")] = None,
+    engine_opt: Annotated[list[str] | None, typer.Option("--engine-opt", help="KEY=VALUE")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="max inputs in flight")] = None,
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="barrier mode")] = False,
+) -> None:
+    """Serve one stage of a pipeline from Redis until SIGTERM (then drain)."""
+    from workers.settings import get_settings
+
+    settings = get_settings()
+    url = redis_url or settings.redis_url
+    if not url:
+        console.print("[red]--redis-url (or ALTO_REDIS_URL) is required[/red]")
+        raise typer.Exit(2)
+    spec = _load(pipeline, not no_stream)
+    if stage not in spec.by_name:
+        console.print(f"[red]pipeline {spec.name!r} has no stage {stage!r}[/red] (has {list(spec.by_name)})")
+        raise typer.Exit(2)
+    override = _engine_override(engine or settings.engine, engine_opt)
+    raise typer.Exit(asyncio.run(_worker(spec, stage, url, override, concurrency, settings)))
+
+
+async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec | None,
+                  concurrency: int | None, settings: Any) -> int:
+    from workers.runner import RunnerConfig
+    from workers.runtime import Runtime, StageSelection
+
+    transport = await _make_transport(url)
+    config = RunnerConfig(claim_idle_ms=settings.claim_idle_ms, lease_ttl_ms=settings.lease_ttl_ms,
+                          heartbeat_ms=settings.heartbeat_ms)
+    runtime = Runtime(transport, [spec], config=config, engine_override=override, instances=1,
+                      concurrency=concurrency)
+    try:
+        await runtime.start([StageSelection(spec.name, stage)])
+    except Exception as exc:  # noqa: BLE001
+        console.print(f"[red]cannot start stage {stage!r}[/red]: {exc}")
+        await transport.close()
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    console.print(f"[green]worker ready[/green] {spec.name}.{stage}")
+    waiter = asyncio.create_task(stop.wait())
+    runners = [asyncio.ensure_future(t) for t in runtime._tasks]
+    done, _ = await asyncio.wait([waiter, *runners], return_when=asyncio.FIRST_COMPLETED)
+    failure = runtime.failed()
+    await runtime.stop(drain=True)
+    await transport.close()
+    if failure is not None:
+        console.print(f"[red]worker failed[/red]: {failure}")
+        return 1
+    return 0
+
+
+def main() -> None:
+    # stage functions are named 'package.module:fn' relative to where alto is started,
+    # as `python -m` would resolve them
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cli()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""Framing: split a stage's streamed text into complete units as early as possible.
+
+alto's speedup comes from routing each unit (a line, a JSON item, a sentence) to the next
+stage while the LM is still writing. So a framer must (1) emit a unit the moment the text
+that completes it has arrived, (2) give exactly the same units however the text was cut
+into deltas, because token boundaries are arbitrary, and (3) cost O(len(delta)) per feed,
+because it runs once per token: each framer keeps a small scanner state and only ever looks
+at the new delta, never re-scanning or re-parsing the buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any, Protocol
+
+KINDS = ("lines", "json_items", "sentences", "whole", "items")
+TEXT_KINDS = ("lines", "json_items", "sentences", "whole")
+
+# Words ending in "." that do not end a sentence (compared lower-cased, leading "(" etc. removed).
+ABBREVIATIONS = frozenset(
+    {"e.g.", "i.e.", "etc.", "cf.", "vs.", "mr.", "mrs.", "ms.", "dr.", "prof.", "st.",
+     "jr.", "sr.", "fig.", "approx."}
+)
+SENTENCE_ENDS = ".!?\u2026"
+CLOSERS = "\"')]}\u201d\u2019\u00bb"  # may follow a terminator: `He said "stop." Then`
+OPENERS = "\"'([{\u201c\u2018\u00ab"  # may precede an abbreviation: "(e.g. this)"
+# A list marker at the start of a line: "- ", "* ", "+ ", "• ", "1. ", "2) " (at most 3 digits,
+# so "2024. A year" is not mangled).
+_LIST_MARKER = re.compile(r"(?:[-*+\u2022]|[0-9]{1,3}[.)])(?:\s+|$)")
+
+
+class Framer(Protocol):
+    def feed(self, text: str) -> list[Any]:
+        """Units completed by this delta, in order."""
+        ...
+
+    def close(self) -> list[Any]:
+        """Units still pending at end of stream; [] on a second call."""
+        ...
+
+
+class _Base:
+    """Shared close-once bookkeeping, so no framer can emit a unit twice at close."""
+
+    _closed = False
+
+    def feed(self, text: str) -> list[Any]:
+        if self._closed:
+            raise RuntimeError("feed() after close()")
+        return self._feed(text) if text else []
+
+    def close(self) -> list[Any]:
+        if self._closed:
+            return []
+        self._closed = True
+        return self._close()
+
+    def _feed(self, text: str) -> list[Any]:
+        raise NotImplementedError
+
+    def _close(self) -> list[Any]:
+        raise NotImplementedError
+
+
+def _line_unit(line: str) -> str:
+    line = line.strip()
+    m = _LIST_MARKER.match(line)
+    return line[m.end() :] if m else line
+
+
+class _Lines(_Base):
+    def __init__(self) -> None:
+        self._parts: list[str] = []  # the current line's text from earlier deltas
+
+    def _feed(self, text: str) -> list[Any]:
+        out: list[Any] = []
+        start = 0
+        nl = text.find("\n")
+        while nl != -1:
+            self._parts.append(text[start:nl])
+            unit = _line_unit("".join(self._parts))
+            self._parts = []
+            if unit:
+                out.append(unit)
+            start = nl + 1
+            nl = text.find("\n", start)
+        if start < len(text):
+            self._parts.append(text[start:])
+        return out
+
+    def _close(self) -> list[Any]:
+        unit = _line_unit("".join(self._parts))
+        self._parts = []
+        return [unit] if unit else []
+
+
+class _Whole(_Base):
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+
+    def _feed(self, text: str) -> list[Any]:
+        self._parts.append(text)
+        return []
+
+    def _close(self) -> list[Any]:
+        unit = "".join(self._parts).strip()
+        self._parts = []
+        return [unit] if unit else []
+
+
+_WS = re.compile(r"\s")
+_WORD_KEEP = 16  # longer than any abbreviation, so a capped word never matches one by accident
+
+
+class _Sentences(_Base):
+    """A sentence ends at a whitespace character that is a newline, or that follows a word
+    ending in a terminator (optionally followed by closing quotes/brackets), unless that word
+    is an abbreviation or a list number ("1.") opening the sentence. The decision depends
+    only on text to the left of the whitespace, which makes the result chunking-invariant."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []  # the pending sentence's text from earlier deltas
+        self._word = ""  # last _WORD_KEEP chars of the current non-space run
+        self._words = 0  # complete words already in the pending sentence
+
+    def _ends_sentence(self, word: str) -> bool:
+        core = word.rstrip(CLOSERS)
+        if not core or core[-1] not in SENTENCE_ENDS:
+            return False
+        if core[-1] == ".":
+            bare = core.lstrip(OPENERS).lower()
+            if bare in ABBREVIATIONS or (self._words == 0 and bare[:-1].isdigit()):
+                return False
+        return True
+
+    def _feed(self, text: str) -> list[Any]:
+        out: list[Any] = []
+        seg = 0  # start of the pending sentence within this delta
+        word_start = 0
+        for m in _WS.finditer(text):
+            j = m.start()
+            word = (self._word + text[word_start:j])[-_WORD_KEEP:]
+            self._word = ""
+            word_start = j + 1
+            if text[j] == "\n" or self._ends_sentence(word):
+                self._parts.append(text[seg:j])
+                unit = "".join(self._parts).strip()
+                self._parts = []
+                self._words = 0
+                seg = j + 1
+                if unit:
+                    out.append(unit)
+            elif word:
+                self._words += 1
+        if seg < len(text):
+            self._parts.append(text[seg:])
+        self._word = (self._word + text[word_start:])[-_WORD_KEEP:]
+        return out
+
+    def _close(self) -> list[Any]:
+        unit = "".join(self._parts).strip()
+        self._parts = []
+        return [unit] if unit else []
+
+
+_SEEK, _ARRAY, _OBJECT, _DONE = range(4)
+_OPEN = re.compile(r"[\[{]")
+_SIGNIFICANT = re.compile(r'[\[\]{}",\\]')
+
+
+def _loads(raw: str) -> tuple[bool, Any]:
+    try:
+        return True, json.loads(raw)
+    except (ValueError, RecursionError):
+        return False, None
+
+
+def _strip_fence(text: str) -> str:
+    text = text.strip()
+    if text.startswith("```"):
+        text = text.partition("\n")[2].rstrip()
+        text = text.removesuffix("```")
+    return text
+
+
+class _JsonItems(_Base):
+    """Streams the elements of the first JSON array in the text.
+
+    Prose before the first "[" is skipped, and so is everything after its matching "]". If a
+    "{" comes first, the text is taken to be one JSON object: it is emitted as one unit when it
+    closes (if it does not parse, e.g. "{as requested}", the search for a "[" goes on after
+    it). A string or container element is emitted when its closing character arrives; a
+    scalar when the following "," or "]" does. Malformed or truncated elements are dropped.
+    If nothing was emitted and no array closed, close() tries the whole text (optionally in a
+    ``` fence) as one JSON value, so a bare scalar answer still yields a unit.
+    """
+
+    def __init__(self) -> None:
+        self._mode = _SEEK
+        self._seen: list[str] | None = []  # all text, while the whole-text fallback may apply
+        self._parts: list[str] = []  # current element's (or object's) text from earlier deltas
+        self._depth = 0  # bracket depth; the top-level array or object is depth 1
+        self._in_str = False
+        self._esc = False  # the previous char was a backslash inside a string
+        self._tried = False  # the element's first closed value was already offered to json
+        self._emitted = False  # the current element has been emitted
+
+    def _new_element(self) -> None:
+        self._parts = []
+        self._tried = False
+        self._emitted = False
+
+    def _emit(self, value: Any, out: list[Any]) -> None:
+        out.append(value)
+        self._emitted = True
+        self._seen = None
+
+    def _value_closed(self, text: str, start: int, end: int, out: list[Any]) -> None:
+        """A string/array/object at element level just closed: if the element is just that
+        value, it is complete now, without waiting for "," or "]". Only the first such value
+        is tried (later ones follow it, so the element is malformed): bounded parsing."""
+        if self._tried:
+            return
+        self._tried = True
+        ok, value = _loads("".join(self._parts) + text[start:end])
+        if ok:
+            self._emit(value, out)
+
+    def _element_end(self, text: str, start: int, end: int, out: list[Any]) -> None:
+        if not self._emitted:
+            raw = ("".join(self._parts) + text[start:end]).strip()
+            if raw:
+                ok, value = _loads(raw)
+                if ok:
+                    self._emit(value, out)
+        self._new_element()
+
+    def _object_closed(self, text: str, start: int, end: int, out: list[Any]) -> None:
+        ok, value = _loads("".join(self._parts) + text[start:end])
+        self._parts = []
+        if ok:
+            self._emit(value, out)
+            self._mode = _DONE
+        else:
+            self._mode = _SEEK
+
+    def _feed(self, text: str) -> list[Any]:
+        if self._seen is not None:
+            self._seen.append(text)
+        out: list[Any] = []
+        n = len(text)
+        i = start = 0  # scan position; start of the current element/object in this delta
+        while i < n:
+            mode = self._mode
+            if mode == _DONE:
+                break
+            if mode == _SEEK:
+                m = _OPEN.search(text, i)
+                if m is None:
+                    break
+                self._mode = _ARRAY if m.group() == "[" else _OBJECT
+                self._depth = 1
+                self._new_element()
+                start = m.end() if self._mode == _ARRAY else m.start()
+                i = m.end()
+                continue
+            if self._esc:
+                self._esc = False
+                i += 1
+                continue
+            m = _SIGNIFICANT.search(text, i)
+            if m is None:
+                break
+            c = m.group()
+            j = m.start()
+            i = j + 1
+            if self._in_str:
+                if c == "\\":
+                    self._esc = True
+                elif c == '"':
+                    self._in_str = False
+                    if self._depth == 1 and mode == _ARRAY:
+                        self._value_closed(text, start, i, out)
+            elif c == '"':
+                self._in_str = True
+            elif c in "[{":
+                self._depth += 1
+            elif c in "]}":
+                if self._depth > 1:
+                    self._depth -= 1
+                    if self._depth == 1 and mode == _ARRAY:
+                        self._value_closed(text, start, i, out)
+                elif mode == _OBJECT:
+                    self._depth = 0
+                    self._object_closed(text, start, i, out)
+                elif c == "]":  # the top-level array ends; a stray "}" is ignored
+                    self._element_end(text, start, j, out)
+                    self._mode = _DONE
+            elif c == "," and self._depth == 1 and mode == _ARRAY:
+                self._element_end(text, start, j, out)
+                start = i
+        if self._mode in (_ARRAY, _OBJECT) and not self._emitted:
+            self._parts.append(text[start:])
+        return out
+
+    def _close(self) -> list[Any]:
+        seen, self._seen = self._seen, None
+        self._parts = []
+        if self._mode == _DONE or seen is None:
+            return []
+        ok, value = _loads(_strip_fence("".join(seen)))
+        return [value] if ok else []
+
+
+_FRAMERS: dict[str, Callable[[], Framer]] = {
+    "lines": _Lines,
+    "json_items": _JsonItems,
+    "sentences": _Sentences,
+    "whole": _Whole,
+}
+
+
+def make_framer(kind: str) -> Framer:
+    """A fresh framer for one stream. "items" frames values, not text: use frame_value()."""
+    if kind == "items":
+        raise ValueError("framing 'items' splits tool/reduce values, not text: use frame_value()")
+    try:
+        return _FRAMERS[kind]()
+    except KeyError:
+        raise ValueError(f"unknown framing {kind!r}; expected one of {', '.join(KINDS)}") from None
+
+
+def frame_all(kind: str, text: str) -> list[Any]:
+    """The units of a complete text; by construction equal to any chunked feed + close."""
+    framer = make_framer(kind)
+    return framer.feed(text) + framer.close()
+
+
+def frame_value(kind: str, value: Any) -> list[Any]:
+    """Units of a tool/reduce stage's return value. None means "no output" under every kind."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown framing {kind!r}; expected one of {', '.join(KINDS)}")
+    if value is None:
+        return []
+    if kind == "items":
+        return list(value) if isinstance(value, list | tuple) else [value]
+    if isinstance(value, str):
+        return frame_all(kind, value)
+    return [value]

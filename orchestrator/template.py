@@ -1,0 +1,53 @@
+"""Prompt templates and the context a tool/reduce function receives.
+
+Templates use `{name}` placeholders for: `input` (the run's input), `text` (the unit
+this stage is processing), `items` (for an aggregating stage: its units, one per line,
+in lineage order) and any upstream stage's name (the text of that stage's unit on this
+message's lineage). Anything else in braces is left as written, so prompts can contain
+JSON examples without escaping.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.envelope import Lineage
+
+_VAR = re.compile(r"\{([A-Za-z_][A-Za-z0-9_-]*)\}")
+BUILTIN_VARS = frozenset({"input", "text", "items"})
+
+
+def as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def variables(template: str) -> list[str]:
+    return _VAR.findall(template)
+
+
+def render(template: str, values: dict[str, Any]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        return as_text(values[name]) if name in values else m.group(0)
+
+    return _VAR.sub(sub, template)
+
+
+@dataclass(slots=True)
+class StageContext:
+    """What a tool or reduce function may know about the call besides its input."""
+
+    run: str
+    pipeline: str
+    stage: str
+    lineage: Lineage
+    values: dict[str, Any] = field(default_factory=dict)  # input + upstream unit texts
+
+    @property
+    def input(self) -> str:
+        return self.values.get("input", "")

@@ -1,0 +1,162 @@
+"""The transport interface: everything the runtime needs from a message bus.
+
+Two implementations pass one conformance suite (tests/test_transport_conformance.py):
+`orchestrator.embedded.EmbeddedTransport` (in-process asyncio) and
+`workers.redis_transport.RedisTransport` (Redis Streams). Nothing else may differ
+between them, so every semantic rule lives in this docstring:
+
+* Work streams hold envelopes. Each stream is read through consumer groups: an entry
+  is delivered to one consumer of a group, stays *pending* (owned by that consumer)
+  until acknowledged, and can be claimed by another consumer once it has been idle
+  for `min_idle_ms`. A claimed entry's delivery count goes up by one.
+* `commit` is atomic: its messages, run events, progress records and acks all take
+  effect, or none do. Runners acknowledge an input only in the same commit that
+  publishes its last output, so a crash never loses an input and never half-acks.
+* Trimming never removes an entry that some group has not yet acknowledged.
+* Run events form an append-only log per run, read by position (`after` an event id),
+  so a client can resume exactly where it stopped. Ids are strings that increase.
+* Progress records say, for an input (or an aggregation key), how many units have
+  been published for it and whether it is done; they make re-execution after a
+  crash publish nothing twice and count credit exactly once.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.envelope import Envelope
+
+
+@dataclass(slots=True)
+class Delivery:
+    """An envelope as read from a stream; `entry_id` is what `ack` takes."""
+
+    stream: str
+    entry_id: str
+    envelope: Envelope
+    deliveries: int = 1
+
+
+@dataclass(slots=True)
+class Progress:
+    units: int = 0
+    done: bool = False
+
+
+@dataclass(slots=True)
+class Commit:
+    """One atomic step of a runner."""
+
+    messages: list[tuple[str, Envelope]] = field(default_factory=list)  # (stream, envelope)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (run, event)
+    progress: list[tuple[str, str, Progress]] = field(default_factory=list)  # (run, key, progress)
+    acks: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (stream, group, entry ids)
+
+    def __bool__(self) -> bool:
+        return bool(self.messages or self.events or self.progress or self.acks)
+
+
+@dataclass(slots=True)
+class StreamStats:
+    length: int  # entries kept in the stream
+    pending: int  # delivered to the group, not yet acknowledged
+    lag: int  # entries not yet delivered to the group
+
+
+class Transport(abc.ABC):
+    """See the module docstring for the contract each method must keep."""
+
+    # ---- work streams -------------------------------------------------------------------
+    @abc.abstractmethod
+    async def ensure_group(self, stream: str, group: str) -> None:
+        """Create the stream and the group (reading from the start) if missing."""
+
+    @abc.abstractmethod
+    async def commit(self, commit: Commit) -> None:
+        """Apply a Commit atomically."""
+
+    async def publish(self, stream: str, envelope: Envelope) -> None:
+        await self.commit(Commit(messages=[(stream, envelope)]))
+
+    @abc.abstractmethod
+    async def consume(
+        self, streams: Sequence[str], group: str, consumer: str, count: int, block_ms: int
+    ) -> list[Delivery]:
+        """Up to `count` new entries (never delivered to this group) across `streams`,
+        waiting up to `block_ms` for the first one. Returns [] on timeout."""
+
+    @abc.abstractmethod
+    async def ack(self, stream: str, group: str, entry_ids: Sequence[str]) -> None: ...
+
+    @abc.abstractmethod
+    async def claim_abandoned(
+        self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
+    ) -> list[Delivery]:
+        """Take over entries pending (unacknowledged) for at least `min_idle_ms` in this
+        group, whoever holds them; `min_idle_ms=0` takes all of them."""
+
+    @abc.abstractmethod
+    async def stats(self, stream: str, group: str) -> StreamStats: ...
+
+    @abc.abstractmethod
+    async def trim(self, stream: str) -> int:
+        """Drop entries every group has acknowledged; returns how many were dropped."""
+
+    # ---- progress -----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def get_progress(self, run: str, keys: Sequence[str]) -> list[Progress | None]: ...
+
+    # ---- run events ---------------------------------------------------------------------
+    @abc.abstractmethod
+    async def read_events(
+        self, run: str, after: str | None, count: int, block_ms: int
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Events of `run` after event id `after` (from the start if None), waiting up to
+        `block_ms` for at least one."""
+
+    @abc.abstractmethod
+    async def expire_run(self, run: str, ttl_s: int) -> None:
+        """Forget the run's events, progress and flags `ttl_s` seconds from now."""
+
+    # ---- control ------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def cancel(self, run: str, ttl_s: int = 3600) -> None: ...
+
+    @abc.abstractmethod
+    async def is_cancelled(self, run: str) -> bool: ...
+
+    # ---- leases and registry ------------------------------------------------------------
+    @abc.abstractmethod
+    async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """Take or renew the lease `name` for `owner`; False if another owner holds it."""
+
+    @abc.abstractmethod
+    async def release_lease(self, name: str, owner: str) -> None: ...
+
+    @abc.abstractmethod
+    async def heartbeat(self, group: str, member: str, info: dict[str, Any], ttl_ms: int) -> None:
+        """Announce `member` of `group` (e.g. an instance of a stage) for `ttl_ms`."""
+
+    @abc.abstractmethod
+    async def members(self, group: str) -> dict[str, dict[str, Any]]:
+        """Live members of `group` (heartbeat younger than its ttl) and their info."""
+
+    @abc.abstractmethod
+    async def leave(self, group: str, member: str) -> None: ...
+
+    # ---- small shared state (statistics for scheduling) --------------------------------
+    @abc.abstractmethod
+    async def hincr(self, key: str, fields: dict[str, float]) -> None:
+        """Add to numeric fields of a shared hash (created on first use)."""
+
+    @abc.abstractmethod
+    async def hgetall(self, key: str) -> dict[str, float]: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> bool: ...
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        pass

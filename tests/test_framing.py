@@ -1,0 +1,433 @@
+"""Framing tests.
+
+Why these properties: a framer sees an LM's output cut at arbitrary token boundaries, so the
+units must not depend on where the cuts fall (chunking invariance), must match a plain
+whole-text reading of the rules (reference implementations below), and must come out as
+early as the text allows (the point of streaming), never earlier, never twice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orchestrator.framing import (
+    ABBREVIATIONS,
+    CLOSERS,
+    OPENERS,
+    SENTENCE_ENDS,
+    TEXT_KINDS,
+    frame_all,
+    frame_value,
+    make_framer,
+)
+
+# ---------------------------------------------------------------- strategies and helpers
+
+FRAGMENTS = [
+    "e.g. ", "i.e.", "(e.g. ", "Mr. Smith", "3.14", " pi. ", "Next", "!", "?", ". ", ".\n",
+    "\n", "\n\n", " ", "\t", "\r\n", "- ", "* ", "1. ", "2) ", "\u2022 ", "\"", "'", "\\",
+    "\\\"", "[", "]", "{", "}", ",", ":", "null", "true", "42", "-7.5e3", "\"a,b]\"",
+    "```json\n", "```", "\u00e9", "\u6f22\u5b57", "\U0001f600", "\u2028", "\xa0", "(", ")",
+    "wait...", "etc. ", "end.", "Yes?\"", "\u3000", "\x0b", "\u201cQuoted.\u201d ", "Dr.",
+    "abcdefghijklmnopqrstuvwxyz",
+]
+texts = st.one_of(
+    st.text(max_size=60),
+    st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=3)), max_size=30).map(
+        "".join
+    ),
+)
+
+
+@st.composite
+def chunked(draw: st.DrawFn, text: str) -> list[str]:
+    """`text` cut at random points (empty chunks allowed), or one character at a time."""
+    if draw(st.booleans()):
+        return list(text)
+    cuts = sorted(draw(st.lists(st.integers(0, len(text)), max_size=len(text) + 2)))
+    bounds = [0, *cuts, len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def feed_all(kind: str, chunks: list[str]) -> tuple[list[Any], list[int]]:
+    """Units from feeding `chunks` then closing twice; also how many units were out after
+    each chunk."""
+    framer = make_framer(kind)
+    units: list[Any] = []
+    counts: list[int] = []
+    for chunk in chunks:
+        units += framer.feed(chunk)
+        counts.append(len(units))
+    units += framer.close()
+    assert framer.close() == []
+    return units, counts
+
+
+json_strings = st.one_of(
+    st.text(max_size=12),
+    st.lists(
+        st.sampled_from(
+            ['"', "\\", "\\\"", "[", "]", "{", "}", ",", ":", "\\u00", "\u00e9", "\U0001f600",
+             "\u2028", "\n", "x", " ", "/", "\x00"]
+        ),
+        max_size=8,
+    ).map("".join),
+)
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    json_strings,
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(json_strings, inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+PREFIXES = ["", "   \n", "Here are the claims:\n", "Sure! ```json\n", "Claims:\n```json\n"]
+SUFFIXES = ["", "\n", "\n```", "\n```\nHope this helps [1]!", ' {"x": [2]}', "]]", ",3]"]
+
+
+def self_closing(value: Any) -> bool:
+    """Strings and containers end with their own closing character; scalars need "," / "]"."""
+    return isinstance(value, str | list | dict)
+
+
+@st.composite
+def array_texts(draw: st.DrawFn) -> tuple[str, list[Any], list[int]]:
+    """A JSON array in prose, built element by element so that we know the offset at which
+    each element becomes complete: its last character if self-closing, else the following
+    separator."""
+    elements = draw(st.lists(json_values, max_size=8))
+    ws = st.sampled_from(["", " ", "\n", "\n  ", "\t"])
+    indent = draw(st.sampled_from([None, 0, 2, "\t"]))
+    separators = draw(st.sampled_from([(",", ":"), (", ", ": "), (",", ": ")]))
+    ensure_ascii = draw(st.booleans())
+    text = draw(st.sampled_from(PREFIXES)) + "[" + draw(ws)
+    complete_at: list[int] = []
+    for i, element in enumerate(elements):
+        text += json.dumps(element, indent=indent, separators=separators, ensure_ascii=ensure_ascii)
+        if self_closing(element):
+            complete_at.append(len(text) - 1)
+        text += draw(ws)
+        if not self_closing(element):
+            complete_at.append(len(text))
+        text += ("," if i < len(elements) - 1 else "]") + draw(ws)
+    if not elements:
+        text += "]"
+    return text + draw(st.sampled_from(SUFFIXES)), elements, complete_at
+
+
+def reference_lines(text: str) -> list[str]:
+    units = []
+    for line in text.split("\n"):
+        line = re.sub(r"^(?:[-*+\u2022]|[0-9]{1,3}[.)])(?:\s+|$)", "", line.strip())
+        if line:
+            units.append(line)
+    return units
+
+
+def reference_sentences(text: str) -> list[str]:
+    """Whole-text reading of the sentence rule: walk (word, following whitespace) pairs."""
+    units, pending, words = [], "", 0
+    for word, space in re.findall(r"(\S*)(\s|$)", text):
+        pending += word + space
+        core = word.rstrip(CLOSERS)
+        ends = bool(core) and core[-1] in SENTENCE_ENDS
+        if ends and core[-1] == ".":
+            bare = core.lstrip(OPENERS).lower()
+            ends = bare not in ABBREVIATIONS and not (words == 0 and bare[:-1].isdigit())
+        if space == "\n" or (space and ends):
+            if pending.strip():
+                units.append(pending.strip())
+            pending, words = "", 0
+        elif word:
+            words += 1
+    return units + ([pending.strip()] if pending.strip() else [])
+
+
+# ---------------------------------------------------------------- properties, all kinds
+
+
+@settings(max_examples=200, deadline=None)
+@given(kind=st.sampled_from(TEXT_KINDS), data=st.data())
+def test_chunking_invariance(kind: str, data: st.DataObject) -> None:
+    text = data.draw(texts)
+    chunks = data.draw(chunked(text))
+    assert "".join(chunks) == text
+    units, _ = feed_all(kind, chunks)
+    assert units == frame_all(kind, text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_lines_match_naive_split(data: st.DataObject) -> None:
+    text = data.draw(texts)
+    units, _ = feed_all("lines", data.draw(chunked(text)))
+    assert units == reference_lines(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_lines_emitted_at_each_newline(data: st.DataObject) -> None:
+    text = data.draw(texts)
+    chunks = data.draw(chunked(text))
+    _, counts = feed_all("lines", chunks)
+    fed = ""
+    for chunk, count in zip(chunks, counts, strict=True):
+        fed += chunk
+        assert count == len(reference_lines(fed.rpartition("\n")[0]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_sentences_match_reference(data: st.DataObject) -> None:
+    text = data.draw(texts)
+    units, _ = feed_all("sentences", data.draw(chunked(text)))
+    assert units == reference_sentences(text)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_whole_is_stripped_text(data: st.DataObject) -> None:
+    text = data.draw(texts)
+    units, counts = feed_all("whole", data.draw(chunked(text)))
+    assert units == ([text.strip()] if text.strip() else [])
+    assert all(c == 0 for c in counts)
+
+
+# ---------------------------------------------------------------- json_items properties
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    elements=st.lists(json_values, max_size=8),
+    indent=st.sampled_from([None, 0, 1, 4, "\t"]),
+    separators=st.sampled_from([None, (",", ":"), (", ", ": "), (" , ", " : ")]),
+    ensure_ascii=st.booleans(),
+    prefix=st.sampled_from(PREFIXES),
+    suffix=st.sampled_from(SUFFIXES),
+    data=st.data(),
+)
+def test_json_items_roundtrip(
+    elements: list[Any],
+    indent: int | str | None,
+    separators: tuple[str, str] | None,
+    ensure_ascii: bool,
+    prefix: str,
+    suffix: str,
+    data: st.DataObject,
+) -> None:
+    dumped = json.dumps(elements, indent=indent, separators=separators, ensure_ascii=ensure_ascii)
+    text = prefix + dumped + suffix
+    units, _ = feed_all("json_items", data.draw(chunked(text)))
+    assert units == elements
+    assert frame_all("json_items", text) == elements
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=array_texts(), data=st.data())
+def test_json_items_emitted_as_early_as_possible(
+    case: tuple[str, list[Any], list[int]], data: st.DataObject
+) -> None:
+    text, elements, complete_at = case
+    chunks = data.draw(chunked(text))
+    units, counts = feed_all("json_items", chunks)
+    assert units == elements
+    fed = 0
+    for chunk, count in zip(chunks, counts, strict=True):
+        fed += len(chunk)
+        # exactly the elements whose completing character has arrived: not later, not earlier
+        assert count == sum(1 for at in complete_at if at < fed)
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=array_texts(), data=st.data())
+def test_json_items_truncated_stream_yields_completed_prefix(
+    case: tuple[str, list[Any], list[int]], data: st.DataObject
+) -> None:
+    text, elements, complete_at = case
+    cut = data.draw(st.integers(0, len(text)))
+    truncated = text[:cut]
+    done = sum(1 for at in complete_at if at < cut)
+    units, _ = feed_all("json_items", data.draw(chunked(truncated)))
+    assert units == elements[:done]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    value=st.one_of(
+        st.dictionaries(json_strings, json_values, max_size=4),
+        st.booleans(),
+        st.integers(),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=20).filter(lambda s: not set(s) & set("[{")),
+    ),
+    fenced=st.booleans(),
+    data=st.data(),
+)
+def test_json_items_whole_value_when_not_a_list(
+    value: Any, fenced: bool, data: st.DataObject
+) -> None:
+    text = json.dumps(value, indent=data.draw(st.sampled_from([None, 2])))
+    if fenced:
+        text = f"```json\n{text}\n```"
+    units, _ = feed_all("json_items", data.draw(chunked(text)))
+    assert units == [value]
+
+
+# ---------------------------------------------------------------- examples: json_items
+
+
+def test_json_truncated_keeps_completed_elements_once() -> None:
+    text = '[{"a": 1}, {"b": [2, 3]}, 7, {"c": "unfinish'
+    framer = make_framer("json_items")
+    assert framer.feed(text) == [{"a": 1}, {"b": [2, 3]}, 7]
+    assert framer.close() == []
+    assert framer.close() == []
+
+
+def test_json_truncated_scalar_is_dropped() -> None:
+    assert frame_all("json_items", "[1, 2, 3") == [1, 2]
+
+
+def test_json_no_list_at_all() -> None:
+    assert frame_all("json_items", "I could not find any claims.") == []
+    assert frame_all("json_items", "") == []
+
+
+def test_json_object_and_scalars_are_one_unit() -> None:
+    assert frame_all("json_items", '{"claims": ["x", "y"]}') == [{"claims": ["x", "y"]}]
+    assert frame_all("json_items", "Result: {\"ok\": true} done") == [{"ok": True}]
+    assert frame_all("json_items", "42") == [42]
+    assert frame_all("json_items", '```json\n"hi"\n```') == ["hi"]
+    assert frame_all("json_items", "null") == [None]
+
+
+def test_json_prose_braces_before_the_list_are_skipped() -> None:
+    assert frame_all("json_items", "As {requested}: [1, 2]") == [1, 2]
+
+
+def test_json_nested_lists_and_tricky_strings() -> None:
+    text = (
+        'Here are the claims:\n```json\n[[1, [2]], [], {"k": [3, {"z": "]"}]}, '
+        '"a \\"q\\" [x], \\\\", "\\u00e9\\n"]\n```\nHope [this] helps'
+    )
+    assert frame_all("json_items", text) == [
+        [1, [2]], [], {"k": [3, {"z": "]"}]}, 'a "q" [x], \\', "\u00e9\n"
+    ]
+
+
+def test_json_emission_points() -> None:
+    framer = make_framer("json_items")
+    assert framer.feed('Sure: ["a') == []
+    assert framer.feed('\\"') == []  # an escaped quote does not end the string
+    assert framer.feed('"') == ['a"']
+    assert framer.feed(", 1") == []
+    assert framer.feed("2") == []  # could still become 123
+    assert framer.feed(",") == [12]
+    assert framer.feed(' {"b": [1') == []
+    assert framer.feed("]}") == [{"b": [1]}]
+    assert framer.feed(", true") == []
+    assert framer.feed("]") == [True]
+    assert framer.feed(', "ignored"]') == []
+    assert framer.close() == []
+
+
+def test_json_trailing_comma_and_garbage_elements() -> None:
+    assert frame_all("json_items", "[1, oops, 2,]") == [1, 2]
+    text = '[1, }, 2, "a" "b", {"c": 1} x, 3 4, 5]'
+    assert frame_all("json_items", text) == [1, 2, "a", {"c": 1}, 5]
+
+
+def test_json_no_fallback_after_units_were_emitted() -> None:
+    # The whole text happens to be a JSON string, but the "[" inside it already started
+    # streaming elements: close() must not add the whole text as a second reading.
+    assert frame_all("json_items", '"[1, 2"') == [1]
+
+
+def test_json_deep_nesting_does_not_raise() -> None:
+    assert frame_all("json_items", "[" + "[" * 5000 + "]" * 5000 + ", 1]") == [1]
+
+
+# ---------------------------------------------------------------- examples: other kinds
+
+
+def test_lines_markers_and_blanks() -> None:
+    text = "- a\n* b\n1. c\n2) d\n\n  e  \n\u2022 f\n-\n2024. A year\n3.14 is pi"
+    assert frame_all("lines", text) == ["a", "b", "c", "d", "e", "f", "2024. A year", "3.14 is pi"]
+
+
+def test_lines_complete_at_newline() -> None:
+    framer = make_framer("lines")
+    assert framer.feed("- ab") == []
+    assert framer.feed("c") == []
+    assert framer.feed("\r\nd") == ["abc"]
+    assert framer.close() == ["d"]
+    assert framer.close() == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("3.14 is pi. Next", ["3.14 is pi.", "Next"]),
+        ("See e.g. this. Dr. Who is here! Really? Yes", ["See e.g. this.", "Dr. Who is here!",
+                                                        "Really?", "Yes"]),
+        ("1. First point. Second", ["1. First point.", "Second"]),
+        ('He said "stop." Then left', ['He said "stop."', "Then left"]),
+        ("Line one\nLine two", ["Line one", "Line two"]),
+        ("Wait... what?  \n\n ", ["Wait...", "what?"]),
+        ("(i.e. not split) here.", ["(i.e. not split) here."]),
+    ],
+)
+def test_sentences_examples(text: str, expected: list[str]) -> None:
+    assert frame_all("sentences", text) == expected
+
+
+def test_sentence_needs_the_whitespace_after_the_terminator() -> None:
+    framer = make_framer("sentences")
+    assert framer.feed("Hello world.") == []
+    assert framer.feed(" ") == ["Hello world."]
+    assert framer.feed("Pi is 3.") == []
+    assert framer.feed("14") == []
+    assert framer.close() == ["Pi is 3.14"]
+
+
+def test_whole_examples() -> None:
+    assert frame_all("whole", "  hi there \n") == ["hi there"]
+    assert frame_all("whole", "") == []
+    assert frame_all("whole", " \n\t") == []
+
+
+def test_frame_value() -> None:
+    assert frame_value("items", [1, [2], "x"]) == [1, [2], "x"]
+    assert frame_value("items", (1, 2)) == [1, 2]
+    assert frame_value("items", {"a": 1}) == [{"a": 1}]
+    assert frame_value("items", "abc") == ["abc"]
+    assert frame_value("items", None) == []
+    assert frame_value("lines", "a\n- b") == ["a", "b"]
+    assert frame_value("json_items", '["x", 2]') == ["x", 2]
+    assert frame_value("whole", {"a": 1}) == [{"a": 1}]
+    assert frame_value("sentences", None) == []
+
+
+def test_bad_kinds_and_misuse() -> None:
+    with pytest.raises(ValueError, match="frame_value"):
+        make_framer("items")
+    with pytest.raises(ValueError, match="unknown framing"):
+        make_framer("words")
+    with pytest.raises(ValueError, match="unknown framing"):
+        frame_value("words", "x")
+    framer = make_framer("lines")
+    framer.close()
+    with pytest.raises(RuntimeError):
+        framer.feed("x")

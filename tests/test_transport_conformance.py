@@ -1,0 +1,687 @@
+"""One conformance suite for every Transport (see the contract in orchestrator/transport.py).
+
+Each test runs against the embedded transport and against a real Redis server (the
+`transport` fixture in conftest.py is parametrized). Where Redis is allowed to be less
+exact (approximate trimming), the assertion says so explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from fractions import Fraction
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orchestrator.embedded import EmbeddedTransport, NoGroupError
+from orchestrator.envelope import Envelope
+from orchestrator.transport import Commit, Progress, Transport
+
+WAIT_S = 10.0  # generous upper bound for anything that should happen "soon"
+BIG_IDLE_MS = 3_600_000  # an hour: nothing delivered during a test is that idle
+# blocked reads wait longer than WAIT_S, so a missed wake-up fails the test instead of
+# being rescued by the read's own timeout
+LONG_BLOCK_MS = int(WAIT_S * 1000) * 6
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def env(i: int, run: str = "r1", stage: str = "verify", payload: Any = None) -> Envelope:
+    return Envelope(
+        run=run,
+        pipeline="factcheck",
+        stage=stage,
+        lineage=(("claims", i), ("queries", i % 3)),
+        kind="unit",
+        credit=Fraction(1, 2 ** (i % 7 + 1)),
+        payload={"i": i} if payload is None else payload,
+        sender="queries#0",
+        scope={"claims": Fraction(1, 3), "queries": Fraction(5, 96)},
+        context={"input": "Is the sky blue?", "claims": "The sky is blue."},
+    )
+
+
+def id_key(entry_id: str) -> tuple[int, int]:
+    """Stream ids ("<ms>-<seq>" on Redis, "<n>-0" embedded) ordered as numbers, not text."""
+    head, _, tail = entry_id.partition("-")
+    return int(head), int(tail or 0)
+
+
+def is_redis(t: Transport) -> bool:
+    return not isinstance(t, EmbeddedTransport)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Poll `check` until true, failing after WAIT_S (for TTL expiry, which has no event)."""
+    deadline = time.monotonic() + WAIT_S
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def blocked_readers(t: Transport) -> int:
+    """How many reads are parked waiting for data (test-only peek into each backend)."""
+    if isinstance(t, EmbeddedTransport):
+        n = sum(len(w) for w in t._event_waiters.values())
+        return n + sum(len(s.waiters) for s in t._streams.values())
+    clients = await t._r.client_list()  # type: ignore[attr-defined]
+    return sum(1 for c in clients if "b" in c.get("flags", "") and c.get("cmd") != "client")
+
+
+async def until_blocked(t: Transport, n: int = 1) -> None:
+    async def check() -> bool:
+        return await blocked_readers(t) >= n
+
+    await eventually(check, f"{n} blocked reader(s)")
+
+
+async def publish_n(t: Transport, stream: str, n: int, start: int = 0) -> list[Envelope]:
+    envs = [env(i) for i in range(start, start + n)]
+    for e in envs:
+        await t.publish(stream, e)
+    return envs
+
+
+# ---- work streams -------------------------------------------------------------------------
+
+
+async def test_round_trip_preserves_envelope(transport: Transport) -> None:
+    await transport.ensure_group("s", "g")
+    original = env(
+        5,
+        payload={"text": "naïve café — 東京 🌍", "nested": {"a": [1, 2.5, None, True, {"b": "x"}]},
+                 "quote": "he said \"hi\"\n\ttab", "big": 2**60},
+    )
+    original.credit = Fraction(3, 2**40)
+    await transport.publish("s", original)
+    got = await transport.consume(["s"], "g", "c1", 10, 0)
+    assert len(got) == 1
+    d = got[0]
+    assert d.stream == "s"
+    assert d.deliveries == 1
+    assert d.envelope == original
+    assert d.envelope.credit == Fraction(3, 2**40)
+    assert d.envelope.lineage == (("claims", 5), ("queries", 2))
+    assert (await transport.stats("s", "g")).pending == 1
+    await transport.ack("s", "g", [d.entry_id])
+    stats = await transport.stats("s", "g")
+    assert (stats.pending, stats.lag, stats.length) == (0, 0, 1)
+
+
+async def test_end_marker_round_trip(transport: Transport) -> None:
+    await transport.ensure_group("s", "g")
+    end = Envelope(run="r", pipeline="p", stage="agg", lineage=(("claims", 0),), kind="end",
+                   credit=Fraction(7, 8), id="r:end.abc>agg")
+    await transport.publish("s", end)
+    [d] = await transport.consume(["s"], "g", "c", 5, 0)
+    assert d.envelope == end
+
+
+async def test_entry_ids_increase(transport: Transport) -> None:
+    await transport.ensure_group("s", "g")
+    await publish_n(transport, "s", 12)
+    got = await transport.consume(["s"], "g", "c", 100, 0)
+    keys = [id_key(d.entry_id) for d in got]
+    assert keys == sorted(keys) and len(set(keys)) == 12
+    assert [d.envelope.payload["i"] for d in got] == list(range(12))
+
+
+async def test_each_entry_goes_to_one_consumer_of_a_group(transport: Transport) -> None:
+    await transport.ensure_group("s", "g")
+    await transport.ensure_group("s", "other")
+    envs = await publish_n(transport, "s", 10)
+    a = await transport.consume(["s"], "g", "a", 4, 0)
+    b = await transport.consume(["s"], "g", "b", 100, 0)
+    assert len(a) == 4 and len(b) == 6
+    assert {d.entry_id for d in a}.isdisjoint({d.entry_id for d in b})
+    assert [d.envelope for d in a + b] == envs
+    assert await transport.consume(["s"], "g", "a", 100, 0) == []
+    # another group sees everything again, as distinct Delivery objects
+    o = await transport.consume(["s"], "other", "a", 100, 0)
+    assert [d.envelope for d in o] == envs
+    assert all(x is not y for x, y in zip(a + b, o, strict=True))
+
+
+async def test_ensure_group_is_idempotent_and_reads_from_start(transport: Transport) -> None:
+    envs = await publish_n(transport, "s", 3)  # published before any group exists
+    await transport.ensure_group("s", "g")
+    await transport.ensure_group("s", "g")
+    got = await transport.consume(["s"], "g", "c", 10, 0)
+    assert [d.envelope for d in got] == envs
+    await transport.ensure_group("s", "g")  # must not rewind the group
+    assert await transport.consume(["s"], "g", "c", 10, 0) == []
+
+
+async def test_missing_group_raises(transport: Transport) -> None:
+    with pytest.raises(NoGroupError):
+        await transport.consume(["nope"], "g", "c", 1, 0)
+    await transport.ensure_group("s", "g")
+    with pytest.raises(NoGroupError):
+        await transport.consume(["s"], "missing", "c", 1, 0)
+    with pytest.raises(NoGroupError):
+        await transport.claim_abandoned("s", "missing", "c", 0, 1)
+    with pytest.raises(NoGroupError):
+        await transport.stats("s", "missing")
+
+
+async def test_consume_respects_count_across_streams(transport: Transport) -> None:
+    streams = ["s0", "s1", "s2"]
+    for s in streams:
+        await transport.ensure_group(s, "g")
+        await publish_n(transport, s, 4)
+    seen: list[tuple[str, int]] = []
+    while True:
+        got = await transport.consume(streams, "g", "c", 5, 0)
+        if not got:
+            break
+        assert len(got) <= 5
+        seen += [(d.stream, d.envelope.payload["i"]) for d in got]
+        await asyncio.gather(*(transport.ack(d.stream, "g", [d.entry_id]) for d in got))
+    assert sorted(seen) == sorted((s, i) for s in streams for i in range(4))
+    for s in streams:
+        per_stream = [i for name, i in seen if name == s]
+        assert per_stream == sorted(per_stream)  # each stream is read in order
+
+
+async def test_consume_times_out_empty(transport: Transport) -> None:
+    await transport.ensure_group("s", "g")
+    assert await transport.consume(["s"], "g", "c", 1, 20) == []
+    assert await transport.consume(["s"], "g", "c", 1, 0) == []
+
+
+async def test_blocked_consume_wakes_on_publish(transport: Transport) -> None:
+    await transport.ensure_group("s", "g")
+    task = asyncio.create_task(transport.consume(["s"], "g", "c", 10, LONG_BLOCK_MS))
+    await until_blocked(transport)
+    e = env(1)
+    await transport.publish("s", e)
+    got = await asyncio.wait_for(task, WAIT_S)
+    assert [d.envelope for d in got] == [e]
+
+
+async def test_blocked_multi_stream_consume_wakes_on_publish(transport: Transport) -> None:
+    for s in ("a", "b"):
+        await transport.ensure_group(s, "g")
+    # an entry already consumed by this group must not satisfy the blocked read
+    await transport.publish("a", env(0))
+    assert len(await transport.consume(["a", "b"], "g", "c", 10, 0)) == 1
+    task = asyncio.create_task(transport.consume(["a", "b"], "g", "c", 10, LONG_BLOCK_MS))
+    await until_blocked(transport)
+    await transport.publish("b", env(7))
+    got = await asyncio.wait_for(task, WAIT_S)
+    assert [(d.stream, d.envelope.payload["i"]) for d in got] == [("b", 7)]
+
+
+async def test_pending_entries_reclaimed_only_when_idle(transport: Transport) -> None:
+    await transport.ensure_group("s", "g")
+    envs = await publish_n(transport, "s", 3)
+    first = await transport.consume(["s"], "g", "a", 3, 0)
+    assert len(first) == 3
+    # pending entries are never handed out again by consume
+    assert await transport.consume(["s"], "g", "b", 10, 0) == []
+    # not idle long enough
+    assert await transport.claim_abandoned("s", "g", "b", BIG_IDLE_MS, 10) == []
+    claimed = await transport.claim_abandoned("s", "g", "b", 0, 2)
+    assert [d.envelope for d in claimed] == envs[:2]  # oldest first, at most `count`
+    assert [d.entry_id for d in claimed] == [d.entry_id for d in first[:2]]
+    assert all(d.deliveries == 2 for d in claimed)
+    again = await transport.claim_abandoned("s", "g", "a", 0, 10)
+    assert [d.deliveries for d in again] == [3, 3, 2]
+    assert [d.envelope for d in again] == envs
+    assert (await transport.stats("s", "g")).pending == 3
+
+
+async def test_ack_removes_from_pending(transport: Transport) -> None:
+    await transport.ensure_group("s", "g")
+    await publish_n(transport, "s", 4)
+    got = await transport.consume(["s"], "g", "a", 4, 0)
+    await transport.ack("s", "g", [got[0].entry_id, got[2].entry_id])
+    await transport.ack("s", "g", [got[0].entry_id])  # acking twice is harmless
+    assert (await transport.stats("s", "g")).pending == 2
+    left = await transport.claim_abandoned("s", "g", "b", 0, 10)
+    assert [d.entry_id for d in left] == [got[1].entry_id, got[3].entry_id]
+    await transport.ack("s", "g", [d.entry_id for d in left])
+    assert await transport.claim_abandoned("s", "g", "b", 0, 10) == []
+    assert (await transport.stats("s", "g")).pending == 0
+
+
+async def test_stats_length_pending_lag(transport: Transport) -> None:
+    await transport.ensure_group("s", "g")
+    await transport.ensure_group("s", "h")
+    s = await transport.stats("s", "g")
+    assert (s.length, s.pending, s.lag) == (0, 0, 0)
+    await publish_n(transport, "s", 7)
+    got = await transport.consume(["s"], "g", "a", 3, 0)
+    await transport.ack("s", "g", [got[0].entry_id])
+    s = await transport.stats("s", "g")
+    assert (s.length, s.pending, s.lag) == (7, 2, 4)
+    h = await transport.stats("s", "h")
+    assert (h.length, h.pending, h.lag) == (7, 0, 7)
+
+
+# ---- commit -------------------------------------------------------------------------------
+
+
+async def test_commit_applies_every_part(transport: Transport) -> None:
+    await transport.ensure_group("in", "g")
+    await transport.ensure_group("out", "g")
+    await transport.publish("in", env(0))
+    [d] = await transport.consume(["in"], "g", "w", 1, 0)
+    outs = [env(10, stage="next"), env(11, stage="next")]
+    await transport.commit(Commit(
+        messages=[("out", outs[0]), ("out", outs[1])],
+        events=[("r1", {"type": "unit", "text": "ünï"}), ("r1", {"type": "end"})],
+        progress=[("r1", d.envelope.id, Progress(2, True)), ("r1", "k2", Progress(1))],
+        acks=[("in", "g", [d.entry_id])],
+    ))
+    assert (await transport.stats("in", "g")).pending == 0
+    assert [x.envelope for x in await transport.consume(["out"], "g", "w", 10, 0)] == outs
+    events = await transport.read_events("r1", None, 10, 0)
+    assert [e for _, e in events] == [{"type": "unit", "text": "ünï"}, {"type": "end"}]
+    assert await transport.get_progress("r1", [d.envelope.id, "k2", "k3"]) == [
+        Progress(2, True), Progress(1, False), None]
+
+
+async def test_failed_commit_applies_nothing(transport: Transport) -> None:
+    await transport.ensure_group("in", "g")
+    await transport.publish("in", env(0))
+    [d] = await transport.consume(["in"], "g", "w", 1, 0)
+    bad = Commit(
+        messages=[("out", env(1))],
+        events=[("r1", {"ok": 1}), ("r1", {"not json": object()})],
+        progress=[("r1", "k", Progress(1, True))],
+        acks=[("in", "g", [d.entry_id])],
+    )
+    with pytest.raises(TypeError):
+        await transport.commit(bad)
+    assert (await transport.stats("in", "g")).pending == 1
+    assert await transport.read_events("r1", None, 10, 0) == []
+    assert await transport.get_progress("r1", ["k"]) == [None]
+    await transport.ensure_group("out", "g")
+    assert await transport.consume(["out"], "g", "w", 10, 0) == []
+
+
+async def test_concurrent_reader_never_sees_half_a_commit(transport: Transport) -> None:
+    """A reader polling while commits land sees, for every commit, all parts or none."""
+    await transport.ensure_group("out", "g")
+    n = 20
+    stop = asyncio.Event()
+    observations: list[tuple[int, int, int]] = []
+
+    async def observe() -> None:
+        while not stop.is_set():
+            events = await transport.read_events("r", None, 1000, 0)
+            progress = await transport.get_progress("r", [f"k{i}" for i in range(n)])
+            length = (await transport.stats("out", "g")).length
+            # read in the order opposite to the commit's: later parts first would show
+            # a torn commit as more progress than messages
+            observations.append((len(events), sum(p is not None for p in progress), length))
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(observe())
+    for i in range(n):
+        await transport.commit(Commit(
+            messages=[("out", env(i))],
+            events=[("r", {"i": i})],
+            progress=[("r", f"k{i}", Progress(1, True))],
+        ))
+    stop.set()
+    await watcher
+    for n_events, n_progress, length in observations:
+        assert n_events <= n_progress <= length  # reads were sequential: monotone counts
+    final = (len(await transport.read_events("r", None, 1000, 0)),
+             sum(p is not None for p in await transport.get_progress(
+                 "r", [f"k{i}" for i in range(n)])),
+             (await transport.stats("out", "g")).length)
+    assert final == (n, n, n)
+
+
+# ---- trimming -----------------------------------------------------------------------------
+
+
+async def test_trim_never_drops_unacknowledged(transport: Transport) -> None:
+    await transport.ensure_group("s", "g")
+    await transport.ensure_group("s", "h")
+    envs = await publish_n(transport, "s", 10)
+    got = await transport.consume(["s"], "g", "a", 6, 0)
+    await transport.ack("s", "g", [got[i].entry_id for i in (0, 1, 3)])
+    h = await transport.consume(["s"], "h", "a", 10, 0)
+    await transport.ack("s", "h", [d.entry_id for d in h])
+    dropped = await transport.trim("s")
+    length = (await transport.stats("s", "g")).length
+    assert length == 10 - dropped
+    if is_redis(transport):
+        assert 0 <= dropped <= 2  # approximate: whole nodes only, never past the first unacked
+    else:
+        assert dropped == 2  # exactly the acknowledged prefix
+    # everything unacknowledged is still there, with its content
+    claimed = await transport.claim_abandoned("s", "g", "b", 0, 100)
+    assert [d.envelope for d in claimed] == [envs[i] for i in (2, 4, 5)]
+    rest = await transport.consume(["s"], "g", "b", 100, 0)
+    assert [d.envelope for d in rest] == envs[6:]
+
+
+async def test_trim_drops_acknowledged_entries(transport: Transport) -> None:
+    await transport.ensure_group("s", "g")
+    await publish_n(transport, "s", 250)  # spans several Redis stream nodes (100 each)
+    got = await transport.consume(["s"], "g", "a", 250, 0)
+    await transport.ack("s", "g", [d.entry_id for d in got[:230]])
+    dropped = await transport.trim("s")
+    length = (await transport.stats("s", "g")).length
+    assert length == 250 - dropped
+    if is_redis(transport):
+        assert 100 <= dropped <= 230  # at least the fully acknowledged first node goes
+    else:
+        assert dropped == 230
+    await transport.ack("s", "g", [d.entry_id for d in got[230:]])
+    await transport.trim("s")
+    if not is_redis(transport):
+        assert (await transport.stats("s", "g")).length == 0
+    # new entries still flow after trimming
+    e = env(999)
+    await transport.publish("s", e)
+    assert [d.envelope for d in await transport.consume(["s"], "g", "a", 10, 0)] == [e]
+
+
+async def test_publishing_after_trim_keeps_unacknowledged(transport: Transport) -> None:
+    """Redis trims on XADD too (MINID from the last trim): that must stay safe."""
+    await transport.ensure_group("s", "g")
+    envs = await publish_n(transport, "s", 10)
+    got = await transport.consume(["s"], "g", "a", 10, 0)
+    await transport.ack("s", "g", [d.entry_id for d in got[:5]])
+    await transport.trim("s")
+    await transport.ack("s", "g", [d.entry_id for d in got[5:8]])  # acked after the trim
+    more = await publish_n(transport, "s", 300, start=10)
+    length = (await transport.stats("s", "g")).length
+    if is_redis(transport):
+        assert 305 <= length <= 310  # approximate: whole nodes of the acked prefix at most
+    else:
+        assert length == 305
+    claimed = await transport.claim_abandoned("s", "g", "b", 0, 100)
+    assert [d.envelope for d in claimed] == envs[8:]
+    rest = await transport.consume(["s"], "g", "b", 1000, 0)
+    assert [d.envelope for d in rest] == more
+
+
+async def test_trim_without_groups_keeps_everything(transport: Transport) -> None:
+    await publish_n(transport, "s", 3)
+    assert await transport.trim("s") == 0
+    assert await transport.trim("missing") == 0
+    await transport.ensure_group("s", "g")
+    assert len(await transport.consume(["s"], "g", "c", 10, 0)) == 3
+
+
+# ---- progress and run events ---------------------------------------------------------------
+
+
+async def test_progress_missing_and_updated(transport: Transport) -> None:
+    assert await transport.get_progress("nope", ["a", "b"]) == [None, None]
+    await transport.commit(Commit(progress=[("r", "a", Progress(3, False))]))
+    await transport.commit(Commit(progress=[("r", "a", Progress(4, True))]))
+    assert await transport.get_progress("r", ["a", "b"]) == [Progress(4, True), None]
+    assert await transport.get_progress("other", ["a"]) == [None]
+
+
+async def test_events_resume_after_id(transport: Transport) -> None:
+    for i in range(5):
+        await transport.commit(Commit(events=[("r", {"i": i, "t": "😀"})]))
+    await transport.commit(Commit(events=[("other", {"x": 1})]))
+    first = await transport.read_events("r", None, 2, 0)
+    assert [e["i"] for _, e in first] == [0, 1]
+    rest = await transport.read_events("r", first[-1][0], 100, 0)
+    assert [e["i"] for _, e in rest] == [2, 3, 4]
+    ids = [i for i, _ in first + rest]
+    assert [id_key(i) for i in ids] == sorted(id_key(i) for i in ids)
+    assert len(set(ids)) == 5
+    assert await transport.read_events("r", ids[-1], 100, 0) == []
+    assert await transport.read_events("missing", None, 10, 0) == []
+
+
+async def test_blocking_read_events_wakes_on_append(transport: Transport) -> None:
+    await transport.commit(Commit(events=[("r", {"i": 0})]))
+    [(last, _)] = await transport.read_events("r", None, 10, 0)
+    task = asyncio.create_task(transport.read_events("r", last, 10, LONG_BLOCK_MS))
+    await until_blocked(transport)
+    await transport.commit(Commit(events=[("other", {"i": -1})]))  # not this run
+    await transport.commit(Commit(events=[("r", {"i": 1})]))
+    got = await asyncio.wait_for(task, WAIT_S)
+    assert [e for _, e in got] == [{"i": 1}]
+
+
+async def test_read_events_block_times_out(transport: Transport) -> None:
+    assert await transport.read_events("r", None, 10, 20) == []
+
+
+async def test_expire_run(transport: Transport) -> None:
+    for run in ("r", "keep"):
+        await transport.commit(Commit(events=[(run, {"a": 1})],
+                                      progress=[(run, "k", Progress(1, True))]))
+        await transport.cancel(run)
+    await transport.expire_run("keep", 3600)
+    await transport.expire_run("r", 0)  # like EXPIRE 0: gone at once
+    assert await transport.read_events("r", None, 10, 0) == []
+    assert await transport.get_progress("r", ["k"]) == [None]
+    assert not await transport.is_cancelled("r")
+    assert len(await transport.read_events("keep", None, 10, 0)) == 1
+    assert await transport.get_progress("keep", ["k"]) == [Progress(1, True)]
+    assert await transport.is_cancelled("keep")
+
+
+# ---- control, leases, registry, shared state ---------------------------------------------
+
+
+async def test_cancel_flags(transport: Transport) -> None:
+    assert not await transport.is_cancelled("r")
+    await transport.cancel("r")
+    assert await transport.is_cancelled("r")
+    assert not await transport.is_cancelled("r2")
+
+
+async def test_leases_exclusive_and_renewable_by_owner(transport: Transport) -> None:
+    assert await transport.acquire_lease("p0", "a", 60_000)
+    assert not await transport.acquire_lease("p0", "b", 60_000)
+    assert await transport.acquire_lease("p0", "a", 60_000)  # renew
+    await transport.release_lease("p0", "b")  # not the owner: no effect
+    assert not await transport.acquire_lease("p0", "b", 60_000)
+    assert await transport.acquire_lease("p1", "b", 60_000)  # other leases are independent
+    await transport.release_lease("p0", "a")
+    assert await transport.acquire_lease("p0", "b", 60_000)
+    assert not await transport.acquire_lease("p0", "a", 60_000)
+
+
+async def test_lease_expires_after_ttl(transport: Transport) -> None:
+    assert await transport.acquire_lease("p0", "a", 60_000)
+    assert await transport.acquire_lease("p0", "a", 50)  # renewal shortens the ttl
+
+    async def taken_by_b() -> bool:
+        return await transport.acquire_lease("p0", "b", 60_000)
+
+    await eventually(taken_by_b, "lease to expire")
+    assert not await transport.acquire_lease("p0", "a", 60_000)
+
+
+async def test_members_expire_and_leave(transport: Transport) -> None:
+    await transport.heartbeat("stage:llm", "i1", {"capacity": 4, "tags": ["gpu"]}, 60_000)
+    await transport.heartbeat("stage:llm", "i2", {"capacity": 2}, 60_000)
+    await transport.heartbeat("stage:other", "i9", {}, 60_000)
+    assert await transport.members("stage:llm") == {
+        "i1": {"capacity": 4, "tags": ["gpu"]}, "i2": {"capacity": 2}}
+    await transport.heartbeat("stage:llm", "i1", {"capacity": 5}, 50)
+
+    async def i1_gone() -> bool:
+        return "i1" not in await transport.members("stage:llm")
+
+    await eventually(i1_gone, "member i1 to expire")
+    assert await transport.members("stage:llm") == {"i2": {"capacity": 2}}
+    await transport.leave("stage:llm", "i2")
+    assert await transport.members("stage:llm") == {}
+    assert await transport.members("stage:other") == {"i9": {}}
+
+
+async def test_hincr_accumulates(transport: Transport) -> None:
+    assert await transport.hgetall("h") == {}
+    await transport.hincr("h", {"a": 1.5, "b": 2})
+    await transport.hincr("h", {"a": 0.25, "c": -1})
+    assert await transport.hgetall("h") == {"a": 1.75, "b": 2.0, "c": -1.0}
+    assert await transport.hgetall("other") == {}
+
+
+async def test_ping(transport: Transport) -> None:
+    assert await transport.ping()
+
+
+# ---- property: random interleavings lose nothing and duplicate nothing --------------------
+
+CONSUMERS = ("c0", "c1")
+
+op = st.one_of(
+    st.tuples(st.just("publish"), st.integers(1, 3)),
+    st.tuples(st.just("consume"), st.sampled_from(CONSUMERS), st.integers(1, 4)),
+    st.tuples(st.just("ack"), st.sampled_from(CONSUMERS), st.integers(0, 20)),
+    st.tuples(st.just("claim"), st.sampled_from(CONSUMERS), st.integers(1, 4)),
+    st.tuples(st.just("claim_young"), st.sampled_from(CONSUMERS)),
+    st.tuples(st.just("trim")),
+)
+
+
+async def run_interleaving(t: Transport, ops: list[tuple[Any, ...]]) -> None:
+    stream, group = "s", "g"
+    await t.ensure_group(stream, group)
+    published: list[str] = []  # envelope ids, in publish order
+    entry_of: dict[str, str] = {}  # envelope id -> entry id (learned on first delivery)
+    holder: dict[str, str] = {}  # entry id -> consumer (the model's pending list)
+    deliveries: dict[str, int] = {}
+    acked: list[str] = []
+
+    def check(d: Any, expected_deliveries: int) -> None:
+        assert entry_of.setdefault(d.envelope.id, d.entry_id) == d.entry_id
+        assert d.deliveries == expected_deliveries
+
+    for o in ops:
+        kind = o[0]
+        if kind == "publish":
+            for _ in range(o[1]):
+                e = env(len(published), run="prop")
+                published.append(e.id)
+                await t.publish(stream, e)
+        elif kind == "consume":
+            got = await t.consume([stream], group, o[1], o[2], 0)
+            delivered = len(entry_of)
+            expected = published[delivered : delivered + o[2]]
+            assert [d.envelope.id for d in got] == expected  # new entries, in order, no dupes
+            for d in got:
+                assert d.envelope.id not in entry_of
+                check(d, 1)
+                holder[d.entry_id] = o[1]
+                deliveries[d.entry_id] = 1
+        elif kind == "ack":
+            mine = sorted((e for e, c in holder.items() if c == o[1]), key=id_key)
+            if mine:
+                entry = mine[o[2] % len(mine)]
+                await t.ack(stream, group, [entry])
+                del holder[entry]
+                acked.append(entry)
+        elif kind == "claim":
+            got = await t.claim_abandoned(stream, group, o[1], 0, o[2])
+            oldest = sorted(holder, key=id_key)[: o[2]]
+            assert [d.entry_id for d in got] == oldest
+            for d in got:
+                deliveries[d.entry_id] += 1
+                check(d, deliveries[d.entry_id])
+                holder[d.entry_id] = o[1]
+        elif kind == "claim_young":
+            assert await t.claim_abandoned(stream, group, o[1], BIG_IDLE_MS, 10) == []
+        else:
+            await t.trim(stream)
+        s = await t.stats(stream, group)
+        assert (s.pending, s.lag) == (len(holder), len(published) - len(entry_of))
+
+    # drain: deliver the rest, then take over and acknowledge everything still pending
+    while got := await t.consume([stream], group, "c0", 100, 0):
+        for d in got:
+            check(d, 1)
+            holder[d.entry_id] = "c0"
+    while got := await t.claim_abandoned(stream, group, "c1", 0, 7):
+        for d in got:
+            assert d.entry_id in holder  # only pending entries come back
+            assert d.deliveries >= 2  # it was delivered before, so this is a redelivery
+            del holder[d.entry_id]
+            acked.append(d.entry_id)
+        await t.ack(stream, group, [d.entry_id for d in got])
+    assert holder == {}
+    assert sorted(acked, key=id_key) == sorted(entry_of.values(), key=id_key)
+    assert len(acked) == len(set(acked)) == len(published)  # each acknowledged exactly once
+    assert set(entry_of) == set(published)
+    s = await t.stats(stream, group)
+    assert (s.pending, s.lag) == (0, 0)
+    await t.trim(stream)
+    if not is_redis(t):
+        assert (await t.stats(stream, group)).length == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops=st.lists(op, max_size=40))
+def test_interleavings_embedded(ops: list[tuple[Any, ...]]) -> None:
+    asyncio.run(run_interleaving(EmbeddedTransport(), ops))
+
+
+@pytest.mark.redis
+@settings(max_examples=15, deadline=None)
+@given(ops=st.lists(op, max_size=40))
+def test_interleavings_redis(redis_server: str, ops: list[tuple[Any, ...]]) -> None:
+    from workers.redis_transport import RedisTransport
+
+    async def main() -> None:
+        t = RedisTransport(redis_server, prefix=f"prop-{uuid.uuid4().hex}:")
+        try:
+            await run_interleaving(t, ops)
+        finally:
+            await t.close()
+
+    asyncio.run(main())
+
+
+# ---- Redis only ---------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+async def test_redis_exact_trim_drops_exactly_the_acknowledged_prefix(redis_url: str) -> None:
+    from workers.redis_transport import RedisTransport
+
+    t = RedisTransport(redis_url, approximate_trim=False)
+    try:
+        await t.ensure_group("s", "g")
+        await publish_n(t, "s", 250)
+        got = await t.consume(["s"], "g", "a", 250, 0)
+        await t.ack("s", "g", [d.entry_id for d in got[:100]] + [got[120].entry_id])
+        assert await t.trim("s") == 100
+        assert (await t.stats("s", "g")).length == 150
+        await t.ack("s", "g", [d.entry_id for d in got[100:]])
+        assert await t.trim("s") == 150
+        assert (await t.stats("s", "g")).length == 0
+    finally:
+        await t.close()
+
+
+@pytest.mark.redis
+async def test_redis_connection_errors_surface() -> None:
+    import redis.exceptions
+
+    from tests.conftest import _free_port
+    from workers.redis_transport import RedisTransport
+
+    t = RedisTransport(f"redis://127.0.0.1:{_free_port()}/0", pool_timeout_s=1)
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await t.ping()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await t.publish("s", env(0))
+    finally:
+        await t.close()

@@ -1,0 +1,43 @@
+"""Deterministic tool/reduce functions for runtime tests (real stages, not mocks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.template import StageContext
+
+
+def split_words(value: Any, ctx: StageContext) -> list[str]:
+    return str(value).split()
+
+
+def upper(value: Any, ctx: StageContext) -> str:
+    return str(value).upper()
+
+
+def fanout(value: Any, ctx: StageContext) -> list[str]:
+    """'word:3' -> three units 'word#0'..'word#2' (the count drives random fan-out)."""
+    word, _, n = str(value).partition(":")
+    return [f"{word}#{i}" for i in range(int(n or 1))]
+
+
+def join(items: list[Any], ctx: StageContext) -> str:
+    return " ".join(str(i) for i in items)
+
+
+def count(items: list[Any], ctx: StageContext) -> dict[str, Any]:
+    return {"n": len(items), "items": [str(i) for i in items]}
+
+
+def hash_fanout(value: Any, ctx: StageContext) -> list[str]:
+    """0..max units, a deterministic function of the input; max is encoded in the stage
+    name (`...x<max>`), so random test pipelines get random but reproducible fan-out."""
+    import zlib
+
+    top = int(ctx.stage.rpartition("x")[2])
+    k = zlib.crc32(f"{ctx.stage}|{value}".encode()) % (top + 1)
+    return [f"{value}.{ctx.stage}{i}" for i in range(k)]
+
+
+def collect(items: list[Any], ctx: StageContext) -> str:
+    return f"{ctx.stage}[{','.join(str(i) for i in items)}]"

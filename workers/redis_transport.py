@@ -1,0 +1,460 @@
+"""The Redis Streams transport: the distributed implementation of `Transport`.
+
+Key layout (all under a configurable prefix, default "alto:"):
+  {p}stream:{name}              work stream; entries carry one field "e" = Envelope JSON
+  {p}run:{run}:events           run event log (stream; the entry id IS the event id)
+  {p}run:{run}:progress         hash  key -> "3" or "3:done"
+  {p}run:{run}:cancel           string, set by cancel() with a TTL
+  {p}lease:{name}               string owner, PX ttl
+  {p}members:{group}            zset member -> expiry (ms, Redis server clock)
+  {p}memberinfo:{group}         hash member -> info JSON
+  {p}h:{key}                    hash of floats (hincr/hgetall)
+
+Why several operations are Lua scripts: they must be atomic *and* exact. A claim has to
+read the delivery count of exactly what it claimed (XAUTOCLAIM does not return it);
+trim has to compute the safe MINID and trim before anyone can create a group or ack;
+a multi-stream read must never take more than `count` entries (XREADGROUP's COUNT is
+per stream); leases compare-and-renew; membership uses the server clock so instances
+with skewed clocks agree on who is alive.
+
+Automatic client retries are disabled: redis-py would re-send a MULTI/EXEC whose reply
+was lost, applying a commit twice. Connection errors surface to the caller, which
+re-runs its step (ids make that idempotent downstream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
+
+from orchestrator.embedded import NoGroupError
+from orchestrator.envelope import Envelope
+from orchestrator.transport import Commit, Delivery, Progress, StreamStats, Transport
+
+__all__ = ["RedisTransport"]
+
+# Non-blocking read of up to ARGV[3] new entries across KEYS, in KEYS order. When nothing
+# is new, also returns each stream's last entry id: an XREAD BLOCK from there wakes on the
+# next entry without taking it (so it can never overshoot `count`), and cannot miss one
+# added between this script and that XREAD.
+_CONSUME = """
+local left = tonumber(ARGV[3])
+local out = {}
+for i, key in ipairs(KEYS) do
+  if left <= 0 then break end
+  local res = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', left,
+                         'STREAMS', key, '>')
+  if res then
+    for _, entry in ipairs(res[1][2]) do
+      local fields, e = entry[2], false
+      for j = 1, #fields, 2 do if fields[j] == 'e' then e = fields[j + 1] end end
+      out[#out + 1] = i
+      out[#out + 1] = entry[1]
+      out[#out + 1] = e
+      left = left - 1
+    end
+  end
+end
+local tails = {}
+if #out == 0 then
+  for i, key in ipairs(KEYS) do
+    local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+    if last[1] then tails[i] = last[1][1] else tails[i] = '0-0' end
+  end
+end
+return {out, tails}
+"""
+
+# XAUTOCLAIM until `count` entries or the end of the PEL, each with its delivery count
+# read in the same atomic step (XAUTOCLAIM itself does not report it).
+_CLAIM = """
+local want = tonumber(ARGV[4])
+local cursor = '0-0'
+local out = {}
+local got = 0
+repeat
+  local res = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], cursor,
+                         'COUNT', want - got)
+  cursor = res[1]
+  for _, entry in ipairs(res[2]) do
+    if type(entry[2]) == 'table' then
+      local fields, e = entry[2], false
+      for j = 1, #fields, 2 do if fields[j] == 'e' then e = fields[j + 1] end end
+      local p = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
+      out[#out + 1] = entry[1]
+      out[#out + 1] = e
+      out[#out + 1] = p[1][4]
+      got = got + 1
+    end
+  end
+until cursor == '0-0' or got >= want
+return out
+"""
+
+# Safe MINID = min over groups of (oldest pending id, else last-delivered-id + 1);
+# nothing is trimmed when the stream has no group. Returns {dropped, minid}.
+_TRIM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, ''} end
+local function parse(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+local best_ms, best_seq = nil, nil
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for j = 1, #g, 2 do info[g[j]] = g[j + 1] end
+  local ms, seq
+  if info['pending'] > 0 then
+    ms, seq = parse(redis.call('XPENDING', KEYS[1], info['name'])[2])
+  else
+    ms, seq = parse(info['last-delivered-id'])
+    seq = seq + 1
+  end
+  if best_ms == nil or ms < best_ms or (ms == best_ms and seq < best_seq) then
+    best_ms, best_seq = ms, seq
+  end
+end
+if best_ms == nil then return {0, ''} end
+local minid = string.format('%.0f-%.0f', best_ms, best_seq)
+local n
+if ARGV[1] == '1' then
+  n = redis.call('XTRIM', KEYS[1], 'MINID', '~', minid)
+else
+  n = redis.call('XTRIM', KEYS[1], 'MINID', minid)
+end
+return {n, minid}
+"""
+
+_ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if cur then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+_HEARTBEAT = _NOW_MS + """
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return 1
+"""
+
+_MEMBERS = _NOW_MS + """
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, m in ipairs(dead) do
+  redis.call('ZREM', KEYS[1], m)
+  redis.call('HDEL', KEYS[2], m)
+end
+local out = {}
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  out[#out + 1] = m
+  out[#out + 1] = redis.call('HGET', KEYS[2], m) or '{}'
+end
+return out
+"""
+
+
+def _progress_text(p: Progress) -> str:
+    return f"{p.units}:done" if p.done else str(p.units)
+
+
+def _parse_progress(text: str | None) -> Progress | None:
+    if text is None:
+        return None
+    units, _, flag = text.partition(":")
+    return Progress(int(units), flag == "done")
+
+
+def _no_group(exc: ResponseError) -> bool:
+    msg = str(exc)
+    return msg.startswith("NOGROUP") or "no such key" in msg
+
+
+class RedisTransport(Transport):
+    """`Transport` on Redis Streams (Redis >= 7.0). See the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "alto:",
+        *,
+        max_connections: int = 64,
+        pool_timeout_s: float = 30.0,
+        approximate_trim: bool = True,
+    ) -> None:
+        # A blocking pool: a burst of blocked XREADGROUPs makes commits wait for a free
+        # connection (bounded by block_ms) instead of failing with "Too many connections".
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            decode_responses=True,
+            max_connections=max_connections,
+            timeout=pool_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._r = aioredis.Redis.from_pool(self._pool)
+        self.prefix = prefix
+        self.approximate_trim = approximate_trim
+        self._minid: dict[str, str] = {}  # stream -> last safe MINID computed by trim()
+        self._rr = 0  # rotates multi-stream reads for fairness
+        self._consume = self._r.register_script(_CONSUME)
+        self._claim = self._r.register_script(_CLAIM)
+        self._trim = self._r.register_script(_TRIM)
+        self._acquire = self._r.register_script(_ACQUIRE)
+        self._release = self._r.register_script(_RELEASE)
+        self._heartbeat = self._r.register_script(_HEARTBEAT)
+        self._members = self._r.register_script(_MEMBERS)
+
+    # ---- keys ---------------------------------------------------------------------------
+    def _stream_key(self, stream: str) -> str:
+        return f"{self.prefix}stream:{stream}"
+
+    def _run_key(self, run: str, part: str) -> str:
+        return f"{self.prefix}run:{run}:{part}"
+
+    # ---- work streams -------------------------------------------------------------------
+    async def ensure_group(self, stream: str, group: str) -> None:
+        try:
+            await self._r.xgroup_create(self._stream_key(stream), group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
+
+    async def commit(self, commit: Commit) -> None:
+        if not commit:
+            return
+        # Serialise first: a value that cannot be encoded fails before anything is sent.
+        messages = [(self._stream_key(s), e.to_json()) for s, e in commit.messages]
+        events = [(self._run_key(run, "events"),
+                   json.dumps(ev, separators=(",", ":"), ensure_ascii=False))
+                  for run, ev in commit.events]
+        progress: dict[str, dict[str, str]] = {}
+        for run, key, p in commit.progress:
+            progress.setdefault(self._run_key(run, "progress"), {})[key] = _progress_text(p)
+        async with self._r.pipeline(transaction=True) as pipe:
+            for key, text in messages:
+                minid = self._minid.get(key)
+                if minid is None:
+                    pipe.xadd(key, {"e": text})
+                else:  # trim while appending, never past what trim() proved acknowledged
+                    pipe.xadd(key, {"e": text}, minid=minid, approximate=self.approximate_trim)
+            for key, text in events:
+                pipe.xadd(key, {"e": text})
+            for key, mapping in progress.items():
+                pipe.hset(key, mapping=mapping)
+            for stream, group, ids in commit.acks:
+                if ids:
+                    pipe.xack(self._stream_key(stream), group, *ids)
+            await pipe.execute()
+
+    async def consume(
+        self, streams: Sequence[str], group: str, consumer: str, count: int, block_ms: int
+    ) -> list[Delivery]:
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        try:
+            if len(streams) == 1:
+                return await self._consume_one(streams[0], group, consumer, count, block_ms)
+            return await self._consume_many(streams, group, consumer, count, block_ms)
+        except ResponseError as exc:
+            if _no_group(exc):
+                raise NoGroupError(f"no group {group!r} on {list(streams)!r}") from exc
+            raise
+
+    async def _consume_one(
+        self, stream: str, group: str, consumer: str, count: int, block_ms: int
+    ) -> list[Delivery]:
+        # block=None means no BLOCK argument; BLOCK 0 would mean "forever" to Redis.
+        res = await self._r.xreadgroup(
+            group, consumer, {self._stream_key(stream): ">"}, count=count,
+            block=block_ms if block_ms > 0 else None,
+        )
+        out: list[Delivery] = []
+        for _key, entries in res or []:
+            for entry_id, fields in entries:
+                out.append(Delivery(stream, entry_id, Envelope.from_json(fields["e"]), 1))
+        return out
+
+    async def _consume_many(
+        self, streams: Sequence[str], group: str, consumer: str, count: int, block_ms: int
+    ) -> list[Delivery]:
+        self._rr += 1
+        k = self._rr % len(streams)
+        names = [*streams[k:], *streams[:k]]
+        keys = [self._stream_key(s) for s in names]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + block_ms / 1000
+        while True:
+            flat, tails = await self._consume(keys=keys, args=[group, consumer, count])
+            if flat:
+                return [
+                    Delivery(names[int(flat[i]) - 1], flat[i + 1], Envelope.from_json(flat[i + 2]))
+                    for i in range(0, len(flat), 3)
+                ]
+            remaining_ms = int((deadline - loop.time()) * 1000)
+            if remaining_ms <= 0:
+                return []
+            # Wait for anything newer than what the group has seen, without taking it.
+            await self._r.xread(dict(zip(keys, tails, strict=True)), count=1,
+                                block=remaining_ms)
+
+    async def ack(self, stream: str, group: str, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            await self._r.xack(self._stream_key(stream), group, *entry_ids)
+
+    async def claim_abandoned(
+        self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
+    ) -> list[Delivery]:
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        try:
+            flat = await self._claim(
+                keys=[self._stream_key(stream)], args=[group, consumer, min_idle_ms, count]
+            )
+        except ResponseError as exc:
+            if _no_group(exc):
+                raise NoGroupError(f"no group {group!r} on stream {stream!r}") from exc
+            raise
+        return [
+            Delivery(stream, flat[i], Envelope.from_json(flat[i + 1]), int(flat[i + 2]))
+            for i in range(0, len(flat), 3)
+        ]
+
+    async def stats(self, stream: str, group: str) -> StreamStats:
+        key = self._stream_key(stream)
+        try:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.xlen(key)
+                pipe.xinfo_groups(key)
+                length, groups = await pipe.execute()
+        except ResponseError as exc:
+            if _no_group(exc):
+                raise NoGroupError(f"no group {group!r} on stream {stream!r}") from exc
+            raise
+        info = next((g for g in groups if g["name"] == group), None)
+        if info is None:
+            raise NoGroupError(f"no group {group!r} on stream {stream!r}")
+        lag = info.get("lag")
+        if lag is None:
+            # Redis reports no lag when it cannot compute it cheaply (e.g. after XDEL);
+            # count what lies beyond the group's last-delivered id instead.
+            lag = len(await self._r.xrange(key, min=f"({info['last-delivered-id']}", max="+"))
+        return StreamStats(length=int(length), pending=int(info["pending"]), lag=int(lag))
+
+    async def trim(self, stream: str) -> int:
+        key = self._stream_key(stream)
+        dropped, minid = await self._trim(
+            keys=[key], args=["1" if self.approximate_trim else "0"]
+        )
+        if minid:
+            self._minid[key] = minid
+        return int(dropped)
+
+    # ---- progress -----------------------------------------------------------------------
+    async def get_progress(self, run: str, keys: Sequence[str]) -> list[Progress | None]:
+        if not keys:
+            return []
+        values = await self._r.hmget(self._run_key(run, "progress"), list(keys))
+        return [_parse_progress(v) for v in values]
+
+    # ---- run events ---------------------------------------------------------------------
+    async def read_events(
+        self, run: str, after: str | None, count: int, block_ms: int
+    ) -> list[tuple[str, dict[str, Any]]]:
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        res = await self._r.xread(
+            {self._run_key(run, "events"): after or "0-0"}, count=count,
+            block=block_ms if block_ms > 0 else None,  # BLOCK 0 would wait forever
+        )
+        return [
+            (entry_id, json.loads(fields["e"]))
+            for _key, entries in res or []
+            for entry_id, fields in entries
+        ]
+
+    async def expire_run(self, run: str, ttl_s: int) -> None:
+        async with self._r.pipeline(transaction=True) as pipe:
+            for part in ("events", "progress", "cancel"):
+                pipe.expire(self._run_key(run, part), ttl_s)
+            await pipe.execute()
+
+    # ---- control ------------------------------------------------------------------------
+    async def cancel(self, run: str, ttl_s: int = 3600) -> None:
+        if ttl_s <= 0:
+            raise ValueError("ttl_s must be positive")
+        await self._r.set(self._run_key(run, "cancel"), "1", ex=ttl_s)
+
+    async def is_cancelled(self, run: str) -> bool:
+        return bool(await self._r.exists(self._run_key(run, "cancel")))
+
+    # ---- leases and registry ------------------------------------------------------------
+    async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        if ttl_ms <= 0:
+            raise ValueError("ttl_ms must be positive")
+        return bool(await self._acquire(keys=[f"{self.prefix}lease:{name}"], args=[owner, ttl_ms]))
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        await self._release(keys=[f"{self.prefix}lease:{name}"], args=[owner])
+
+    def _member_keys(self, group: str) -> list[str]:
+        return [f"{self.prefix}members:{group}", f"{self.prefix}memberinfo:{group}"]
+
+    async def heartbeat(self, group: str, member: str, info: dict[str, Any], ttl_ms: int) -> None:
+        if ttl_ms <= 0:
+            raise ValueError("ttl_ms must be positive")
+        text = json.dumps(info, separators=(",", ":"), ensure_ascii=False)
+        await self._heartbeat(keys=self._member_keys(group), args=[member, ttl_ms, text])
+
+    async def members(self, group: str) -> dict[str, dict[str, Any]]:
+        flat = await self._members(keys=self._member_keys(group), args=[])
+        return {flat[i]: json.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    async def leave(self, group: str, member: str) -> None:
+        zkey, hkey = self._member_keys(group)
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.zrem(zkey, member)
+            pipe.hdel(hkey, member)
+            await pipe.execute()
+
+    # ---- small shared state -------------------------------------------------------------
+    async def hincr(self, key: str, fields: dict[str, float]) -> None:
+        values = {name: float(v) for name, v in fields.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            raise ValueError(f"hincr on {key!r} with a non-finite increment")
+        if not values:
+            return
+        async with self._r.pipeline(transaction=True) as pipe:
+            for name, v in values.items():
+                pipe.hincrbyfloat(f"{self.prefix}h:{key}", name, v)
+            await pipe.execute()
+
+    async def hgetall(self, key: str) -> dict[str, float]:
+        raw = await self._r.hgetall(f"{self.prefix}h:{key}")
+        return {name: float(v) for name, v in raw.items()}
+
+    async def ping(self) -> bool:
+        return bool(await self._r.ping())
+
+    async def close(self) -> None:
+        await self._r.aclose()

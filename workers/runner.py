@@ -1,0 +1,545 @@
+"""One instance of one stage: consume its stream(s), call the stage, publish units.
+
+The runner is where the correctness contract of DESIGN.md is kept:
+* each unit is published the moment the framer completes it (barrier mode: all at the
+  end), together with a progress record, in one atomic commit;
+* the input is acknowledged in the same commit as its end marker, never earlier, so a
+  crash at any instruction leaves the input pending for another instance to claim;
+* a re-run of an input (after a crash, or a duplicate entry) reads the progress record:
+  it publishes nothing twice (ids are deterministic, and units already published are
+  skipped) and gives its end marker exactly the credit not yet handed out;
+* an aggregating stage keeps each key's messages *unacknowledged* until the key fires,
+  so its state lives in the stream's pending list and survives the instance: a new
+  owner of the partition claims those entries and rebuilds the state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from orchestrator.envelope import Envelope, Lineage, credit_str, end_id, lineage_str, unit_id
+from orchestrator.routing import (
+    aggregation_key,
+    end_credit,
+    expected_credit,
+    key_lineage,
+    stage_group,
+    stage_streams,
+    stream_for,
+    unit_credit,
+)
+from orchestrator.spec import PipelineSpec
+from orchestrator.template import StageContext
+from orchestrator.transport import Commit, Delivery, Progress, Transport
+from workers.stagefn import CallStats, StageFunction
+
+log = logging.getLogger("alto.runner")
+
+Observer = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class RunnerConfig:
+    claim_idle_ms: int = 30_000  # pending this long => its consumer is presumed dead
+    block_ms: int = 200
+    lease_ttl_ms: int = 5_000
+    heartbeat_ms: int = 1_000
+    partial_events: bool = True  # publish every unit as a `partial` run event
+
+
+@dataclass
+class _Group:
+    """Messages of one aggregation key received so far (unacknowledged)."""
+
+    key: str
+    klin: Lineage
+    expected: Fraction
+    partition: str
+    got: dict[str, Delivery] = field(default_factory=dict)
+    extra: list[Delivery] = field(default_factory=list)  # duplicates: acked with the group
+    total: Fraction = Fraction(0)
+    firing: bool = False
+
+
+class StageRunner:
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        stage: str,
+        transport: Transport,
+        function: StageFunction,
+        *,
+        instance: str,
+        concurrency: int | None = None,
+        config: RunnerConfig | None = None,
+        observer: Observer | None = None,
+    ):
+        self.spec = spec
+        self.stage = spec.stage(stage)
+        self.transport = transport
+        self.function = function
+        self.instance = instance
+        self.config = config or RunnerConfig()
+        self.observer = observer
+        cap = concurrency or self.stage.concurrency
+        if function.engine is not None:
+            cap = min(cap, function.engine.capacity)
+        self.capacity = max(1, cap)
+        self.group = stage_group(spec.name, stage)
+        self.streams = stage_streams(spec, stage)
+        self.owned: list[str] = [] if self.stage.aggregates else list(self.streams)
+        self.successors = list(self.stage.to)
+        self.is_sink = not self.successors
+        self.is_output = stage == spec.output_stage
+        self.streaming = spec.streaming_for(stage)
+        self._slots = asyncio.Semaphore(self.capacity)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._groups: dict[str, _Group] = {}
+        self._held: set[tuple[str, str]] = set()  # (stream, entry id) kept pending in groups
+        self._fired: OrderedDict[str, None] = OrderedDict()
+        self._cancelled_runs: OrderedDict[str, None] = OrderedDict()
+        self.processed = 0
+        self.inflight = 0
+
+    # ------------------------------------------------------------------ main loop
+    async def run(self, stop: asyncio.Event) -> None:
+        for s in self.streams:
+            await self.transport.ensure_group(s, self.group)
+        await self._heartbeat()
+        next_beat = next_claim = 0.0
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    await self._heartbeat()
+                    if self.stage.aggregates:
+                        await self._rebalance()
+                    next_beat = now + self.config.heartbeat_ms / 1000
+                if now >= next_claim:
+                    await self._claim_abandoned()
+                    next_claim = now + self.config.claim_idle_ms / 2000
+                free = self.capacity - self.inflight
+                if free <= 0 or not self.owned:
+                    await self._wait_slot(stop)
+                    continue
+                got = await self.transport.consume(
+                    self.owned, self.group, self.instance, free, self.config.block_ms
+                )
+                for d in got:
+                    await self._accept(d)
+        finally:
+            await self._drain()
+
+    async def _wait_slot(self, stop: asyncio.Event) -> None:
+        if not self._tasks:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.block_ms / 1000)
+            return
+        await asyncio.wait(
+            list(self._tasks), timeout=self.config.block_ms / 1000, return_when=asyncio.FIRST_COMPLETED
+        )
+
+    async def _drain(self) -> None:
+        """Let in-flight work finish (SIGTERM drain); what does not finish stays pending."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.transport.leave(self.group, self.instance)
+            for i, s in enumerate(self.streams):
+                if s in self.owned and self.stage.aggregates:
+                    await self.transport.release_lease(f"{self.group}:p{i}", self.instance)
+
+    async def abort(self) -> None:
+        """Stop at once without finishing: in-flight inputs stay pending (crash-like)."""
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Any) -> None:
+        self.inflight += 1
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self.inflight -= 1
+            if not t.cancelled() and t.exception() is not None:
+                log.error("stage %s task failed", self.stage.name, exc_info=t.exception())
+
+        task.add_done_callback(done)
+
+    async def _heartbeat(self) -> None:
+        info = {
+            "stage": self.stage.name,
+            "pipeline": self.spec.name,
+            "capacity": self.capacity,
+            "inflight": self.inflight,
+            "processed": self.processed,
+            "engine": getattr(self.function.engine, "name", None),
+        }
+        await self.transport.heartbeat(self.group, self.instance, info, self.config.heartbeat_ms * 5)
+
+    async def _claim_abandoned(self) -> None:
+        # an aggregator holds its groups' entries pending on purpose; claiming them back is
+        # a no-op, so it must look at all of them or a lost one could hide behind them
+        count = 100_000 if self.stage.aggregates else self.capacity
+        for s in self.owned:
+            got = await self.transport.claim_abandoned(
+                s, self.group, self.instance, self.config.claim_idle_ms, count
+            )
+            for d in got:
+                await self._accept(d)
+
+    async def _rebalance(self) -> None:
+        """Own the partitions rendezvous hashing gives this instance among live members."""
+        members = sorted(await self.transport.members(self.group)) or [self.instance]
+        owned = []
+        for i, stream in enumerate(self.streams):
+            lease = f"{self.group}:p{i}"
+            best = max(members, key=lambda m, i=i: hashlib.blake2b(f"{m}|{i}".encode()).digest())
+            if best == self.instance and await self.transport.acquire_lease(
+                lease, self.instance, self.config.lease_ttl_ms
+            ):
+                if stream not in self.owned:
+                    # new owner: rebuild the partition's state from its pending entries
+                    for d in await self.transport.claim_abandoned(
+                        stream, self.group, self.instance, 0, 1_000_000
+                    ):
+                        await self._accept(d, partition=stream)
+                owned.append(stream)
+            elif stream in self.owned:
+                await self.transport.release_lease(lease, self.instance)
+                for key in [k for k, g in self._groups.items() if g.partition == stream]:
+                    if not self._groups[key].firing:
+                        del self._groups[key]
+        self.owned = owned
+
+    # ------------------------------------------------------------------ intake
+    async def _accept(self, d: Delivery, partition: str | None = None) -> None:
+        env = d.envelope
+        if not self.stage.aggregates:
+            self._spawn(self._process(d))
+            return
+        klin = key_lineage(self.stage, env.lineage)
+        if klin is None:  # marker of an enclosing scope: not ours to hold
+            if env.kind != "end":
+                await self._fail(env, f"unit {env.id} lacks the aggregation scope", None, d)
+                return
+            self._spawn(self._process(d))
+            return
+        # qualified by stage: two aggregators of one scope keep separate progress and ids
+        key = f"{aggregation_key(env.run, klin)}@{self.stage.name}"
+        if (d.stream, d.entry_id) in self._held:
+            return  # re-claimed while we hold it (claims reset idle time): nothing new
+        if key in self._fired:
+            await self.transport.ack(d.stream, self.group, [d.entry_id])
+            return
+        g = self._groups.get(key)
+        if g is None:
+            prog = (await self.transport.get_progress(env.run, [key]))[0]
+            if prog is not None and prog.done:
+                self._remember(self._fired, key)
+                await self.transport.ack(d.stream, self.group, [d.entry_id])
+                return
+            g = self._groups[key] = _Group(
+                key, klin, expected_credit(self.stage, env), partition or d.stream
+            )
+        if env.id in g.got or g.firing:
+            g.extra.append(d)
+            self._held.add((d.stream, d.entry_id))
+            if g.firing:
+                await self.transport.ack(d.stream, self.group, [d.entry_id])
+            return
+        g.got[env.id] = d
+        self._held.add((d.stream, d.entry_id))
+        g.total += env.credit
+        if g.total == g.expected:
+            g.firing = True
+            self._spawn(self._fire(g))
+        elif g.total > g.expected:
+            g.firing = True
+            await self._fail(env, f"credit overflow for key {key}: {g.total} > {g.expected}", g)
+
+    # ------------------------------------------------------------------ processing
+    async def _process(self, d: Delivery) -> None:
+        env = d.envelope
+        async with self._slots:
+            try:
+                if await self._is_cancelled(env.run):
+                    await self.transport.ack(d.stream, self.group, [d.entry_id])
+                    return
+                if env.kind == "end":
+                    await self._forward_end(d)
+                    return
+                prog = (await self.transport.get_progress(env.run, [env.id]))[0]
+                if prog is not None and prog.done:
+                    await self.transport.ack(d.stream, self.group, [d.entry_id])
+                    return
+                ctx = StageContext(env.run, env.pipeline, self.stage.name, env.lineage, env.context)
+                await self._produce(
+                    cause=env.id,
+                    ctx=ctx,
+                    credit=env.credit,
+                    base_lineage=env.lineage,
+                    scope=env.scope,
+                    context=env.context,
+                    value=env.payload,
+                    items=None,
+                    already=prog.units if prog else 0,
+                    acks=[(d.stream, [d.entry_id])],
+                    credit_mid=f"credit:{env.id}",
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a stage error fails the run visibly, never silently
+                log.exception("stage %s failed on %s", self.stage.name, env.id)
+                await self._fail(env, f"{type(exc).__name__}: {exc}", None, d)
+
+    async def _fire(self, g: _Group) -> None:
+        async with self._slots:
+            first = next(iter(g.got.values())).envelope
+            try:
+                if await self._is_cancelled(first.run):
+                    await self._ack_group(g)
+                    return
+                prog = (await self.transport.get_progress(first.run, [g.key]))[0]
+                if prog is not None and prog.done:
+                    await self._ack_group(g)
+                    return
+                units = sorted(
+                    (d.envelope for d in g.got.values() if d.envelope.kind == "unit"),
+                    key=lambda e: e.lineage,
+                )
+                keep = {name for name, _ in g.klin} | {"input"}
+                context = {k: v for k, v in first.context.items() if k in keep}
+                scope = {k: v for k, v in first.scope.items() if k in keep}
+                ctx = StageContext(first.run, first.pipeline, self.stage.name, g.klin, context)
+                await self._produce(
+                    cause=g.key,
+                    ctx=ctx,
+                    credit=g.expected,
+                    base_lineage=g.klin,
+                    scope=scope,
+                    context=context,
+                    value=None,
+                    items=[u.payload for u in units],
+                    already=prog.units if prog else 0,
+                    acks=self._group_acks(g),
+                    credit_mid=f"credit:{g.key}",
+                )
+                self._groups.pop(g.key, None)
+                self._remember(self._fired, g.key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("stage %s failed on key %s", self.stage.name, g.key)
+                await self._fail(first, f"{type(exc).__name__}: {exc}", g)
+
+    async def _produce(
+        self,
+        *,
+        cause: str,
+        ctx: StageContext,
+        credit: Fraction,
+        base_lineage: Lineage,
+        scope: dict[str, Fraction],
+        context: dict[str, Any],
+        value: Any,
+        items: list[Any] | None,
+        already: int,
+        acks: list[tuple[str, list[str]]],
+        credit_mid: str,
+    ) -> None:
+        stats = CallStats()
+        run = ctx.run
+        n = 0
+        held: list[tuple[int, Any]] = []
+
+        async def stop() -> bool:
+            return await self._is_cancelled(run)
+
+        async for unit in self.function.produce(ctx, value, items, stats, stop):
+            n += 1
+            if stats.first_unit_s is None:
+                stats.first_unit_s = time.perf_counter() - stats.started
+            if n <= already:
+                continue  # published by an earlier attempt
+            if self.streaming:
+                c = Commit()
+                self._emit(c, run, n, unit, credit, base_lineage, scope, context)
+                c.progress.append((run, cause, Progress(n, False)))
+                await self.transport.commit(c)
+            else:
+                held.append((n, unit))
+        if await self._is_cancelled(run):
+            c = Commit(acks=[(s, self.group, ids) for s, ids in acks])
+            await self.transport.commit(c)
+            return
+        c = Commit()
+        for i, unit in held:
+            self._emit(c, run, i, unit, credit, base_lineage, scope, context)
+        total_units = max(n, already)
+        rest = end_credit(credit, total_units)
+        for t in self.successors:
+            marker = Envelope(
+                run=run,
+                pipeline=self.spec.name,
+                stage=t,
+                lineage=base_lineage,
+                kind="end",
+                credit=rest / len(self.successors),
+                sender=self.stage.name,
+                scope=scope,
+                context=context,
+                id=end_id(cause, t),
+            )
+            c.messages.append((stream_for(self.spec, marker), marker))
+        c.events.append(
+            (run, {"type": "credit", "mid": credit_mid, "stage": self.stage.name, "credit": credit_str(credit)})
+        )
+        c.progress.append((run, cause, Progress(total_units, True)))
+        c.acks.extend((s, self.group, ids) for s, ids in acks)
+        await self.transport.commit(c)
+        self.processed += 1
+        if self.observer is not None:
+            self.observer(
+                "call",
+                {
+                    "stage": self.stage.name,
+                    "pipeline": self.spec.name,
+                    "instance": self.instance,
+                    "seconds": time.perf_counter() - stats.started,
+                    "first_unit_s": stats.first_unit_s,
+                    "units": n,
+                    "prompt": stats.prompt,
+                    "prompt_tokens": stats.prompt_tokens,
+                    "completion_tokens": stats.completion_tokens,
+                    "cached_tokens": stats.cached_tokens,
+                },
+            )
+
+    def _emit(
+        self,
+        c: Commit,
+        run: str,
+        index: int,
+        unit: Any,
+        credit: Fraction,
+        base_lineage: Lineage,
+        scope: dict[str, Fraction],
+        context: dict[str, Any],
+    ) -> None:
+        """Add unit `index` to a commit: to every successor, and as a run event."""
+        lin = (*base_lineage, (self.stage.name, index))
+        share = unit_credit(credit, index)
+        if self.successors:
+            child_scope = {**scope, self.stage.name: share}
+            child_ctx = {**context, self.stage.name: unit}
+            part = share / len(self.successors)
+            for t in self.successors:
+                env = Envelope(
+                    run=run,
+                    pipeline=self.spec.name,
+                    stage=t,
+                    lineage=lin,
+                    kind="unit",
+                    credit=part,
+                    payload=unit,
+                    sender=self.stage.name,
+                    scope=child_scope,
+                    context=child_ctx,
+                    id=unit_id(run, lin, t),
+                )
+                c.messages.append((stream_for(self.spec, env), env))
+        if self.config.partial_events or self.is_output:
+            c.events.append(
+                (
+                    run,
+                    {
+                        "type": "partial",
+                        "mid": f"partial:{run}:{lineage_str(lin)}",
+                        "stage": self.stage.name,
+                        "key": lineage_str(base_lineage),
+                        "lineage": lineage_str(lin),
+                        "data": unit,
+                        "final": self.is_output,
+                    },
+                )
+            )
+
+    async def _forward_end(self, d: Delivery) -> None:
+        """An end marker passes a stage that cannot key it: split it over the successors."""
+        env = d.envelope
+        c = Commit()
+        for t in self.successors:
+            out = Envelope(
+                run=env.run,
+                pipeline=env.pipeline,
+                stage=t,
+                lineage=env.lineage,
+                kind="end",
+                credit=env.credit / len(self.successors),
+                sender=self.stage.name,
+                scope=env.scope,
+                context=env.context,
+                id=end_id(env.id, t),
+            )
+            c.messages.append((stream_for(self.spec, out), out))
+        c.events.append(
+            (env.run, {"type": "credit", "mid": f"credit:{env.id}", "stage": self.stage.name,
+                       "credit": credit_str(env.credit)})
+        )
+        c.acks.append((d.stream, self.group, [d.entry_id]))
+        await self.transport.commit(c)
+
+    # ------------------------------------------------------------------ helpers
+    def _group_acks(self, g: _Group) -> list[tuple[str, list[str]]]:
+        by: dict[str, list[str]] = {}
+        for d in [*g.got.values(), *g.extra]:
+            self._held.discard((d.stream, d.entry_id))
+        for d in [*g.got.values(), *g.extra]:
+            by.setdefault(d.stream, []).append(d.entry_id)
+        return list(by.items())
+
+    async def _ack_group(self, g: _Group) -> None:
+        await self.transport.commit(Commit(acks=[(s, self.group, ids) for s, ids in self._group_acks(g)]))
+        self._groups.pop(g.key, None)
+        self._remember(self._fired, g.key)
+
+    async def _fail(self, env: Envelope, message: str, g: _Group | None, d: Delivery | None = None) -> None:
+        c = Commit()
+        c.events.append(
+            (env.run, {"type": "error", "mid": f"error:{env.id}@{self.stage.name}", "stage": self.stage.name,
+                       "message": message, "code": "stage_error"})
+        )
+        if g is not None:
+            c.acks.extend((s, self.group, ids) for s, ids in self._group_acks(g))
+            self._groups.pop(g.key, None)
+            self._remember(self._fired, g.key)
+        if d is not None:
+            c.acks.append((d.stream, self.group, [d.entry_id]))
+        await self.transport.commit(c)
+
+    async def _is_cancelled(self, run: str) -> bool:
+        if run in self._cancelled_runs:
+            return True
+        if await self.transport.is_cancelled(run):
+            self._remember(self._cancelled_runs, run)
+            return True
+        return False
+
+    @staticmethod
+    def _remember(cache: OrderedDict[str, None], key: str, limit: int = 100_000) -> None:
+        cache[key] = None
+        if len(cache) > limit:
+            cache.popitem(last=False)
+

@@ -1,0 +1,124 @@
+"""Hosts stage runners in one process: all stages of some pipelines (embedded mode,
+the gateway's default) or a single stage (`alto worker`).
+
+Engines are shared per (engine name, instance index) across the stages of a process,
+as one model server would serve several stages; an engine spec with `instances: N`
+gives each LM stage N runner instances, the i-th bound to engine instance i.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from orchestrator.engine import Engine
+from orchestrator.spec import EngineSpec, PipelineSpec
+from orchestrator.transport import Transport
+from workers.runner import Observer, RunnerConfig, StageRunner
+from workers.stagefn import StageFunction
+
+log = logging.getLogger("alto.runtime")
+
+
+def instance_name(stage: str, index: int = 0) -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{stage}-{index}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class StageSelection:
+    pipeline: str
+    stage: str
+
+
+class Runtime:
+    def __init__(
+        self,
+        transport: Transport,
+        pipelines: Iterable[PipelineSpec],
+        *,
+        config: RunnerConfig | None = None,
+        observer: Observer | None = None,
+        engine_override: EngineSpec | None = None,
+        instances: int | None = None,
+        concurrency: int | None = None,
+    ):
+        self.transport = transport
+        self.pipelines = {p.name: p for p in pipelines}
+        self.config = config or RunnerConfig()
+        self.observer = observer
+        self.engine_override = engine_override
+        self.instances = instances
+        self.concurrency = concurrency
+        self.engines: dict[tuple[str, int], Engine] = {}
+        self.runners: list[StageRunner] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _engine_spec(self, spec: PipelineSpec, stage: str) -> tuple[str, EngineSpec]:
+        name = spec.stage(stage).engine or "default"
+        if self.engine_override is not None:
+            return f"override:{self.engine_override.kind}", self.engine_override
+        return f"{spec.name}:{name}", spec.engines[name]
+
+    async def _engine(self, key: str, espec: EngineSpec, index: int) -> Engine:
+        from workers.engines import build_engine
+
+        if (key, index) not in self.engines:
+            engine = build_engine(espec, index)
+            await engine.start()
+            self.engines[(key, index)] = engine
+        return self.engines[(key, index)]
+
+    async def start(self, only: list[StageSelection] | None = None) -> None:
+        """Build engines and start runners; raises (with the stage named) if one cannot."""
+        for spec in self.pipelines.values():
+            for stage in spec.topo_order:
+                if only is not None and not any(
+                    o.pipeline == spec.name and o.stage == stage for o in only
+                ):
+                    continue
+                s = spec.stage(stage)
+                count = 1
+                key, espec = ("", None) if s.kind != "lm" else self._engine_spec(spec, stage)
+                if espec is not None:
+                    count = self.instances or espec.instances
+                for i in range(count):
+                    engine = await self._engine(key, espec, i) if espec is not None else None
+                    fn = StageFunction(spec, s, engine)
+                    runner = StageRunner(
+                        spec,
+                        stage,
+                        self.transport,
+                        fn,
+                        instance=instance_name(stage, i),
+                        concurrency=self.concurrency,
+                        config=self.config,
+                        observer=self.observer,
+                    )
+                    self.runners.append(runner)
+        for r in self.runners:
+            self._tasks.append(asyncio.create_task(r.run(self._stop), name=f"runner:{r.stage.name}"))
+
+    async def stop(self, *, drain: bool = True) -> None:
+        self._stop.set()
+        if not drain:
+            for r in self.runners:
+                await r.abort()
+        for t in self._tasks:
+            with contextlib.suppress(Exception):
+                await t
+        for e in self.engines.values():
+            with contextlib.suppress(Exception):
+                await e.aclose()
+
+    def failed(self) -> BaseException | None:
+        for t in self._tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                return t.exception()
+        return None

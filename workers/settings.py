@@ -1,0 +1,37 @@
+"""Process configuration: environment variables `ALTO_*` (or a .env file) via pydantic-settings.
+
+Command-line flags override these; the pipeline spec's own `engines:` section is the
+default that `ALTO_ENGINE` (and friends) override for every LM stage at once.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALTO_", env_file=".env", extra="ignore")
+
+    redis_url: str | None = None
+    pipelines: list[str] = Field(default_factory=lambda: ["examples/factool/pipeline.yaml"])
+    engine: str | None = None  # override the engine kind of every LM stage (sim|local|openai|vllm)
+    engine_options: dict[str, object] = Field(default_factory=dict)
+    instances: int | None = None
+    concurrency: int | None = None
+    claim_idle_ms: int = 30_000
+    lease_ttl_ms: int = 5_000
+    heartbeat_ms: int = 1_000
+    run_ttl_s: int = 3_600
+    run_deadline_s: float = 300.0
+    api_keys: list[str] = Field(default_factory=list)
+    max_inflight_runs: int = 256
+    max_body_bytes: int = 1_000_000
+    retry_after_s: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+
+
+def get_settings() -> Settings:
+    return Settings()

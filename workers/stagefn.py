@@ -1,0 +1,147 @@
+"""Turns a stage spec into something that produces units: an engine call for `lm`
+stages (its token stream framed as it arrives), a Python callable for `tool`/`reduce`.
+
+Both kinds look the same to the runner: an async iterator of units, so streaming and
+barrier mode, retries and credit accounting are written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.engine import Engine, GenParams
+from orchestrator.framing import frame_value, make_framer
+from orchestrator.spec import PipelineSpec, SpecError, StageSpec
+from orchestrator.template import StageContext, as_text, render
+
+StopCheck = Callable[[], Awaitable[bool]]
+
+
+def resolve(path: str, *, stage: str, field_name: str) -> Callable[..., Any]:
+    """Import 'package.module:attr'; a failure names the stage and field, like a spec error."""
+    module, _, attr = path.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SpecError(f"cannot import {path!r}: {exc}", stage=stage, field=field_name) from None
+    if not callable(obj):
+        raise SpecError(f"{path!r} is not callable", stage=stage, field=field_name)
+    return obj
+
+
+@dataclass
+class CallStats:
+    """What one call cost; the runner turns it into metrics and scheduling statistics."""
+
+    prompt: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    first_unit_s: float | None = None
+
+
+class StageFunction:
+    """The callable behind one stage."""
+
+    def __init__(self, spec: PipelineSpec, stage: StageSpec, engine: Engine | None = None):
+        self.spec = spec
+        self.stage = stage
+        self.engine = engine
+        self.fn: Callable[..., Any] | None = None
+        self.responder: Callable[..., Any] | None = None
+        if stage.kind == "lm":
+            if engine is None:
+                raise SpecError("no engine available", stage=stage.name, field="engine")
+            if stage.responder:
+                self.responder = resolve(stage.responder, stage=stage.name, field_name="responder")
+        else:
+            assert stage.function is not None
+            self.fn = resolve(stage.function, stage=stage.name, field_name="function")
+
+    def params(self, run: str) -> GenParams:
+        s = self.stage
+        tags: dict[str, Any] = {"stage": s.name, "run": run, "pipeline": self.spec.name}
+        if self.responder is not None:
+            tags["responder"] = self.responder
+        return GenParams(
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            stop=s.stop,
+            system=s.system,
+            tags=tags,
+        )
+
+    async def produce(
+        self,
+        ctx: StageContext,
+        value: Any,
+        items: list[Any] | None,
+        stats: CallStats,
+        stop: StopCheck,
+    ) -> AsyncIterator[Any]:
+        """Units for one input (`value`) or one aggregation group (`items`)."""
+        if self.stage.kind == "lm":
+            async for unit in self._lm(ctx, value, items, stats, stop):
+                yield unit
+            return
+        assert self.fn is not None
+        arg = items if self.stage.aggregates else value
+        if inspect.iscoroutinefunction(self.fn):
+            result = await self.fn(arg, ctx)
+        else:
+            result = await asyncio.to_thread(self.fn, arg, ctx)
+        if inspect.isasyncgen(result):
+            async for unit in result:
+                for u in frame_value(self.stage.framing, unit):
+                    yield u
+            return
+        for u in frame_value(self.stage.framing, result):
+            yield u
+
+    async def _lm(
+        self,
+        ctx: StageContext,
+        value: Any,
+        items: list[Any] | None,
+        stats: CallStats,
+        stop: StopCheck,
+    ) -> AsyncIterator[Any]:
+        assert self.engine is not None and self.stage.prompt is not None
+        values = dict(ctx.values)
+        if value is not None:
+            values["text"] = value
+        if items is not None:
+            values["items"] = "\n".join(as_text(i) for i in items)
+        prompt = render(self.stage.prompt, values)
+        stats.prompt = prompt
+        framer = make_framer(self.stage.framing)
+        gen = self.engine.generate(prompt, self.params(ctx.run))
+        last_check = time.monotonic()
+        try:
+            async for delta in gen:
+                if delta.prompt_tokens is not None:
+                    stats.prompt_tokens = delta.prompt_tokens
+                if delta.completion_tokens is not None:
+                    stats.completion_tokens = delta.completion_tokens
+                if delta.cached_tokens is not None:
+                    stats.cached_tokens = delta.cached_tokens
+                for unit in framer.feed(delta.text):
+                    yield unit
+                now = time.monotonic()
+                if now - last_check > 0.05:
+                    last_check = now
+                    if await stop():
+                        return
+        finally:
+            aclose = getattr(gen, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        for unit in framer.close():
+            yield unit
