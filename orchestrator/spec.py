@@ -226,14 +226,24 @@ def _validate_graph(p: PipelineSpec) -> None:
             if not s.prompt:
                 raise SpecError("an lm stage needs a prompt template", stage=s.name, field="prompt")
             if (s.engine or "default") not in p.engines:
-                raise SpecError(f"unknown engine {s.engine or 'default'!r}", stage=s.name, field="engine")
+                raise SpecError(
+                    f"unknown engine {s.engine or 'default'!r}", stage=s.name, field="engine"
+                )
             if s.framing == "items":
-                raise SpecError("framing 'items' is for tool/reduce stages", stage=s.name, field="framing")
+                raise SpecError(
+                    "framing 'items' is for tool/reduce stages", stage=s.name, field="framing"
+                )
         else:
             if not s.function:
-                raise SpecError(f"a {s.kind} stage needs a function (module:name)", stage=s.name, field="function")
+                raise SpecError(
+                    f"a {s.kind} stage needs a function (module:name)",
+                    stage=s.name,
+                    field="function",
+                )
             if ":" not in s.function:
-                raise SpecError("function must look like 'package.module:name'", stage=s.name, field="function")
+                raise SpecError(
+                    "function must look like 'package.module:name'", stage=s.name, field="function"
+                )
         if s.kind == "reduce" and not s.aggregates:
             raise SpecError("a reduce stage needs aggregate_by", stage=s.name, field="aggregate_by")
     entry = p.entry or p.stages[0].name
@@ -242,11 +252,15 @@ def _validate_graph(p: PipelineSpec) -> None:
     order = _topo(p)
     if len(order) != len(by):
         cyclic = sorted(set(by) - set(order))
-        raise SpecError(f"the stage graph has a cycle through {cyclic}", stage=cyclic[0], field="to")
+        raise SpecError(
+            f"the stage graph has a cycle through {cyclic}", stage=cyclic[0], field="to"
+        )
     reach = _reachable(by, [entry], None)
     for s in p.stages:
         if s.name not in reach:
-            raise SpecError(f"not reachable from the entry stage {entry!r}", stage=s.name, field="name")
+            raise SpecError(
+                f"not reachable from the entry stage {entry!r}", stage=s.name, field="name"
+            )
     sinks = [s.name for s in p.stages if not s.to]
     if p.output is not None and p.output not in sinks:
         raise SpecError(f"output {p.output!r} must be a stage with no 'to'", field="output")
@@ -269,15 +283,23 @@ def _validate_graph(p: PipelineSpec) -> None:
             # x must be on every path from the entry to s (so each input has x in its lineage)
             if x != entry and s.name in _reachable(by, [entry], x):
                 raise SpecError(
-                    f"{x!r} is not on every path into this stage", stage=s.name, field="aggregate_by"
+                    f"{x!r} is not on every path into this stage",
+                    stage=s.name,
+                    field="aggregate_by",
                 )
             if x == s.name or s.name not in _reachable(by, by[x].to, None):
-                raise SpecError(f"{x!r} is not upstream of this stage", stage=s.name, field="aggregate_by")
+                raise SpecError(
+                    f"{x!r} is not upstream of this stage", stage=s.name, field="aggregate_by"
+                )
         between = _reachable(by, by[scope[-1]].to, None) if scope else set()
         for y in sorted(between):
             ys = by[y]
-            if y != s.name and ys.aggregates and s.name in _reachable(by, ys.to, None) \
-                    and scope[-1] not in ys.scope:
+            if (
+                y != s.name
+                and ys.aggregates
+                and s.name in _reachable(by, ys.to, None)
+                and scope[-1] not in ys.scope
+            ):
                 raise SpecError(
                     f"stage {y!r} between {scope[-1]!r} and here aggregates by {ys.aggregate_by}, "
                     f"which drops the {scope[-1]!r} unit this stage is keyed by",
@@ -316,7 +338,7 @@ def _locate(errors: list[dict[str, Any]], raw: dict[str, Any]) -> str:
             where = [str(x) for x in loc]
         msg = e.get("msg", "invalid")
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         parts.append(f"{'.'.join(where)}: {msg}" if where else msg)
     return "; ".join(parts)
 
@@ -329,7 +351,14 @@ def parse_pipeline(raw: Any) -> PipelineSpec:
         return PipelineSpec.model_validate(raw)
     except ValidationError as exc:
         errs = exc.errors()
-        ctx_err = next((e.get("ctx", {}).get("error") for e in errs if isinstance(e.get("ctx", {}).get("error"), SpecError)), None)
+        ctx_err = next(
+            (
+                e.get("ctx", {}).get("error")
+                for e in errs
+                if isinstance(e.get("ctx", {}).get("error"), SpecError)
+            ),
+            None,
+        )
         if isinstance(ctx_err, SpecError):
             raise ctx_err from None
         raise SpecError(_locate(errs, raw)) from None

@@ -60,13 +60,18 @@ class RunTracker:
                 return [(f"{event_id}.1", err)]
             if total == flow and stage not in self.done_stages:
                 self.done_stages.add(stage)
-                out.append((f"{event_id}.1", {"type": "stage_done", "run": self.run, "stage": stage}))
+                out.append(
+                    (f"{event_id}.1", {"type": "stage_done", "run": self.run, "stage": stage})
+                )
                 if all(s in self.done_stages for s in self.spec.sinks):
                     self.finished = True
                     out.append((f"{event_id}.2", self.result_event()))
             return out
         if kind == "partial" and event.get("stage") == self.spec.output_stage:
-            self.outputs[mid or event_id] = (parse_lineage(event.get("lineage", "")), event.get("data"))
+            self.outputs[mid or event_id] = (
+                parse_lineage(event.get("lineage", "")),
+                event.get("data"),
+            )
         if kind == "error":
             self.failed = event.get("message", "error")
             self.finished = True

@@ -53,7 +53,9 @@ class Commit:
     messages: list[tuple[str, Envelope]] = field(default_factory=list)  # (stream, envelope)
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (run, event)
     progress: list[tuple[str, str, Progress]] = field(default_factory=list)  # (run, key, progress)
-    acks: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (stream, group, entry ids)
+    acks: list[tuple[str, str, list[str]]] = field(
+        default_factory=list
+    )  # (stream, group, entry ids)
 
     def __bool__(self) -> bool:
         return bool(self.messages or self.events or self.progress or self.acks)

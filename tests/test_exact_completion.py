@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,8 +88,13 @@ def pipelines(draw: st.DrawFn) -> dict[str, Any]:
     for li, layer in enumerate(layers):
         nxt = layers[li + 1] if li + 1 < len(layers) else []
         for name in layer:
-            st_: dict[str, Any] = {"name": name, "kind": "tool", "function": FANOUT,
-                                   "framing": "items", "to": list(nxt)}
+            st_: dict[str, Any] = {
+                "name": name,
+                "kind": "tool",
+                "function": FANOUT,
+                "framing": "items",
+                "to": list(nxt),
+            }
             if li > 0 and len(layer) == 1 and draw(st.booleans()):
                 depth = draw(st.integers(0, len(available)))
                 scope = available[:depth]
@@ -135,11 +141,28 @@ def test_aggregator_sees_every_descendant_once_under_heavy_duplication() -> None
     raw = {
         "name": "deep",
         "stages": [
-            {"name": "s0x4", "kind": "tool", "function": FANOUT, "framing": "items", "to": ["s1x5"]},
-            {"name": "s1x5", "kind": "tool", "function": FANOUT, "framing": "items", "to": ["s2x6"]},
+            {
+                "name": "s0x4",
+                "kind": "tool",
+                "function": FANOUT,
+                "framing": "items",
+                "to": ["s1x5"],
+            },
+            {
+                "name": "s1x5",
+                "kind": "tool",
+                "function": FANOUT,
+                "framing": "items",
+                "to": ["s2x6"],
+            },
             {"name": "s2x6", "kind": "tool", "function": FANOUT, "framing": "items", "to": ["g"]},
-            {"name": "g", "kind": "reduce", "function": COLLECT, "aggregate_by": ["request", "s0x4"],
-             "to": ["h"]},
+            {
+                "name": "g",
+                "kind": "reduce",
+                "function": COLLECT,
+                "aggregate_by": ["request", "s0x4"],
+                "to": ["h"],
+            },
             {"name": "h", "kind": "reduce", "function": COLLECT, "aggregate_by": ["request"]},
         ],
     }
@@ -159,13 +182,43 @@ def test_streaming_and_barrier_agree_on_a_fixed_pipeline(streaming: bool) -> Non
     raw = {
         "name": "fixed",
         "stages": [
-            {"name": "s0x3", "kind": "tool", "function": FANOUT, "framing": "items",
-             "to": ["s1x2", "s2x4"]},
+            {
+                "name": "s0x3",
+                "kind": "tool",
+                "function": FANOUT,
+                "framing": "items",
+                "to": ["s1x2", "s2x4"],
+            },
             {"name": "s1x2", "kind": "tool", "function": FANOUT, "framing": "items", "to": ["j"]},
             {"name": "s2x4", "kind": "tool", "function": FANOUT, "framing": "items", "to": ["j"]},
-            {"name": "j", "kind": "reduce", "function": COLLECT, "aggregate_by": ["request", "s0x3"]},
+            {
+                "name": "j",
+                "kind": "reduce",
+                "function": COLLECT,
+                "aggregate_by": ["request", "s0x3"],
+            },
         ],
     }
     spec = with_streaming(parse_pipeline(raw), streaming)
     for text in ["x", "y z", "one two three four"]:
         assert asyncio.run(_run(spec, EmbeddedTransport(), text)) == evaluate(spec, text)
+
+
+@pytest.mark.redis
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(raw=pipelines(), text=st.sampled_from(["a", "b c", "d e f g"]), streaming=st.booleans())
+def test_redis_transport_gives_the_same_results(
+    redis_server: str, raw: dict[str, Any], text: str, streaming: bool
+) -> None:
+    from workers.redis_transport import RedisTransport
+
+    spec = with_streaming(parse_pipeline(raw), streaming)
+
+    async def go() -> list[Any]:
+        transport = RedisTransport(redis_server, prefix=f"alto-prop-{uuid.uuid4().hex[:8]}:")
+        try:
+            return await _run(spec, transport, text)  # type: ignore[arg-type]
+        finally:
+            await transport.close()
+
+    assert asyncio.run(go()) == evaluate(spec, text)

@@ -25,7 +25,11 @@ def new_run_id() -> str:
 
 
 async def start_run(
-    transport: Transport, spec: PipelineSpec, text: str, *, run: str | None = None,
+    transport: Transport,
+    spec: PipelineSpec,
+    text: str,
+    *,
+    run: str | None = None,
     meta: dict[str, Any] | None = None,
 ) -> str:
     run = run or new_run_id()
@@ -39,8 +43,14 @@ async def start_run(
         payload=text,
         context={"input": text},
     )
-    event = {"type": "run", "mid": f"run:{run}", "run": run, "pipeline": spec.name,
-             "created": int(time.time()), **(meta or {})}
+    event = {
+        "type": "run",
+        "mid": f"run:{run}",
+        "run": run,
+        "pipeline": spec.name,
+        "created": int(time.time()),
+        **(meta or {}),
+    }
     await transport.commit(Commit(messages=[(stream_for(spec, env), env)], events=[(run, event)]))
     return run
 

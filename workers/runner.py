@@ -33,13 +33,12 @@ from orchestrator.routing import (
     expected_credit,
     key_lineage,
     stage_group,
-    stage_streams,
-    stream_for,
     unit_credit,
 )
 from orchestrator.spec import PipelineSpec
 from orchestrator.template import StageContext
 from orchestrator.transport import Commit, Delivery, Progress, Transport
+from workers.router import Router
 from workers.stagefn import CallStats, StageFunction
 
 log = logging.getLogger("alto.runner")
@@ -82,8 +81,10 @@ class StageRunner:
         concurrency: int | None = None,
         config: RunnerConfig | None = None,
         observer: Observer | None = None,
+        router: Router | None = None,
     ):
         self.spec = spec
+        self.router = router or Router(spec)
         self.stage = spec.stage(stage)
         self.transport = transport
         self.function = function
@@ -95,7 +96,7 @@ class StageRunner:
             cap = min(cap, function.engine.capacity)
         self.capacity = max(1, cap)
         self.group = stage_group(spec.name, stage)
-        self.streams = stage_streams(spec, stage)
+        self.streams = self.router.all_streams(stage)
         self.owned: list[str] = [] if self.stage.aggregates else list(self.streams)
         self.successors = list(self.stage.to)
         self.is_sink = not self.successors
@@ -123,6 +124,7 @@ class StageRunner:
                     await self._heartbeat()
                     if self.stage.aggregates:
                         await self._rebalance()
+                    await self.router.refresh(self)
                     next_beat = now + self.config.heartbeat_ms / 1000
                 if now >= next_claim:
                     await self._claim_abandoned()
@@ -132,7 +134,11 @@ class StageRunner:
                     await self._wait_slot(stop)
                     continue
                 got = await self.transport.consume(
-                    self.owned, self.group, self.instance, free, self.config.block_ms
+                    self.router.consume_streams(self),
+                    self.group,
+                    self.instance,
+                    free,
+                    self.config.block_ms,
                 )
                 for d in got:
                     await self._accept(d)
@@ -145,7 +151,9 @@ class StageRunner:
                 await asyncio.wait_for(stop.wait(), self.config.block_ms / 1000)
             return
         await asyncio.wait(
-            list(self._tasks), timeout=self.config.block_ms / 1000, return_when=asyncio.FIRST_COMPLETED
+            list(self._tasks),
+            timeout=self.config.block_ms / 1000,
+            return_when=asyncio.FIRST_COMPLETED,
         )
 
     async def _drain(self) -> None:
@@ -186,7 +194,9 @@ class StageRunner:
             "processed": self.processed,
             "engine": getattr(self.function.engine, "name", None),
         }
-        await self.transport.heartbeat(self.group, self.instance, info, self.config.heartbeat_ms * 5)
+        await self.transport.heartbeat(
+            self.group, self.instance, info, self.config.heartbeat_ms * 5
+        )
 
     async def _claim_abandoned(self) -> None:
         # an aggregator holds its groups' entries pending on purpose; claiming them back is
@@ -402,30 +412,37 @@ class StageRunner:
                 context=context,
                 id=end_id(cause, t),
             )
-            c.messages.append((stream_for(self.spec, marker), marker))
+            c.messages.append((self.router.stream_for(marker), marker))
         c.events.append(
-            (run, {"type": "credit", "mid": credit_mid, "stage": self.stage.name, "credit": credit_str(credit)})
+            (
+                run,
+                {
+                    "type": "credit",
+                    "mid": credit_mid,
+                    "stage": self.stage.name,
+                    "credit": credit_str(credit),
+                },
+            )
         )
         c.progress.append((run, cause, Progress(total_units, True)))
         c.acks.extend((s, self.group, ids) for s, ids in acks)
         await self.transport.commit(c)
         self.processed += 1
+        call: dict[str, Any] = {
+            "stage": self.stage.name,
+            "pipeline": self.spec.name,
+            "instance": self.instance,
+            "seconds": time.perf_counter() - stats.started,
+            "first_unit_s": stats.first_unit_s,
+            "units": n,
+            "prompt": stats.prompt,
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.completion_tokens,
+            "cached_tokens": stats.cached_tokens,
+        }
+        self.router.observe("call", call)
         if self.observer is not None:
-            self.observer(
-                "call",
-                {
-                    "stage": self.stage.name,
-                    "pipeline": self.spec.name,
-                    "instance": self.instance,
-                    "seconds": time.perf_counter() - stats.started,
-                    "first_unit_s": stats.first_unit_s,
-                    "units": n,
-                    "prompt": stats.prompt,
-                    "prompt_tokens": stats.prompt_tokens,
-                    "completion_tokens": stats.completion_tokens,
-                    "cached_tokens": stats.cached_tokens,
-                },
-            )
+            self.observer("call", call)
 
     def _emit(
         self,
@@ -459,7 +476,7 @@ class StageRunner:
                     context=child_ctx,
                     id=unit_id(run, lin, t),
                 )
-                c.messages.append((stream_for(self.spec, env), env))
+                c.messages.append((self.router.stream_for(env), env))
         if self.config.partial_events or self.is_output:
             c.events.append(
                 (
@@ -493,10 +510,17 @@ class StageRunner:
                 context=env.context,
                 id=end_id(env.id, t),
             )
-            c.messages.append((stream_for(self.spec, out), out))
+            c.messages.append((self.router.stream_for(out), out))
         c.events.append(
-            (env.run, {"type": "credit", "mid": f"credit:{env.id}", "stage": self.stage.name,
-                       "credit": credit_str(env.credit)})
+            (
+                env.run,
+                {
+                    "type": "credit",
+                    "mid": f"credit:{env.id}",
+                    "stage": self.stage.name,
+                    "credit": credit_str(env.credit),
+                },
+            )
         )
         c.acks.append((d.stream, self.group, [d.entry_id]))
         await self.transport.commit(c)
@@ -511,15 +535,27 @@ class StageRunner:
         return list(by.items())
 
     async def _ack_group(self, g: _Group) -> None:
-        await self.transport.commit(Commit(acks=[(s, self.group, ids) for s, ids in self._group_acks(g)]))
+        await self.transport.commit(
+            Commit(acks=[(s, self.group, ids) for s, ids in self._group_acks(g)])
+        )
         self._groups.pop(g.key, None)
         self._remember(self._fired, g.key)
 
-    async def _fail(self, env: Envelope, message: str, g: _Group | None, d: Delivery | None = None) -> None:
+    async def _fail(
+        self, env: Envelope, message: str, g: _Group | None, d: Delivery | None = None
+    ) -> None:
         c = Commit()
         c.events.append(
-            (env.run, {"type": "error", "mid": f"error:{env.id}@{self.stage.name}", "stage": self.stage.name,
-                       "message": message, "code": "stage_error"})
+            (
+                env.run,
+                {
+                    "type": "error",
+                    "mid": f"error:{env.id}@{self.stage.name}",
+                    "stage": self.stage.name,
+                    "message": message,
+                    "code": "stage_error",
+                },
+            )
         )
         if g is not None:
             c.acks.extend((s, self.group, ids) for s, ids in self._group_acks(g))
@@ -542,4 +578,3 @@ class StageRunner:
         cache[key] = None
         if len(cache) > limit:
             cache.popitem(last=False)
-

@@ -14,12 +14,13 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from orchestrator.engine import Engine
 from orchestrator.spec import EngineSpec, PipelineSpec
 from orchestrator.transport import Transport
+from workers.router import Router
 from workers.runner import Observer, RunnerConfig, StageRunner
 from workers.stagefn import StageFunction
 
@@ -47,6 +48,7 @@ class Runtime:
         engine_override: EngineSpec | None = None,
         instances: int | None = None,
         concurrency: int | None = None,
+        router_factory: Callable[[PipelineSpec, str], Router] | None = None,
     ):
         self.transport = transport
         self.pipelines = {p.name: p for p in pipelines}
@@ -55,6 +57,7 @@ class Runtime:
         self.engine_override = engine_override
         self.instances = instances
         self.concurrency = concurrency
+        self.router_factory = router_factory
         self.engines: dict[tuple[str, int], Engine] = {}
         self.runners: list[StageRunner] = []
         self._stop = asyncio.Event()
@@ -91,6 +94,7 @@ class Runtime:
                 for i in range(count):
                     engine = await self._engine(key, espec, i) if espec is not None else None
                     fn = StageFunction(spec, s, engine)
+                    router = self.router_factory(spec, stage) if self.router_factory else None
                     runner = StageRunner(
                         spec,
                         stage,
@@ -100,10 +104,13 @@ class Runtime:
                         concurrency=self.concurrency,
                         config=self.config,
                         observer=self.observer,
+                        router=router,
                     )
                     self.runners.append(runner)
         for r in self.runners:
-            self._tasks.append(asyncio.create_task(r.run(self._stop), name=f"runner:{r.stage.name}"))
+            self._tasks.append(
+                asyncio.create_task(r.run(self._stop), name=f"runner:{r.stage.name}")
+            )
 
     async def stop(self, *, drain: bool = True) -> None:
         self._stop.set()

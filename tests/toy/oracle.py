@@ -36,7 +36,11 @@ def evaluate(spec: PipelineSpec, text: str, run: str = "oracle") -> list[Any]:
             for klin, members in groups.items():
                 members.sort(key=lambda m: m[0])
                 keep = {s for s, _ in klin} | {"input"}
-                ctx = {k: v for k, v in (members[0][2] if members else {"input": text}).items() if k in keep}
+                ctx = {
+                    k: v
+                    for k, v in (members[0][2] if members else {"input": text}).items()
+                    if k in keep
+                }
                 sc = StageContext(run, spec.name, name, klin, ctx)
                 calls.append((klin, fn([m[1] for m in members], sc), ctx))
         else:
@@ -68,4 +72,3 @@ def _scope_units(spec: PipelineSpec, name: str, inbox: dict[str, Any], text: str
     # units of `inner` reach all of its successors, so its direct successors' inboxes hold
     # every one of them (once the scope stage has run, which topo order guarantees)
     return sorted(out)
-

@@ -41,3 +41,14 @@ def hash_fanout(value: Any, ctx: StageContext) -> list[str]:
 
 def collect(items: list[Any], ctx: StageContext) -> str:
     return f"{ctx.stage}[{','.join(str(i) for i in items)}]"
+
+
+GATES: dict[str, Any] = {}
+
+
+async def gated(value: Any, ctx: StageContext) -> str:
+    """Pass the first word at once; hold the others until the test opens the run's gate.
+    Lets a test crash an aggregator while it provably holds part of a group."""
+    if value != ctx.values["input"].split()[0]:
+        await GATES[ctx.run].wait()
+    return str(value)

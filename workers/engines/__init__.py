@@ -1,0 +1,68 @@
+"""Engine registry: one place that turns an `EngineSpec` into a running-ready engine.
+
+Why lazy imports: each engine kind drags in different heavy dependencies (llama.cpp, vLLM
+and torch); a worker for a `sim` or `openai` stage must start on a machine that has none of
+them, and a missing optional dependency must surface as a clear error naming the extra to
+install, at the moment that kind is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from orchestrator.engine import Engine
+from orchestrator.spec import EngineSpec
+
+ENGINE_KINDS = ("sim", "openai", "local", "vllm")
+
+
+def _sim(spec: EngineSpec, instance: int) -> Engine:
+    from workers.engines.sim import SimEngine
+
+    return SimEngine.from_spec(spec, instance)
+
+
+def _openai(spec: EngineSpec, instance: int) -> Engine:
+    from workers.engines.openai_compat import OpenAIEngine
+
+    return OpenAIEngine.from_spec(spec, instance)
+
+
+def _local(spec: EngineSpec, instance: int) -> Engine:
+    from workers.engines.local import LocalEngine
+
+    return LocalEngine.from_spec(spec, instance)
+
+
+def _vllm(spec: EngineSpec, instance: int) -> Engine:
+    from workers.engines.vllm_engine import VLLMEngine
+
+    return VLLMEngine.from_spec(spec, instance)
+
+
+_BUILDERS: dict[str, Callable[[EngineSpec, int], Engine]] = {
+    "sim": _sim,
+    "openai": _openai,
+    "local": _local,
+    "vllm": _vllm,
+}
+
+
+def build_engine(spec: EngineSpec, instance: int = 0) -> Engine:
+    """Build (but do not start) instance `instance` of the engine `spec` describes.
+
+    Raises ValueError for a bad option and RuntimeError when the kind's optional
+    dependency is not installed; `await engine.start()` then loads weights or connects.
+    """
+    if instance < 0:
+        raise ValueError(f"engine instance must be >= 0, got {instance}")
+    try:
+        builder = _BUILDERS[spec.kind]
+    except KeyError:
+        raise ValueError(
+            f"unknown engine kind {spec.kind!r}; known kinds: {list(ENGINE_KINDS)}"
+        ) from None
+    return builder(spec, instance)
+
+
+__all__ = ["ENGINE_KINDS", "build_engine"]

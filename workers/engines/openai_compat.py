@@ -1,0 +1,309 @@
+"""The `openai` engine: any OpenAI-compatible server (vLLM, llama.cpp, SGLang, a hosted API).
+
+Why these choices:
+- One `httpx.AsyncClient` per engine instance, with a connection pool sized to the engine's
+  capacity: the runner never has more than `capacity` requests in flight, so every request
+  gets a pooled keep-alive connection and no request waits on the pool.
+- Retries only when the connection could not be made at all (connect error or connect
+  timeout). Then the server has received nothing and re-sending is safe. Once a byte of the
+  response has arrived, part of the output may already have been routed downstream, so a
+  broken stream raises `EngineStreamError` and the runner decides (a silent re-send would
+  duplicate the units it already emitted).
+- Usage: the request asks for `stream_options.include_usage`, and the usage chunk the server
+  sends last becomes the counts on the final `Delta`.
+- Cancellation: closing the generator (or cancelling the task iterating it) closes the
+  streaming response, which closes its connection; the server sees the disconnect and stops
+  generating.
+
+Options (EngineSpec extras): base_url, api_key (fallback: ALTO_OPENAI_BASE_URL,
+ALTO_OPENAI_API_KEY), api (chat | completions), capacity, connect_timeout_s, read_timeout_s,
+retries, backoff_s, backoff_max_s, headers, extra_body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx
+from httpx_sse import EventSource, SSEError
+
+from orchestrator.engine import Delta, GenParams
+from orchestrator.spec import EngineSpec
+from workers.engines.common import (
+    EngineConnectError,
+    EngineError,
+    EngineHTTPError,
+    EngineStreamError,
+    Options,
+    chat_messages,
+    plain_prompt,
+)
+
+BASE_URL_ENV = "ALTO_OPENAI_BASE_URL"
+API_KEY_ENV = "ALTO_OPENAI_API_KEY"
+DEFAULT_CAPACITY = 16
+_CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
+def api_root(base_url: str) -> str:
+    """Normalise a base URL to the API root ending in /v1 (both forms are common in configs)."""
+    root = base_url.rstrip("/")
+    return root if root.endswith("/v1") else f"{root}/v1"
+
+
+class OpenAIEngine:
+    """Streams completions from an OpenAI-compatible HTTP server."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None = None,
+        model: str | None = None,
+        api: str = "chat",
+        name: str = "openai",
+        capacity: int = DEFAULT_CAPACITY,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 120.0,
+        retries: int = 3,
+        backoff_s: float = 0.25,
+        backoff_max_s: float = 4.0,
+        headers: Mapping[str, str] | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        event_hooks: Mapping[str, list[Any]] | None = None,
+    ) -> None:
+        if api not in ("chat", "completions"):
+            raise ValueError(f"openai engine: api must be 'chat' or 'completions', got {api!r}")
+        if capacity < 1:
+            raise ValueError(f"openai engine: capacity must be >= 1, got {capacity}")
+        self.name = name
+        self.capacity = capacity
+        self.model = model
+        self.api = api
+        self.root = api_root(base_url)
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+        self.extra_body = dict(extra_body or {})
+        self._headers = {"Accept": "text/event-stream", **dict(headers or {})}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._timeout = httpx.Timeout(
+            connect=connect_timeout_s,
+            read=read_timeout_s,
+            write=read_timeout_s,
+            pool=read_timeout_s,
+        )
+        self._event_hooks = {k: list(v) for k, v in (event_hooks or {}).items()}
+        self._client: httpx.AsyncClient | None = None
+        self._closed = False
+
+    @classmethod
+    def from_spec(cls, spec: EngineSpec, instance: int = 0) -> OpenAIEngine:
+        opts = Options("openai", spec.options())
+        base_url = opts.text("base_url") or os.environ.get(BASE_URL_ENV, "").strip() or None
+        if not base_url:
+            raise ValueError(
+                f"openai engine: no base_url (set the engine option or {BASE_URL_ENV})"
+            )
+        api_key = opts.text("api_key") or os.environ.get(API_KEY_ENV) or None
+        capacity = spec.capacity or opts.integer("capacity", DEFAULT_CAPACITY, minimum=1)
+        opts.raw("capacity")  # accepted even when spec.capacity wins
+        engine = cls(
+            base_url=base_url,
+            api_key=api_key,
+            model=spec.model or opts.text("model"),
+            api=opts.choice("api", ("chat", "completions"), "chat"),
+            name=f"openai:{spec.model or 'default'}#{instance}",
+            capacity=capacity,
+            connect_timeout_s=opts.number("connect_timeout_s", 5.0),
+            read_timeout_s=opts.number("read_timeout_s", 120.0),
+            retries=opts.integer("retries", 3, minimum=0),
+            backoff_s=opts.number("backoff_s", 0.25),
+            backoff_max_s=opts.number("backoff_max_s", 4.0),
+            headers={str(k): str(v) for k, v in opts.mapping("headers").items()},
+            extra_body=opts.mapping("extra_body"),
+        )
+        opts.check_unknown()
+        return engine
+
+    # -- Engine protocol ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the connection pool (connections themselves are made on first use)."""
+        if self._closed:
+            raise EngineError(f"{self.name} is closed")
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                headers=self._headers,
+                timeout=self._timeout,
+                limits=httpx.Limits(
+                    max_connections=self.capacity, max_keepalive_connections=self.capacity
+                ),
+                event_hooks=self._event_hooks,
+            )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def request_body(self, prompt: str, params: GenParams) -> dict[str, Any]:
+        """The JSON body for one streaming request (public so tests and tools can inspect it)."""
+        body: dict[str, Any] = {
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.model:
+            body["model"] = self.model
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if self.api == "chat":
+            body["messages"] = chat_messages(prompt, params)
+        else:
+            body["prompt"] = plain_prompt(prompt, params)
+        body.update(self.extra_body)
+        return body
+
+    async def generate(self, prompt: str, params: GenParams) -> AsyncIterator[Delta]:
+        if self._client is None:
+            await self.start()
+        assert self._client is not None
+        path = "/chat/completions" if self.api == "chat" else "/completions"
+        request = self._client.build_request(
+            "POST", f"{self.root}{path}", json=self.request_body(prompt, params)
+        )
+        response = await self._send(request)
+        try:
+            if response.status_code != 200:
+                raise await self._http_error(response)
+            async for delta in self._deltas(response):
+                yield delta
+        finally:
+            # on cancel/close mid-stream this drops the connection: the server sees it
+            await response.aclose()
+
+    # -- internals ---------------------------------------------------------------------------
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        """Send, retrying with exponential backoff only while no connection could be made."""
+        assert self._client is not None
+        attempt = 0
+        while True:
+            try:
+                return await self._client.send(request, stream=True)
+            except _CONNECT_ERRORS as exc:
+                if attempt >= self.retries:
+                    raise EngineConnectError(
+                        f"{self.name}: cannot connect to {request.url} after "
+                        f"{attempt + 1} attempt(s): {exc!r}"
+                    ) from exc
+                await asyncio.sleep(min(self.backoff_s * 2**attempt, self.backoff_max_s))
+                attempt += 1
+            except httpx.TimeoutException as exc:
+                # the request may have reached the server: never re-sent
+                raise EngineError(f"{self.name}: {request.url} timed out: {exc!r}") from exc
+            except httpx.TransportError as exc:
+                raise EngineError(f"{self.name}: {request.url} failed: {exc!r}") from exc
+
+    async def _http_error(self, response: httpx.Response) -> EngineHTTPError:
+        try:
+            raw = await response.aread()
+        except httpx.HTTPError:
+            raw = b""
+        detail = _error_message(raw) or response.reason_phrase
+        status = response.status_code
+        if status in (401, 403):
+            message = (
+                f"{self.name}: authentication failed (HTTP {status}) at {response.url}: "
+                f"{detail}; check the engine's api_key option or {API_KEY_ENV}"
+            )
+        else:
+            message = f"{self.name}: HTTP {status} from {response.url}: {detail}"
+        retry_after = None
+        if "retry-after" in response.headers:
+            try:
+                retry_after = float(response.headers["retry-after"])
+            except ValueError:
+                retry_after = None
+        return EngineHTTPError(message, status=status, retry_after=retry_after)
+
+    async def _deltas(self, response: httpx.Response) -> AsyncIterator[Delta]:
+        usage: dict[str, Any] = {}
+        finish: str | None = None
+        done = False
+        emitted = 0
+        try:
+            async for event in EventSource(response).aiter_sse():
+                if event.data.strip() == "[DONE]":
+                    done = True
+                    break
+                if not event.data.strip():
+                    continue
+                try:
+                    chunk = json.loads(event.data)
+                except ValueError:
+                    raise EngineStreamError(
+                        f"{self.name}: malformed event from server: {event.data[:200]!r}"
+                    ) from None
+                if event.event == "error" or (isinstance(chunk, dict) and "error" in chunk):
+                    raise EngineStreamError(
+                        f"{self.name}: server error mid-stream: {_error_message(event.data)}"
+                    )
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    text = _choice_text(choice)
+                    if choice.get("finish_reason"):
+                        finish = choice["finish_reason"]
+                    if text:
+                        emitted += 1
+                        yield Delta(text)
+        except SSEError as exc:
+            raise EngineError(
+                f"{self.name}: server did not answer with an event stream: {exc}"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise EngineStreamError(
+                f"{self.name}: stream broke after {emitted} delta(s) ({exc!r}); not retried "
+                "because part of the output was already delivered"
+            ) from exc
+        if not done and finish is None:
+            raise EngineStreamError(
+                f"{self.name}: stream ended early after {emitted} delta(s) without a finish "
+                "reason; not retried because part of the output was already delivered"
+            )
+        details = usage.get("prompt_tokens_details") or {}
+        yield Delta(
+            "",
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            cached_tokens=details.get("cached_tokens") if isinstance(details, dict) else None,
+            finish_reason=finish or "stop",
+        )
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    if "delta" in choice:
+        return (choice.get("delta") or {}).get("content") or ""
+    return choice.get("text") or ""
+
+
+def _error_message(raw: bytes | str) -> str:
+    """Best-effort human message out of an error body (OpenAI, FastAPI or plain text)."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text.strip()[:500]
+    if isinstance(body, dict):
+        err = body.get("error", body.get("detail", body))
+        if isinstance(err, dict):
+            return str(err.get("message") or err)[:500]
+        return str(err)[:500]
+    return text.strip()[:500]
