@@ -47,6 +47,9 @@ class StageContext:
     stage: str
     lineage: Lineage
     values: dict[str, Any] = field(default_factory=dict)  # input + upstream unit texts
+    # for an aggregating stage: the upstream values of each item, in item order (a reducer
+    # may need to know which claim a verdict was about)
+    item_values: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def input(self) -> str:

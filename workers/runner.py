@@ -133,13 +133,7 @@ class StageRunner:
                 if free <= 0 or not self.owned:
                     await self._wait_slot(stop)
                     continue
-                got = await self.transport.consume(
-                    self.router.consume_streams(self),
-                    self.group,
-                    self.instance,
-                    free,
-                    self.config.block_ms,
-                )
+                got = await self.router.consume(self, free)
                 for d in got:
                     await self._accept(d)
         finally:
@@ -332,7 +326,10 @@ class StageRunner:
                 keep = {name for name, _ in g.klin} | {"input"}
                 context = {k: v for k, v in first.context.items() if k in keep}
                 scope = {k: v for k, v in first.scope.items() if k in keep}
-                ctx = StageContext(first.run, first.pipeline, self.stage.name, g.klin, context)
+                ctx = StageContext(
+                    first.run, first.pipeline, self.stage.name, g.klin, context,
+                    item_values=[u.context for u in units],
+                )
                 await self._produce(
                     cause=g.key,
                     ctx=ctx,

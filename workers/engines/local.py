@@ -153,6 +153,7 @@ class LocalEngine:
         self._lock = asyncio.Lock()
         self._start_lock = asyncio.Lock()
         self._closed = False
+        self._inflight: threading.Event | None = None  # cancel flag of the running request
         # counters, written by the worker thread only (observability and tests)
         self.requests = 0
         self.cancelled = 0
@@ -192,8 +193,10 @@ class LocalEngine:
                 await loop.run_in_executor(self._executor, self._load)
 
     async def aclose(self) -> None:
-        """Wait for the running generation (if any) to stop, then free the model."""
+        """Stop the running generation (if any), wait for the worker, free the model."""
         self._closed = True
+        if self._inflight is not None:
+            self._inflight.set()
         async with self._lock:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, self._unload)
@@ -221,13 +224,14 @@ class LocalEngine:
         except BaseException:
             self._lock.release()
             raise
+        self._inflight = cancel
         # the worker, not this generator, gives the context back (see module docstring)
         future.add_done_callback(lambda _f: self._lock.release())
         try:
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
-                    raise EngineError(f"{self.name}: generation failed: {item!r}") from item
+                    raise EngineError(f"{self.name}: generation failed: {item}") from item
                 yield item
                 if item.finish_reason is not None:
                     return
@@ -314,7 +318,8 @@ class LocalEngine:
             for token in stream:
                 if cancel.is_set():
                     self.cancelled += 1
-                    return
+                    # heard only when aclose() stopped us; a consumer that cancelled is gone
+                    raise EngineError("stopped: the engine was closed")
                 if llama_cpp.llama_vocab_is_eog(self._vocab, token):
                     finish = "stop"
                     break

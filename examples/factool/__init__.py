@@ -1,0 +1,1 @@
+"""FacTool-style knowledge-based fact checker: claims -> queries -> search -> verify -> report."""
