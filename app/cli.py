@@ -15,7 +15,11 @@ from rich.console import Console
 
 from orchestrator.spec import EngineSpec, PipelineSpec, SpecError, load_pipeline, with_streaming
 
-cli = typer.Typer(add_completion=False, no_args_is_help=True, help="alto: stream partial outputs between LLM pipeline stages.")
+cli = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="alto: stream partial outputs between LLM pipeline stages.",
+)
 console = Console(stderr=True)
 out = Console()
 
@@ -66,7 +70,9 @@ def run(
     no_stream: Annotated[bool, typer.Option("--no-stream", help="barrier mode")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON event per line")] = False,
     engine: Annotated[str | None, typer.Option(help="override every LM stage's engine kind")] = None,
-    engine_opt: Annotated[list[str] | None, typer.Option("--engine-opt", help="KEY=VALUE engine option")] = None,
+    engine_opt: Annotated[
+        list[str] | None, typer.Option("--engine-opt", help="KEY=VALUE engine option")
+    ] = None,
     deadline: Annotated[float, typer.Option(help="seconds before giving up")] = 600.0,
 ) -> None:
     """Run one request through a pipeline and print partial outputs as they arrive."""
@@ -184,6 +190,90 @@ async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec
         console.print(f"[red]worker failed[/red]: {failure}")
         return 1
     return 0
+
+
+def _serve_settings(
+    pipeline: list[Path] | None,
+    redis_url: str | None,
+    engine: str | None,
+    engine_opt: list[str] | None,
+    host: str | None,
+    port: int | None,
+) -> Any:
+    """Settings from ALTO_* with the command line's flags on top."""
+    from workers.settings import get_settings
+
+    settings = get_settings()
+    update: dict[str, Any] = {}
+    if pipeline:
+        update["pipelines"] = [str(p) for p in pipeline]
+    if redis_url:
+        update["redis_url"] = redis_url
+    if engine:
+        update["engine"] = engine
+    if engine_opt:
+        options: dict[str, Any] = dict(settings.engine_options)
+        for opt in engine_opt:
+            k, _, v = opt.partition("=")
+            try:
+                options[k] = json.loads(v)
+            except json.JSONDecodeError:
+                options[k] = v
+        update["engine_options"] = options
+    if host:
+        update["host"] = host
+    if port is not None:
+        update["port"] = port
+    return settings.model_copy(update=update)
+
+
+@cli.command()
+def serve(
+    pipeline: Annotated[
+        list[Path] | None, typer.Option("--pipeline", "-p", help="pipeline YAML (repeatable)")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="be a pure gateway in front of `alto worker`s on Redis")
+    ] = None,
+    engine: Annotated[str | None, typer.Option(help="override every LM stage's engine")] = None,
+    engine_opt: Annotated[list[str] | None, typer.Option("--engine-opt", help="KEY=VALUE")] = None,
+    host: Annotated[str | None, typer.Option(help="bind address (ALTO_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (ALTO_PORT)")] = None,
+) -> None:
+    """Serve the HTTP gateway (OpenAI-compatible + native API) with uvicorn."""
+    import uvicorn
+
+    from app.main import create_app, load_pipelines
+
+    settings = _serve_settings(pipeline, redis_url, engine, engine_opt, host, port)
+    try:
+        specs = load_pipelines(settings.pipelines)
+    except (SpecError, ValueError) as exc:
+        console.print(f"[red]invalid pipeline[/red]: {exc}")
+        raise typer.Exit(2) from None
+    app = create_app(settings, specs)
+    mode = f"redis {settings.redis_url}" if settings.redis_url else "embedded"
+    console.print(
+        f"[green]alto gateway[/green] http://{settings.host}:{settings.port} ({mode}; "
+        f"pipelines: {', '.join(s.name for s in specs)})"
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+
+
+@cli.command()
+def openapi(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write to a file")] = None,
+) -> None:
+    """Print the gateway's OpenAPI document (what it serves at /openapi.json)."""
+    from app.main import create_app, openapi_json
+    from workers.settings import get_settings
+
+    text = openapi_json(create_app(get_settings(), pipelines=[]))
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
 
 
 def main() -> None:

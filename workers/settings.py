@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    # gateway (app/): a native SSE run whose client went away is cancelled after this many
+    # seconds unless a client resumes it (GET /v1/runs/{id}/events); OpenAI endpoints cancel
+    # at once, since their clients cannot resume
+    resume_grace_s: float = 10.0
+    sse_ping_s: float = 15.0  # SSE keep-alive comment interval
 
 
 def get_settings() -> Settings:

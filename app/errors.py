@@ -1,0 +1,136 @@
+"""Every error the gateway returns has OpenAI's shape, so the official SDKs raise the
+exception class that matches the status (BadRequestError, AuthenticationError,
+NotFoundError, RateLimitError, InternalServerError, ...) and print a useful message.
+
+`{"error": {"message": str, "type": str, "param": str | null, "code": str | null}}`
+
+Validation errors name the offending field in `param` (dotted path, list indices in
+brackets, e.g. `messages[0].role`), which is what OpenAI does and what a client needs to
+fix its request without reading server logs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("alto.gateway")
+
+# OpenAI's `type` values by status (what its API answers for the same situations)
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class ApiError(Exception):
+    """Raised anywhere in a handler; rendered as an OpenAI-shaped error response."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        type: str | None = None,  # noqa: A002 - OpenAI's field name
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        fallback = "server_error" if status >= 500 else "invalid_request_error"
+        self.type = type or _TYPES.get(status, fallback)
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | None = None  # noqa: A002
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def field_path(loc: Sequence[Any]) -> str | None:
+    """pydantic's error location -> `messages[0].role` (dropping the leading 'body')."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            # pydantic names union branches after their type ('str', 'list[...]'): not a field
+            if "[" in str(p) or str(p) in ("str", "int", "float", "bool", "function-after"):
+                continue
+            out += f".{p}" if out else str(p)
+    return out or None
+
+
+def validation_error(exc: RequestValidationError) -> ApiError:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        why = first.get("ctx", {}).get("error", "parse error")
+        return ApiError(400, f"the request body is not valid JSON: {why}", code="invalid_json")
+    param = field_path(first.get("loc", ()))
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "missing":
+        message = f"missing required field {param!r}" if param else "missing request body"
+    elif param:
+        message = f"invalid value for {param!r}: {msg}"
+    else:
+        message = f"invalid request body: {msg}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
+    return ApiError(400, message, param=param, code=code)
+
+
+def install(app: FastAPI) -> None:
+    """Route every error path (ours, FastAPI's, Starlette's, unexpected) to one shape."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        err = ApiError(exc.status_code, message, code=code, headers=dict(exc.headers or {}))
+        return err.response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return ApiError(500, f"internal error: {type(exc).__name__}", code="internal").response()

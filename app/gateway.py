@@ -1,0 +1,343 @@
+"""The gateway's state and the life of one run as the gateway sees it.
+
+A request that starts a run goes: admission (a slot, or 429) -> the pipeline exists (or
+404) -> a live instance serves every stage (or 503) -> `start_run` -> follow the run's
+event log through `follow_run` (the RunTracker decides completion exactly) -> close.
+
+Closing is where disconnects are handled. Whoever started the run owns it; when its
+connection ends before the run did, the run is cancelled (`transport.cancel`, which every
+runner checks before each call and every ~50 ms while an engine streams, closing the
+engine's generator), an `error` event with code `cancelled` is appended to the log so
+anyone following learns why, and the log is given its TTL. OpenAI-compatible endpoints
+cancel at once (their clients cannot resume); the native SSE endpoint waits
+`resume_grace_s` for a client to come back through `GET /v1/runs/{id}/events` and
+cancels only if nobody is following by then. Followers announce themselves with
+transport heartbeats (`watch:<run>`), so this works across several gateway replicas on
+one Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from app.engines import EnginePool
+from app.errors import ApiError
+from app.metrics import Metrics
+from orchestrator.routing import stage_group
+from orchestrator.spec import PipelineSpec
+from orchestrator.tracker import RunTracker, event_order
+from orchestrator.transport import Commit, Transport
+from workers.client import follow_run, start_run
+from workers.runtime import Runtime
+from workers.settings import Settings
+
+log = logging.getLogger("alto.gateway")
+
+WATCH_PREFIX = "watch:"
+_MEMBERS_CACHE_S = 0.5
+
+
+class Slot:
+    """One admitted run (or proxied call); `release` is idempotent."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._gateway.inflight -= 1
+            self._gateway.metrics.inflight.set(self._gateway.inflight)
+
+
+@dataclass
+class RunHandle:
+    """A run started by this gateway for one request (its owner)."""
+
+    gateway: Gateway
+    spec: PipelineSpec
+    run: str
+    text: str
+    slot: Slot
+    created: int = field(default_factory=lambda: int(time.time()))
+    t0: float = field(default_factory=time.monotonic)
+    finished: bool = False
+    outcome: str | None = None
+    last_id: str | None = None
+    _closed: bool = False
+
+    async def events(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """The run's client-visible events, from the start; ends after result/error."""
+        follow = self.gateway.follow(self.spec, self.run, deadline_s=self.deadline_left())
+        async for eid, ev in follow:
+            self.last_id = eid
+            self._observe(ev)
+            yield eid, ev
+
+    def deadline_left(self) -> float:
+        return max(0.001, self.gateway.settings.run_deadline_s - (time.monotonic() - self.t0))
+
+    def _observe(self, ev: dict[str, Any]) -> None:
+        m = self.gateway.metrics
+        kind = ev.get("type")
+        if kind == "stage_done":
+            m.stage_done_seconds.labels(self.spec.name, ev.get("stage", "")).observe(
+                time.monotonic() - self.t0
+            )
+        elif kind == "result":
+            self.finished = True
+            self.outcome = "completed"
+            m.run_seconds.labels(self.spec.name).observe(time.monotonic() - self.t0)
+        elif kind == "error":
+            self.finished = True
+            code = ev.get("code") or "error"
+            self.outcome = {"deadline_exceeded": "timeout", "cancelled": "cancelled"}.get(
+                code, "failed"
+            )
+            m.errors.labels(f"run_{code}").inc()
+            if ev.get("stage"):
+                m.stage_errors.labels(self.spec.name, ev["stage"]).inc()
+
+    async def close(self, *, grace_s: float = 0.0) -> None:
+        """End of the owner's connection: release the slot; cancel unfinished work."""
+        if self._closed:
+            return
+        self._closed = True
+        self.slot.release()
+        gw = self.gateway
+        if self.finished:
+            gw.metrics.runs.labels(self.spec.name, self.outcome or "completed").inc()
+            await gw.expire(self.run)
+            return
+        if grace_s > 0:
+            gw.metrics.runs.labels(self.spec.name, "detached").inc()
+            gw.reap_later(self.spec, self.run, grace_s)
+            return
+        gw.metrics.runs.labels(self.spec.name, "cancelled").inc()
+        await gw.cancel(self.run, "the client disconnected before the run finished")
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        pipelines: dict[str, PipelineSpec],
+        transport: Transport,
+        runtime: Runtime | None,
+        metrics: Metrics,
+        engines: EnginePool,
+    ) -> None:
+        self.settings = settings
+        self.pipelines = pipelines
+        self.transport = transport
+        self.runtime = runtime
+        self.metrics = metrics
+        self.engines = engines
+        self.inflight = 0
+        self.instance = uuid.uuid4().hex[:12]
+        self._members_cache: dict[str, tuple[float, int]] = {}
+        self._reapers: set[asyncio.Task[None]] = set()
+
+    # ---- lookup & admission ----------------------------------------------------------------
+    def pipeline(self, name: str, *, param: str | None = None) -> PipelineSpec:
+        spec = self.pipelines.get(name)
+        if spec is None:
+            raise ApiError(
+                404,
+                f"no pipeline named {name!r} (known: {sorted(self.pipelines)})",
+                code="pipeline_not_found",
+                param=param,
+            )
+        return spec
+
+    def admit(self) -> Slot:
+        """Take a slot or refuse with 429 at once: queueing here would hold memory and
+        connections without bound, which is what admission control exists to prevent."""
+        if self.inflight >= self.settings.max_inflight_runs:
+            self.metrics.rejected.inc()
+            raise ApiError(
+                429,
+                f"too many runs in flight ({self.settings.max_inflight_runs}); retry later",
+                code="too_many_runs",
+                headers={"Retry-After": str(max(1, int(self.settings.retry_after_s)))},
+            )
+        self.inflight += 1
+        self.metrics.inflight.set(self.inflight)
+        return Slot(self)
+
+    async def _live(self, group: str) -> int:
+        now = time.monotonic()
+        hit = self._members_cache.get(group)
+        if hit is not None and now - hit[0] < _MEMBERS_CACHE_S:
+            return hit[1]
+        n = len(await self.transport.members(group))
+        self._members_cache[group] = (now, n)
+        return n
+
+    async def missing_stages(self, spec: PipelineSpec) -> list[str]:
+        """Stages of `spec` with no live instance (heartbeat) right now."""
+        missing = []
+        for stage in spec.topo_order:
+            if await self._live(stage_group(spec.name, stage)) == 0:
+                missing.append(stage)
+        return missing
+
+    async def require_workers(self, spec: PipelineSpec) -> None:
+        if self.runtime is not None and (failure := self.runtime.failed()) is not None:
+            raise ApiError(503, f"the embedded runtime failed: {failure}", code="runtime_failed")
+        missing = await self.missing_stages(spec)
+        if missing:
+            self.metrics.errors.labels("no_workers").inc()
+            raise ApiError(
+                503,
+                f"no worker serves stage(s) {missing} of pipeline {spec.name!r}; "
+                f"start them with `alto worker --pipeline FILE --stage NAME`",
+                code="no_workers",
+                headers={"Retry-After": str(max(1, int(self.settings.retry_after_s)))},
+            )
+
+    # ---- runs ------------------------------------------------------------------------------
+    async def start(self, spec: PipelineSpec, text: str) -> RunHandle:
+        """Admit, check workers, start; the caller must `close()` the handle when done."""
+        slot = self.admit()
+        try:
+            await self.require_workers(spec)
+            run = await start_run(self.transport, spec, text)
+        except BaseException:
+            slot.release()
+            raise
+        self.metrics.runs_started.labels(spec.name).inc()
+        return RunHandle(self, spec, run, text, slot)
+
+    async def lookup_run(self, run: str) -> tuple[PipelineSpec, dict[str, Any]]:
+        """The pipeline of a run and its `run` event, or 404 (unknown, or expired)."""
+        first = await self.transport.read_events(run, None, 1, 0)
+        if not first or first[0][1].get("type") != "run":
+            raise ApiError(404, f"no run {run!r} (unknown, or its events have expired)",
+                           code="run_not_found", param="run_id")
+        ev = first[0][1]
+        spec = self.pipelines.get(str(ev.get("pipeline")))
+        if spec is None:
+            raise ApiError(404, f"run {run!r} belongs to pipeline {ev.get('pipeline')!r}, "
+                                "which this gateway does not serve", code="pipeline_not_found")
+        return spec, ev
+
+    async def follow(
+        self,
+        spec: PipelineSpec,
+        run: str,
+        *,
+        after: str | None = None,
+        deadline_s: float,
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """Follow a run (after event id `after`) as a registered watcher.
+
+        Past the deadline the run is failed for good: an `error` event (code
+        `deadline_exceeded`) is appended to its log and its work cancelled, and that event
+        is what this follower (and any later one) sees last.
+        """
+        member = f"{self.instance}:{uuid.uuid4().hex[:8]}"
+        group = WATCH_PREFIX + run
+        ttl_ms = int((self.settings.run_deadline_s + self.settings.resume_grace_s + 60) * 1000)
+        await self.transport.heartbeat(group, member, {"gateway": self.instance}, ttl_ms)
+        last = after
+        try:
+            try:
+                async for eid, ev in follow_run(
+                    self.transport, spec, run, after=after, deadline_s=deadline_s
+                ):
+                    last = eid
+                    yield eid, public_event(ev)
+                return
+            except TimeoutError:
+                pass
+            await self.fail(run, "deadline_exceeded",
+                            f"the run did not finish within {self.settings.run_deadline_s} s")
+            try:
+                async for eid, ev in follow_run(
+                    self.transport, spec, run, after=last, deadline_s=5.0
+                ):
+                    yield eid, public_event(ev)
+            except TimeoutError:  # the log itself is unreachable: say so without an id
+                yield "", {"type": "error", "run": run, "code": "deadline_exceeded",
+                           "message": "the run did not finish in time"}
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self.transport.leave(group, member)
+
+    async def fail(self, run: str, code: str, message: str) -> None:
+        """End a run with an error event (first one wins for followers) and cancel it."""
+        await self.transport.cancel(run, ttl_s=max(1, self.settings.run_ttl_s))
+        event = {"type": "error", "mid": f"error:{code}:{run}", "run": run, "code": code,
+                 "message": message}
+        await self.transport.commit(Commit(events=[(run, event)]))
+        await self.expire(run)
+
+    async def cancel(self, run: str, reason: str) -> None:
+        try:
+            await self.fail(run, "cancelled", reason)
+        except Exception:  # noqa: BLE001 - a cancel that cannot be sent is logged, not raised
+            log.exception("could not cancel run %s", run)
+
+    async def expire(self, run: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.transport.expire_run(run, max(1, self.settings.run_ttl_s))
+
+    async def finished(self, spec: PipelineSpec, run: str) -> bool:
+        """Whether the run's log already holds its end (replayed through a tracker)."""
+        tracker = RunTracker(spec, run)
+        cursor = None
+        while True:
+            batch = await self.transport.read_events(run, cursor, 512, 0)
+            if not batch:
+                return tracker.finished
+            for eid, ev in batch:
+                cursor = eid
+                tracker.feed(eid, ev)
+                if tracker.finished:
+                    return True
+
+    def reap_later(self, spec: PipelineSpec, run: str, grace_s: float) -> None:
+        """Cancel `run` after `grace_s` unless someone follows it again by then."""
+
+        async def reap() -> None:
+            await asyncio.sleep(grace_s)
+            if await self.transport.members(WATCH_PREFIX + run):
+                return  # resumed: the new follower owns the decision now
+            if await self.finished(spec, run):
+                await self.expire(run)
+                return
+            await self.cancel(run, "no client followed the run within the resume grace period")
+
+        task = asyncio.get_running_loop().create_task(reap(), name=f"reap:{run}")
+        self._reapers.add(task)
+        task.add_done_callback(self._reapers.discard)
+
+    async def close(self) -> None:
+        for task in list(self._reapers):
+            task.cancel()
+        await asyncio.gather(*self._reapers, return_exceptions=True)
+        await self.engines.close()
+
+
+def public_event(ev: dict[str, Any]) -> dict[str, Any]:
+    """What clients see of a raw event: without the internal de-duplication id."""
+    return {k: v for k, v in ev.items() if k != "mid"}
+
+
+def valid_event_id(value: str) -> bool:
+    try:
+        event_order(value)
+    except ValueError:
+        return False
+    return True

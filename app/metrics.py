@@ -1,0 +1,129 @@
+"""Prometheus metrics of one gateway.
+
+Each app gets its own CollectorRegistry (not prometheus_client's global one), so several
+apps can live in one process (tests, or a gateway embedded in something else) without
+"duplicated timeseries" errors and without reading each other's numbers.
+
+Sources: the HTTP middleware (requests), the run lifecycle (runs, admission, run
+latency, stage completion as the gateway sees it), the embedded Runtime's observer hook
+(per-stage engine call latency and tokens; only where the stages run in this process),
+and, at scrape time, the transport (queue depth, pending, lag, live instances per stage).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from orchestrator.embedded import NoGroupError
+from orchestrator.routing import stage_group, stage_streams
+from orchestrator.spec import PipelineSpec
+from orchestrator.transport import Transport
+
+log = logging.getLogger("alto.gateway")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "alto_http_requests", "HTTP requests by route and status",
+            ["method", "route", "status"], registry=r,
+        )
+        self.request_seconds = Histogram(
+            "alto_http_request_seconds", "Time to the end of the response (streams included)",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.errors = Counter(
+            "alto_errors", "Error responses and run errors by code", ["code"], registry=r
+        )
+        self.runs = Counter(
+            "alto_runs", "Finished runs by outcome (completed, failed, cancelled, timeout)",
+            ["pipeline", "outcome"], registry=r,
+        )
+        self.runs_started = Counter("alto_runs_started", "Runs started", ["pipeline"], registry=r)
+        self.run_seconds = Histogram(
+            "alto_run_seconds", "Run latency, start to result", ["pipeline"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.inflight = Gauge("alto_runs_inflight", "Runs and proxied calls admitted now",
+                              registry=r)
+        self.rejected = Counter("alto_admission_rejected", "Requests refused with 429",
+                                registry=r)
+        self.stage_done_seconds = Histogram(
+            "alto_stage_done_seconds", "Time from run start until a stage has finished the run",
+            ["pipeline", "stage"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.stage_call_seconds = Histogram(
+            "alto_stage_call_seconds", "One stage call (engine or function), start to end",
+            ["pipeline", "stage"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.stage_first_unit_seconds = Histogram(
+            "alto_stage_first_unit_seconds", "One stage call, start to its first unit",
+            ["pipeline", "stage"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.stage_tokens = Counter(
+            "alto_stage_tokens", "Engine tokens by stage and kind (prompt, completion, cached)",
+            ["pipeline", "stage", "kind"], registry=r,
+        )
+        self.stage_units = Counter("alto_stage_units", "Units (partial outputs) emitted",
+                                   ["pipeline", "stage"], registry=r)
+        self.stage_errors = Counter("alto_stage_errors", "Stage errors seen in run events",
+                                    ["pipeline", "stage"], registry=r)
+        self.queue_length = Gauge("alto_queue_length", "Entries kept in a stage's streams",
+                                  ["pipeline", "stage"], registry=r)
+        self.queue_pending = Gauge("alto_queue_pending", "Delivered, not yet acknowledged",
+                                   ["pipeline", "stage"], registry=r)
+        self.queue_lag = Gauge("alto_queue_lag", "Entries not yet delivered to the stage",
+                               ["pipeline", "stage"], registry=r)
+        self.instances = Gauge("alto_stage_instances", "Live instances (heartbeats) per stage",
+                               ["pipeline", "stage"], registry=r)
+        self.proxy_tokens = Counter("alto_proxy_tokens", "Tokens of direct engine-model calls",
+                                    ["model", "kind"], registry=r)
+
+    # ---- the Runtime observer hook (workers.runner.Observer) -------------------------------
+    def observe(self, event: str, data: dict[str, Any]) -> None:
+        """Called by runners in this process after each finished call; must never raise."""
+        if event != "call":
+            return
+        try:
+            labels = (str(data.get("pipeline", "")), str(data.get("stage", "")))
+            self.stage_call_seconds.labels(*labels).observe(float(data.get("seconds") or 0.0))
+            if data.get("first_unit_s") is not None:
+                self.stage_first_unit_seconds.labels(*labels).observe(float(data["first_unit_s"]))
+            for kind in ("prompt", "completion", "cached"):
+                n = data.get(f"{kind}_tokens") or 0
+                if n:
+                    self.stage_tokens.labels(*labels, kind).inc(n)
+            if data.get("units"):
+                self.stage_units.labels(*labels).inc(int(data["units"]))
+        except Exception:  # noqa: BLE001 - metrics must not break a runner
+            log.exception("metrics observer failed")
+
+    # ---- scrape --------------------------------------------------------------------------
+    async def refresh(self, transport: Transport, pipelines: dict[str, PipelineSpec]) -> None:
+        """Read queue depth and live instances from the transport just before a scrape."""
+        for spec in pipelines.values():
+            for stage in spec.topo_order:
+                group = stage_group(spec.name, stage)
+                length = pending = lag = 0
+                for stream in stage_streams(spec, stage):
+                    try:
+                        st = await transport.stats(stream, group)
+                    except NoGroupError:
+                        continue  # no instance has created the group yet: nothing queued
+                    length += st.length
+                    pending += st.pending
+                    lag += st.lag
+                self.queue_length.labels(spec.name, stage).set(length)
+                self.queue_pending.labels(spec.name, stage).set(pending)
+                self.queue_lag.labels(spec.name, stage).set(lag)
+                members = await transport.members(group)
+                self.instances.labels(spec.name, stage).set(len(members))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

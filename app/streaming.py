@@ -1,0 +1,86 @@
+"""SSE responses whose end (normal, error or client disconnect) always runs a cleanup,
+and the disconnect watch for plain JSON responses.
+
+Why a Response subclass: sse-starlette cancels the body generator when the client goes
+away, and if that happens before the generator's first step its `finally` never runs; the
+response object's own `__call__` is the one place that is always entered and always left,
+so the run's slot and its cancellation hang off it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.types import Receive, Scope, Send
+
+T = TypeVar("T")
+OnClose = Callable[[], Awaitable[None]]
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def sse(data: Any, *, event: str | None = None, id: str | None = None) -> ServerSentEvent:
+    text = data if isinstance(data, str) else dumps(data)
+    # "\n" line ends (the SSE default here is "\r\n"): shell tools and curl users get
+    # clean lines; every SSE parser accepts both
+    return ServerSentEvent(data=text, event=event, id=id or None, sep="\n")
+
+
+class ClosingEventSource(EventSourceResponse):
+    def __init__(
+        self,
+        content: AsyncIterator[ServerSentEvent],
+        *,
+        on_close: OnClose,
+        ping_s: float,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(content, ping=ping_s, sep="\n", headers=headers)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_close()
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, but give up (cancelling it) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise ClientGone()
+    finally:
+        watch.cancel()
+        with contextlib.suppress(BaseException):
+            await watch
+        if not task.done():
+            task.cancel()
