@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from orchestrator.spec import EngineSpec, PipelineSpec, SpecError, load_pipeline, with_streaming
 
@@ -21,7 +22,6 @@ cli = typer.Typer(
     help="alto: stream partial outputs between LLM pipeline stages.",
 )
 console = Console(stderr=True)
-out = Console()
 
 
 def _load(path: Path, stream: bool = True) -> PipelineSpec:
@@ -105,7 +105,7 @@ async def _run(spec: PipelineSpec, text: str, redis_url: str | None, as_json: bo
         try:
             async for _, ev in follow_run(transport, spec, run_id, deadline_s=deadline):
                 if as_json:
-                    out.print_json(json.dumps(ev, ensure_ascii=False), indent=None)
+                    print(json.dumps(ev, ensure_ascii=False), flush=True)
                     continue
                 kind = ev["type"]
                 if kind == "run":
@@ -113,14 +113,17 @@ async def _run(spec: PipelineSpec, text: str, redis_url: str | None, as_json: bo
                 elif kind == "partial":
                     data = ev["data"]
                     text_ = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-                    console.print(f"[cyan]{ev['stage']}[/cyan] [dim]{ev['lineage']}[/dim] {text_[:200]}")
+                    console.print(
+                        f"[cyan]{ev['stage']}[/cyan] [dim]{ev['lineage']}[/dim] {escape(text_[:200])}"
+                    )
                 elif kind == "stage_done":
                     console.print(f"[green]done[/green] {ev['stage']}")
                 elif kind == "result":
                     o = ev["output"]
-                    out.print(o if isinstance(o, str) else json.dumps(o, indent=2, ensure_ascii=False))
+                    text_ = o if isinstance(o, str) else json.dumps(o, indent=2, ensure_ascii=False)
+                    print(text_, flush=True)  # the answer, verbatim (no markup, no wrapping)
                 elif kind == "error":
-                    console.print(f"[red]error[/red] {ev.get('stage', '')}: {ev['message']}")
+                    console.print(f"[red]error[/red] {ev.get('stage', '')}: {escape(ev['message'])}")
                     code = 1
         except TimeoutError as exc:
             await transport.cancel(run_id)

@@ -6,15 +6,20 @@ default that `ALTO_ENGINE` (and friends) override for every LM stage at once.
 
 from __future__ import annotations
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import json
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALTO_", env_file=".env", extra="ignore")
 
     redis_url: str | None = None
-    pipelines: list[str] = Field(default_factory=lambda: ["examples/factool/pipeline.yaml"])
+    pipelines: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["examples/factool/pipeline.yaml"]
+    )
     engine: str | None = None  # override the engine kind of every LM stage (sim|local|openai|vllm)
     engine_options: dict[str, object] = Field(default_factory=dict)
     instances: int | None = None
@@ -24,7 +29,7 @@ class Settings(BaseSettings):
     heartbeat_ms: int = 1_000
     run_ttl_s: int = 3_600
     run_deadline_s: float = 300.0
-    api_keys: list[str] = Field(default_factory=list)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_inflight_runs: int = 256
     max_body_bytes: int = 1_000_000
     retry_after_s: int = 1
@@ -36,6 +41,20 @@ class Settings(BaseSettings):
     # at once, since their clients cannot resume
     resume_grace_s: float = 10.0
     sse_ping_s: float = 15.0  # SSE keep-alive comment interval
+
+    openai_base_url: str | None = None
+    openai_api_key: str | None = None
+
+    @field_validator("pipelines", "api_keys", mode="before")
+    @classmethod
+    def _list(cls, v: Any) -> Any:
+        """Accept a JSON list or a comma-separated string (what people type in env vars)."""
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                return json.loads(v)
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
 
 
 def get_settings() -> Settings:

@@ -1,0 +1,119 @@
+"""Pipeline spec validation: every mistake fails at load, naming the stage and the field."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.spec import SpecError, load_pipeline, parse_pipeline, with_streaming
+from workers.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+T = "tests.toy.stages:"
+
+BASE: dict[str, Any] = {
+    "name": "p",
+    "stages": [
+        {"name": "a", "kind": "tool", "function": T + "split_words", "framing": "items", "to": ["b"]},
+        {"name": "b", "kind": "lm", "prompt": "say {a}", "to": ["c"]},
+        {"name": "c", "kind": "reduce", "function": T + "join", "aggregate_by": ["request", "a"],
+         "to": ["d"]},
+        {"name": "d", "kind": "reduce", "function": T + "join", "aggregate_by": ["request"]},
+    ],
+}
+
+
+def mutate(path: list[Any], value: Any) -> dict[str, Any]:
+    raw = copy.deepcopy(BASE)
+    node: Any = raw
+    for p in path[:-1]:
+        node = node[p]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return raw
+
+
+def test_base_is_valid_and_graph_facts() -> None:
+    spec = parse_pipeline(BASE)
+    assert spec.entry_stage == "a" and spec.output_stage == "d"
+    assert spec.flow == {s: Fraction(1) for s in "abcd"}
+    assert not with_streaming(spec, False).streaming_for("b")
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "where"),
+    [
+        (["stages", 0, "to"], ["nope"], "stages.a.to[0]"),
+        (["stages", 1, "prompt"], KeyError, "stages.b.prompt"),
+        (["stages", 1, "engine"], "gpu9", "stages.b.engine"),
+        (["stages", 0, "function"], KeyError, "stages.a.function"),
+        (["stages", 0, "function"], "no_colon", "stages.a.function"),
+        (["stages", 2, "aggregate_by"], ["claims"], "stages.c.aggregate_by"),
+        (["stages", 2, "aggregate_by"], ["request", "zzz"], "stages.c.aggregate_by"),
+        (["stages", 2, "aggregate_by"], ["request", "c"], "stages.c.aggregate_by"),
+        (["stages", 3, "aggregate_by"], ["request", "b"], "stages.d.aggregate_by"),
+        (["stages", 3, "aggregate_by"], KeyError, "stages.d.aggregate_by"),
+        (["stages", 0, "aggregate_by"], ["request"], "stages.a.aggregate_by"),
+        (["stages", 1, "framing"], "paragraphs", "stages.b.framing"),
+        (["stages", 1, "max_tokens"], 0, "stages.b.max_tokens"),
+        (["stages", 1, "kind"], "llm", "stages.b.kind"),
+        (["stages", 1, "colour"], "red", "stages.b.colour"),
+        (["stages", 3, "to"], ["a"], "stages."),  # a cycle
+        (["stages", 1, "name"], "a", "stages.a.name"),  # duplicate
+        (["output"], "b", "output"),
+    ],
+)
+def test_invalid_specs_name_stage_and_field(path: list[Any], value: Any, where: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        parse_pipeline(mutate(path, value))
+    assert where in str(exc.value)
+
+
+def test_aggregator_around_which_units_escape_is_rejected() -> None:
+    raw = copy.deepcopy(BASE)
+    raw["stages"][0]["to"] = ["b", "side"]
+    raw["stages"].append({"name": "side", "kind": "tool", "function": T + "upper"})
+    raw["output"] = "d"
+    with pytest.raises(SpecError, match=r"stages\.[cd]\.aggregate_by: .*without passing this stage"):
+        parse_pipeline(raw)
+
+
+def test_aggregator_that_drops_the_scope_in_between_is_rejected() -> None:
+    raw = copy.deepcopy(BASE)
+    raw["stages"][2]["aggregate_by"] = ["request"]
+    raw["stages"][3]["aggregate_by"] = ["request", "a"]
+    with pytest.raises(SpecError, match=r"stages\.d\.aggregate_by: stage 'c' .*drops"):
+        parse_pipeline(raw)
+
+
+def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages: [\n")
+    with pytest.raises(SpecError, match="bad.yaml: not valid YAML"):
+        load_pipeline(bad)
+    with pytest.raises(SpecError, match="cannot read"):
+        load_pipeline(tmp_path / "missing.yaml")
+
+
+def test_cli_reports_invalid_spec_and_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "p.yaml"
+    bad.write_text("name: p\nstages:\n  - {name: a, kind: lm}\n")
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "run", str(bad), "--input", "x"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "stages.a.prompt" in proc.stderr
+
+
+def test_settings_accept_json_or_comma_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALTO_API_KEYS", "k1, k2")
+    monkeypatch.setenv("ALTO_PIPELINES", '["a.yaml", "b.yaml"]')
+    s = Settings()
+    assert s.api_keys == ["k1", "k2"] and s.pipelines == ["a.yaml", "b.yaml"]
