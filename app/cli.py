@@ -85,15 +85,53 @@ def run(
     raise typer.Exit(code)
 
 
+async def _show_events(transport: Any, spec: PipelineSpec, run_id: str, deadline: float,
+                       as_json: bool) -> int:
+    from workers.client import follow_run
+
+    code = 0
+    try:
+        async for _, ev in follow_run(transport, spec, run_id, deadline_s=deadline):
+            if as_json:
+                print(json.dumps(ev, ensure_ascii=False), flush=True)
+                continue
+            kind = ev["type"]
+            if kind == "run":
+                console.print(f"[bold]run[/bold] {ev['run']} ({spec.name})")
+            elif kind == "partial":
+                data = ev["data"]
+                text_ = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+                console.print(
+                    f"[cyan]{ev['stage']}[/cyan] [dim]{ev['lineage']}[/dim] {escape(text_[:200])}"
+                )
+            elif kind == "stage_done":
+                console.print(f"[green]done[/green] {ev['stage']}")
+            elif kind == "result":
+                o = ev["output"]
+                text_ = o if isinstance(o, str) else json.dumps(o, indent=2, ensure_ascii=False)
+                print(text_, flush=True)  # the answer, verbatim (no markup, no wrapping)
+            elif kind == "error":
+                console.print(f"[red]error[/red] {ev.get('stage', '')}: {escape(ev['message'])}")
+                code = 1
+    except TimeoutError as exc:
+        await transport.cancel(run_id)
+        console.print(f"[red]{exc}[/red]")
+        code = 1
+    return code
+
+
 async def _run(spec: PipelineSpec, text: str, redis_url: str | None, as_json: bool,
                override: EngineSpec | None, deadline: float) -> int:
-    from workers.client import follow_run, start_run
+    from workers.client import start_run
     from workers.runtime import Runtime
 
     transport = await _make_transport(redis_url)
     runtime = None
     if redis_url is None:
-        runtime = Runtime(transport, [spec], engine_override=override)
+        from workers.settings import get_settings
+
+        runtime = Runtime(transport, [spec], engine_override=override,
+                          policy=get_settings().policy)
         try:
             await runtime.start()
         except Exception as exc:  # noqa: BLE001
@@ -102,33 +140,19 @@ async def _run(spec: PipelineSpec, text: str, redis_url: str | None, as_json: bo
     code = 0
     try:
         run_id = await start_run(transport, spec, text)
-        try:
-            async for _, ev in follow_run(transport, spec, run_id, deadline_s=deadline):
-                if as_json:
-                    print(json.dumps(ev, ensure_ascii=False), flush=True)
-                    continue
-                kind = ev["type"]
-                if kind == "run":
-                    console.print(f"[bold]run[/bold] {ev['run']} ({spec.name})")
-                elif kind == "partial":
-                    data = ev["data"]
-                    text_ = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-                    console.print(
-                        f"[cyan]{ev['stage']}[/cyan] [dim]{ev['lineage']}[/dim] {escape(text_[:200])}"
-                    )
-                elif kind == "stage_done":
-                    console.print(f"[green]done[/green] {ev['stage']}")
-                elif kind == "result":
-                    o = ev["output"]
-                    text_ = o if isinstance(o, str) else json.dumps(o, indent=2, ensure_ascii=False)
-                    print(text_, flush=True)  # the answer, verbatim (no markup, no wrapping)
-                elif kind == "error":
-                    console.print(f"[red]error[/red] {ev.get('stage', '')}: {escape(ev['message'])}")
-                    code = 1
-        except TimeoutError as exc:
-            await transport.cancel(run_id)
-            console.print(f"[red]{exc}[/red]")
+        show = asyncio.create_task(_show_events(transport, spec, run_id, deadline, as_json))
+        waiters: list[asyncio.Future[Any]] = [show]
+        if runtime is not None:
+            waiters.append(asyncio.ensure_future(runtime.wait_failure()))
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if show.done():
+            code = show.result()
+        else:  # a stage runner crashed: say so instead of waiting for the deadline
+            show.cancel()
+            console.print(f"[red]a stage runner crashed[/red]: {escape(repr(runtime.failed()))}")
             code = 1
+        for w in waiters[1:]:
+            w.cancel()
     finally:
         if runtime is not None:
             await runtime.stop()
@@ -171,6 +195,7 @@ async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec
     config = RunnerConfig(claim_idle_ms=settings.claim_idle_ms, lease_ttl_ms=settings.lease_ttl_ms,
                           heartbeat_ms=settings.heartbeat_ms)
     runtime = Runtime(transport, [spec], config=config, engine_override=override, instances=1,
+                      policy=settings.policy,
                       concurrency=concurrency)
     try:
         await runtime.start([StageSelection(spec.name, stage)])
@@ -277,6 +302,17 @@ def openapi(
         sys.stdout.write(text)
     else:
         output.write_text(text)
+
+
+def _bench_group() -> typer.Typer:
+    """`alto bench overhead|streaming`: the commands live in bench/cli.py (which imports
+    nothing heavy at module level, so mounting it costs `alto run` nothing)."""
+    from bench.cli import app as bench_app
+
+    return bench_app
+
+
+cli.add_typer(_bench_group(), name="bench", help="Benchmarks (results in BENCHMARKS.md).")
 
 
 def main() -> None:

@@ -3,22 +3,73 @@
 Ids are deterministic functions of (run, lineage, target, kind): a stage that runs
 again after a crash republishes the *same* ids, which is what lets every consumer
 recognise a redelivered or republished message and count it once.
+
+The wire form is compact UTF-8 JSON. It is written and read on every hop, so it goes
+through orjson, falling back to the standard library wherever the two would not agree
+(see `dumps_json`): the bytes may differ in spelling (e.g. `1e-5` for `1e-05`) but
+every value reads back as the standard library would have written it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
+
+import orjson
+
+# Types orjson would encode where the standard library raises or differs are handed to
+# `default`, which is absent, so they raise and take the standard-library path.
+_ORJSON_OPTS = (
+    orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+
+
+def dumps_json(value: Any) -> bytes:
+    """`json.dumps(value, separators=(",", ":"), ensure_ascii=False)` as UTF-8, fast.
+
+    orjson writes NaN and infinities as `null`, where the standard library keeps them
+    (as `NaN`, `Infinity`); so any output containing `null` is rewritten by the standard
+    library (a cheap substring test; end markers omit their null payload to stay fast).
+    Integers beyond 64 bits, non-string keys and subclasses of built-in types also take
+    that path, and whatever the standard library refuses raises its TypeError/ValueError.
+    """
+    try:
+        out = orjson.dumps(value, option=_ORJSON_OPTS)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        out = b"null"
+    if b"null" in out:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    return out
+
+
+_LONG_NUMBER_B = re.compile(rb"[0-9]{19}")
+_LONG_NUMBER_S = re.compile(r"[0-9]{19}")
+
+
+def loads_json(text: str | bytes) -> Any:
+    """Read JSON as the standard library does: also what orjson refuses (NaN, Infinity)
+    and integers beyond 64 bits, which orjson would turn into floats (any run of 19
+    digits, in a number or not, takes the standard-library path)."""
+    long_number = (_LONG_NUMBER_B if isinstance(text, bytes) else _LONG_NUMBER_S).search(text)
+    if long_number is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
 
 Lineage = tuple[tuple[str, int], ...]
 MessageKind = Literal["unit", "end"]
 
 
 def lineage_str(lineage: Lineage) -> str:
-    return "/".join(f"{s}.{i}" for s, i in lineage) or "-"
+    return "/".join([f"{s}.{i}" for s, i in lineage]) or "-"
 
 
 def parse_lineage(text: str) -> Lineage:
@@ -35,9 +86,18 @@ def credit_str(c: Fraction) -> str:
     return f"{c.numerator}/{c.denominator}"
 
 
+_CREDITS: dict[str, Fraction] = {}  # parsed credits: few distinct ones, Fraction is slow
+
+
 def parse_credit(text: str) -> Fraction:
-    num, _, den = text.partition("/")
-    return Fraction(int(num), int(den or 1))
+    c = _CREDITS.get(text)
+    if c is None:
+        num, _, den = text.partition("/")
+        c = Fraction(int(num), int(den or 1))
+        if len(_CREDITS) >= 4096:
+            _CREDITS.clear()
+        _CREDITS[text] = c
+    return c
 
 
 @dataclass(slots=True)
@@ -70,28 +130,31 @@ class Envelope:
                 raise ValueError("an end marker needs an explicit id (see end_id)")
             self.id = unit_id(self.run, self.lineage, self.stage)
 
+    def to_wire(self) -> bytes:
+        """The wire form (UTF-8 JSON); a None payload is left out, which reads back as None."""
+        d: dict[str, Any] = {
+            "id": self.id,
+            "run": self.run,
+            "p": self.pipeline,
+            "s": self.stage,
+            "l": lineage_str(self.lineage),
+            "k": self.kind,
+            "c": credit_str(self.credit),
+            "from": self.sender,
+            "sc": {k: credit_str(v) for k, v in self.scope.items()},
+            "ctx": self.context,
+        }
+        if self.payload is not None:
+            d["x"] = self.payload
+        return dumps_json(d)
+
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "id": self.id,
-                "run": self.run,
-                "p": self.pipeline,
-                "s": self.stage,
-                "l": lineage_str(self.lineage),
-                "k": self.kind,
-                "c": credit_str(self.credit),
-                "from": self.sender,
-                "x": self.payload,
-                "sc": {k: credit_str(v) for k, v in self.scope.items()},
-                "ctx": self.context,
-            },
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
+        return self.to_wire().decode()
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Envelope:
-        d = json.loads(text)
+        d = loads_json(text)
+        sc = d.get("sc")
         return cls(
             id=d["id"],
             run=d["run"],
@@ -102,7 +165,7 @@ class Envelope:
             credit=parse_credit(d["c"]),
             sender=d.get("from", ""),
             payload=d.get("x"),
-            scope={k: parse_credit(v) for k, v in d.get("sc", {}).items()},
+            scope={k: parse_credit(v) for k, v in sc.items()} if sc else {},
             context=d.get("ctx", {}),
         )
 

@@ -18,6 +18,11 @@ between them, so every semantic rule lives in this docstring:
 * Progress records say, for an input (or an aggregation key), how many units have
   been published for it and whether it is done; they make re-execution after a
   crash publish nothing twice and count credit exactly once.
+* Cancellation latency bound: `is_cancelled` always sees a cancel made more than
+  `cancel_staleness_ms` before the call (it may answer from a read of the flag made
+  that recently). Embedded: 0 (always exact). Redis: 10 ms by default (the flag is read
+  along with progress, so the runner's checks cost no extra round trip). After the
+  run's flags expire, `is_cancelled` may keep answering True for up to 1 s.
 """
 
 from __future__ import annotations

@@ -343,6 +343,53 @@ async def test_concurrent_reader_never_sees_half_a_commit(transport: Transport) 
     assert final == (n, n, n)
 
 
+async def test_concurrent_commits_are_independent(transport: Transport) -> None:
+    """Commits made at the same moment (the Redis transport sends them as one group
+    commit) each apply whole, and one that cannot be encoded fails alone."""
+    await transport.ensure_group("in", "g")
+    await transport.ensure_group("out", "g")
+    await publish_n(transport, "in", 20)
+    got = await transport.consume(["in"], "g", "w", 20, 0)
+    good = [
+        Commit(messages=[("out", env(100 + i))], events=[("r", {"i": i})],
+               progress=[("r", f"k{i}", Progress(i, True))], acks=[("in", "g", [d.entry_id])])
+        for i, d in enumerate(got[:-1])
+    ]
+    bad = Commit(messages=[("out", env(999))], events=[("r", {"bad": object()})],
+                 progress=[("r", "bad", Progress(1, True))], acks=[("in", "g", [got[-1].entry_id])])
+    results = await asyncio.gather(*(transport.commit(c) for c in [*good[:10], bad, *good[10:]]),
+                                   return_exceptions=True)
+    assert [type(r) for r in results] == [type(None)] * 10 + [TypeError] + [type(None)] * 9
+    out = await transport.consume(["out"], "g", "w", 100, 0)  # concurrent: in any order
+    assert sorted((d.envelope for d in out), key=lambda e: e.payload["i"]) == [
+        env(100 + i) for i in range(19)]
+    assert sorted(e["i"] for _, e in await transport.read_events("r", None, 100, 0)) == list(
+        range(19))
+    assert await transport.get_progress("r", ["k3", "bad"]) == [Progress(3, True), None]
+    claimed = await transport.claim_abandoned("in", "g", "w2", 0, 100)
+    assert [d.entry_id for d in claimed] == [got[-1].entry_id]  # only the bad one's input
+
+
+async def test_concurrent_reads_answer_each_caller(transport: Transport) -> None:
+    """Reads made at the same moment (batched into one pipeline on Redis) each get the
+    answer to their own question."""
+    for run in ("a", "b"):
+        await transport.commit(Commit(progress=[(run, f"{run}{i}", Progress(i, i % 2 == 0))
+                                                for i in range(5)]))
+    await transport.cancel("b")
+    calls: list[Awaitable[Any]] = []
+    expected: list[Any] = []
+    for i in range(5):
+        for run in ("a", "b", "c"):
+            keys = [f"{run}{i}", f"{run}{4 - i}", "nope"]
+            calls.append(transport.get_progress(run, keys))
+            expected.append([None if run == "c" else Progress(j, j % 2 == 0)
+                             for j in (i, 4 - i)] + [None])
+            calls.append(transport.is_cancelled(run))
+            expected.append(run == "b")
+    assert await asyncio.gather(*calls) == expected
+
+
 # ---- trimming -----------------------------------------------------------------------------
 
 
@@ -685,3 +732,179 @@ async def test_redis_connection_errors_surface() -> None:
             await t.publish("s", env(0))
     finally:
         await t.close()
+
+
+# ---- Redis only: group commit and read coalescing ------------------------------------------
+
+
+async def _calls(client: Any, command: str) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+@pytest.mark.redis
+async def test_redis_concurrent_commits_share_one_transaction(redis_url: str) -> None:
+    """Commits issued together go out as ONE MULTI/EXEC, and every one of them applies."""
+    from workers.redis_transport import RedisTransport
+
+    t = RedisTransport(redis_url)
+    try:
+        await t.ensure_group("out", "g")
+        await t.ping()
+        multi = await _calls(t._r, "multi")
+        await asyncio.gather(*(t.commit(Commit(messages=[("out", env(i))],
+                                               progress=[("r", f"k{i}", Progress(1, True))]))
+                               for i in range(50)))
+        assert await _calls(t._r, "multi") == multi + 1
+        got = await t.consume(["out"], "g", "c", 100, 0)
+        assert sorted((d.envelope for d in got), key=lambda e: e.payload["i"]) == [
+            env(i) for i in range(50)]
+        assert await t.get_progress("r", [f"k{i}" for i in range(50)]) == [Progress(1, True)] * 50
+    finally:
+        await t.close()
+
+
+@pytest.mark.redis
+async def test_redis_error_inside_a_group_commit_fails_only_its_commit(redis_url: str) -> None:
+    """A command that fails inside EXEC (here: XADD to a key holding a string) fails its
+    own commit; the commits it shared the transaction with apply and succeed."""
+    import redis.exceptions
+
+    from workers.redis_transport import RedisTransport
+
+    t = RedisTransport(redis_url)
+    try:
+        await t.ensure_group("out", "g")
+        await t._r.set(t._stream_key("bad"), "not a stream")
+        multi = await _calls(t._r, "multi")
+        results = await asyncio.gather(
+            t.commit(Commit(messages=[("out", env(0))])),
+            t.commit(Commit(messages=[("bad", env(1))])),
+            t.commit(Commit(messages=[("out", env(2))])),
+            return_exceptions=True,
+        )
+        assert await _calls(t._r, "multi") == multi + 1  # they did share one transaction
+        assert results[0] is None and results[2] is None
+        assert isinstance(results[1], redis.exceptions.ResponseError)
+        assert "WRONGTYPE" in str(results[1])
+        got = await t.consume(["out"], "g", "c", 10, 0)
+        assert sorted((d.envelope for d in got), key=lambda e: e.payload["i"]) == [env(0), env(2)]
+    finally:
+        await t.close()
+
+
+@pytest.mark.redis
+async def test_redis_refused_group_commit_fails_every_commit(redis_url: str) -> None:
+    """When Redis refuses the transaction as a whole (EXECABORT; here: out of memory),
+    nothing applies and every commit in the batch gets the error."""
+    import redis.exceptions
+
+    from workers.redis_transport import RedisTransport
+
+    t = RedisTransport(redis_url)
+    await t.ensure_group("out", "g")
+    try:
+        await t._r.config_set("maxmemory", "1")
+        results = await asyncio.gather(
+            *(t.commit(Commit(messages=[("out", env(i))], events=[("r", {"i": i})]))
+              for i in range(3)),
+            return_exceptions=True,
+        )
+    finally:
+        await t._r.config_set("maxmemory", "0")
+    try:
+        assert all(isinstance(r, redis.exceptions.ResponseError) for r in results), results
+        assert await t.consume(["out"], "g", "c", 10, 0) == []
+        assert await t.read_events("r", None, 10, 0) == []
+        await t.commit(Commit(messages=[("out", env(7))]))  # and the transport goes on
+        assert [d.envelope for d in await t.consume(["out"], "g", "c", 10, 0)] == [env(7)]
+    finally:
+        await t.close()
+
+
+@pytest.mark.redis
+async def test_redis_lost_connection_fails_the_batch_then_reconnects(redis_url: str) -> None:
+    import redis.exceptions
+
+    from workers.redis_transport import RedisTransport
+
+    t = RedisTransport(redis_url)
+    try:
+        await t.ensure_group("out", "g")
+        await t.publish("out", env(0))
+        await t._r.client_kill_filter(_type="normal", skipme=True)
+
+        async def publish_once() -> bool:
+            try:
+                await t.publish("out", env(1))
+            except redis.exceptions.ConnectionError:
+                return False  # the kill may be noticed only by the next write
+            return True
+
+        await eventually(publish_once, "a publish to go through after reconnecting")
+        got = await t.consume(["out"], "g", "c", 10, 0)
+        assert [d.envelope for d in got] == [env(0), env(1)]  # each applied exactly once
+    finally:
+        await t.close()
+
+
+@pytest.mark.redis
+async def test_redis_concurrent_reads_share_one_pipeline(redis_url: str) -> None:
+    from workers.redis_transport import RedisTransport
+
+    t = RedisTransport(redis_url)
+    try:
+        await t.commit(Commit(progress=[("r", f"k{i}", Progress(i)) for i in range(20)]))
+        hmget, exists = await _calls(t._r, "hmget"), await _calls(t._r, "exists")
+        got = await asyncio.gather(*(t.get_progress("r", [f"k{i}"]) for i in range(20)))
+        assert got == [[Progress(i)] for i in range(20)]
+        # one HMGET for the run (all keys) and its cancel flag read once along with it
+        assert await _calls(t._r, "hmget") == hmget + 1
+        assert await _calls(t._r, "exists") == exists + 1
+    finally:
+        await t.close()
+
+
+@pytest.mark.redis
+async def test_redis_cancel_check_rides_along_with_progress(redis_url: str) -> None:
+    """Within the staleness bound, is_cancelled answers from the flag read that came
+    with get_progress (no round trip); a cancel flag seen set is believed at once."""
+    from workers.redis_transport import RedisTransport
+
+    t = RedisTransport(redis_url, cancel_staleness_ms=3_600_000)  # never stale in this test
+    try:
+        await t.get_progress("r", ["k"])
+        exists = await _calls(t._r, "exists")
+        assert not await t.is_cancelled("r")
+        assert await _calls(t._r, "exists") == exists  # answered without asking Redis
+        await t.cancel("r")
+        assert await t.is_cancelled("r")  # a local cancel is seen at once, cache or not
+        await t.expire_run("r", 0)
+        assert not await t.is_cancelled("r")
+    finally:
+        await t.close()
+
+
+@pytest.mark.redis
+async def test_redis_cancel_by_another_process_is_seen(redis_url: str) -> None:
+    """With no staleness allowed, a cancel made elsewhere is seen by the very next check;
+    with the default bound, it is seen once the bound has passed (never cached forever)."""
+    from workers.redis_transport import RedisTransport
+
+    exact = RedisTransport(redis_url, cancel_staleness_ms=0)
+    default = RedisTransport(redis_url)
+    other = RedisTransport(redis_url)
+    try:
+        for t in (exact, default):
+            assert not await t.is_cancelled("r")
+            await t.get_progress("r", ["k"])
+        await other.cancel("r")
+        assert await exact.is_cancelled("r")
+
+        async def seen() -> bool:
+            return await default.is_cancelled("r")
+
+        await eventually(seen, "the cancel to be seen within the staleness bound")
+    finally:
+        for t in (exact, default, other):
+            await t.close()

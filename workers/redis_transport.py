@@ -27,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -202,6 +203,7 @@ class RedisTransport(Transport):
         max_connections: int = 64,
         pool_timeout_s: float = 30.0,
         approximate_trim: bool = True,
+        cancel_staleness_ms: int = 10,
     ) -> None:
         # A blocking pool: a burst of blocked XREADGROUPs makes commits wait for a free
         # connection (bounded by block_ms) instead of failing with "Too many connections".
@@ -216,6 +218,12 @@ class RedisTransport(Transport):
         self.prefix = prefix
         self.approximate_trim = approximate_trim
         self._minid: dict[str, str] = {}  # stream -> last safe MINID computed by trim()
+        self._commit_queue: list[tuple[list[Callable[[Any], None]], asyncio.Future[None]]] = []
+        self._committing = False
+        self._read_queue: list[tuple[str, list[str] | None, asyncio.Future[list[Any]]]] = []
+        self._reading = False
+        self._cancel_seen: dict[str, tuple[bool, float]] = {}  # run -> (cancelled, when read)
+        self.cancel_staleness_s = cancel_staleness_ms / 1000
         self._rr = 0  # rotates multi-stream reads for fairness
         self._consume = self._r.register_script(_CONSUME)
         self._claim = self._r.register_script(_CLAIM)
@@ -241,31 +249,78 @@ class RedisTransport(Transport):
                 raise
 
     async def commit(self, commit: Commit) -> None:
+        """Group commit: while one MULTI/EXEC is in flight, later commits queue and then go
+        out together in the next one (one round trip for many runners; each commit stays
+        atomic because the combined transaction is). No timers: an idle transport sends at
+        once, a busy one batches by itself."""
         if not commit:
             return
-        # Serialise first: a value that cannot be encoded fails before anything is sent.
-        messages = [(self._stream_key(s), e.to_json()) for s, e in commit.messages]
-        events = [(self._run_key(run, "events"),
-                   json.dumps(ev, separators=(",", ":"), ensure_ascii=False))
-                  for run, ev in commit.events]
+        ops = self._commit_ops(commit)  # serialise first: a bad value fails only this commit
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._commit_queue.append((ops, fut))
+        if not self._committing:
+            self._committing = True
+            asyncio.get_running_loop().create_task(self._flush_commits())
+        await fut
+
+    def _commit_ops(self, commit: Commit) -> list[Callable[[Any], None]]:
+        ops: list[Callable[[Any], None]] = []
+        for s, e in commit.messages:
+            key, text = self._stream_key(s), e.to_json()
+            minid = self._minid.get(key)
+            if minid is None:
+                ops.append(lambda p, k=key, t=text: p.xadd(k, {"e": t}))
+            else:  # trim while appending, never past what trim() proved acknowledged
+                ops.append(lambda p, k=key, t=text, m=minid: p.xadd(
+                    k, {"e": t}, minid=m, approximate=self.approximate_trim))
+        for run, ev in commit.events:
+            key = self._run_key(run, "events")
+            text = json.dumps(ev, separators=(",", ":"), ensure_ascii=False)
+            ops.append(lambda p, k=key, t=text: p.xadd(k, {"e": t}))
         progress: dict[str, dict[str, str]] = {}
-        for run, key, p in commit.progress:
-            progress.setdefault(self._run_key(run, "progress"), {})[key] = _progress_text(p)
-        async with self._r.pipeline(transaction=True) as pipe:
-            for key, text in messages:
-                minid = self._minid.get(key)
-                if minid is None:
-                    pipe.xadd(key, {"e": text})
-                else:  # trim while appending, never past what trim() proved acknowledged
-                    pipe.xadd(key, {"e": text}, minid=minid, approximate=self.approximate_trim)
-            for key, text in events:
-                pipe.xadd(key, {"e": text})
-            for key, mapping in progress.items():
-                pipe.hset(key, mapping=mapping)
-            for stream, group, ids in commit.acks:
-                if ids:
-                    pipe.xack(self._stream_key(stream), group, *ids)
-            await pipe.execute()
+        for run, key, prog in commit.progress:
+            progress.setdefault(self._run_key(run, "progress"), {})[key] = _progress_text(prog)
+        for key, mapping in progress.items():
+            ops.append(lambda p, k=key, m=mapping: p.hset(k, mapping=m))
+        for stream, group, ids in commit.acks:
+            if ids:
+                ops.append(lambda p, k=self._stream_key(stream), g=group, i=tuple(ids): p.xack(k, g, *i))
+        return ops
+
+    async def _flush_commits(self) -> None:
+        try:
+            while self._commit_queue:
+                batch, self._commit_queue = self._commit_queue, []
+                try:
+                    async with self._r.pipeline(transaction=True) as pipe:
+                        for ops, _ in batch:
+                            for op in ops:
+                                op(pipe)
+                        results = await pipe.execute(raise_on_error=False)
+                except BaseException as exc:  # lost connection etc.: every caller learns of it
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                # a command that fails inside EXEC fails only the commit it belongs to
+                # (Redis applies the others: no rollback, as with a single commit)
+                i = 0
+                for ops, fut in batch:
+                    err = next((r for r in results[i:i + len(ops)] if isinstance(r, Exception)), None)
+                    i += len(ops)
+                    if fut.done():
+                        continue
+                    if err is not None:
+                        fut.set_exception(err)
+                    else:
+                        fut.set_result(None)
+        finally:
+            self._committing = False
+            if self._commit_queue:  # arrived while we were failing out
+                self._committing = True
+                asyncio.get_running_loop().create_task(self._flush_commits())
 
     async def consume(
         self, streams: Sequence[str], group: str, consumer: str, count: int, block_ms: int
@@ -319,8 +374,8 @@ class RedisTransport(Transport):
                                 block=remaining_ms)
 
     async def ack(self, stream: str, group: str, entry_ids: Sequence[str]) -> None:
-        if entry_ids:
-            await self._r.xack(self._stream_key(stream), group, *entry_ids)
+        if entry_ids:  # rides the group commit: one round trip with everything else
+            await self.commit(Commit(acks=[(stream, group, list(entry_ids))]))
 
     async def claim_abandoned(
         self, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
@@ -372,10 +427,56 @@ class RedisTransport(Transport):
 
     # ---- progress -----------------------------------------------------------------------
     async def get_progress(self, run: str, keys: Sequence[str]) -> list[Progress | None]:
+        """Coalesced like commits: concurrent reads share one pipeline, and each also reads
+        the run's cancel flag, so the runner's cancel check that follows is free."""
         if not keys:
             return []
-        values = await self._r.hmget(self._run_key(run, "progress"), list(keys))
+        values = await self._read(run, list(keys))
         return [_parse_progress(v) for v in values]
+
+    async def _read(self, run: str, keys: list[str] | None) -> list[Any]:
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._read_queue.append((run, keys, fut))
+        if not self._reading:
+            self._reading = True
+            asyncio.get_running_loop().create_task(self._flush_reads())
+        return await fut
+
+    async def _flush_reads(self) -> None:
+        try:
+            while self._read_queue:
+                batch, self._read_queue = self._read_queue, []
+                runs: dict[str, list[str]] = {}  # one HMGET and one EXISTS per run
+                for run, keys, _ in batch:
+                    runs.setdefault(run, []).extend(k for k in keys or () if k not in runs[run])
+                try:
+                    async with self._r.pipeline(transaction=False) as pipe:
+                        for run, keys in runs.items():
+                            if keys:
+                                pipe.hmget(self._run_key(run, "progress"), keys)
+                            pipe.exists(self._run_key(run, "cancel"))
+                        res = await pipe.execute()
+                except Exception as exc:
+                    for *_, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                now = time.monotonic()
+                found: dict[str, dict[str, Any]] = {}
+                i = 0
+                for run, keys in runs.items():
+                    if keys:
+                        found[run] = dict(zip(keys, res[i], strict=True))
+                        i += 1
+                    self._cancel_seen[run] = (bool(res[i]), now)
+                    i += 1
+                for run, keys, fut in batch:
+                    if not fut.done():
+                        fut.set_result([found[run][k] for k in keys or ()])
+        finally:
+            self._reading = False
+            if len(self._cancel_seen) > 100_000:
+                self._cancel_seen.clear()
 
     # ---- run events ---------------------------------------------------------------------
     async def read_events(
@@ -394,6 +495,8 @@ class RedisTransport(Transport):
         ]
 
     async def expire_run(self, run: str, ttl_s: int) -> None:
+        if ttl_s <= 0:
+            self._cancel_seen.pop(run, None)
         async with self._r.pipeline(transaction=True) as pipe:
             for part in ("events", "progress", "cancel"):
                 pipe.expire(self._run_key(run, part), ttl_s)
@@ -404,9 +507,16 @@ class RedisTransport(Transport):
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
         await self._r.set(self._run_key(run, "cancel"), "1", ex=ttl_s)
+        self._cancel_seen[run] = (True, time.monotonic())
 
     async def is_cancelled(self, run: str) -> bool:
-        return bool(await self._r.exists(self._run_key(run, "cancel")))
+        """Answered from a read at most `cancel_staleness_ms` old (a progress read brings
+        one along), else read (coalesced with other reads)."""
+        seen = self._cancel_seen.get(run)
+        if seen is not None and (seen[0] or time.monotonic() - seen[1] <= self.cancel_staleness_s):
+            return seen[0]
+        await self._read(run, None)
+        return self._cancel_seen[run][0]
 
     # ---- leases and registry ------------------------------------------------------------
     async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:

@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from orchestrator.engine import Engine
+from orchestrator.scheduling import SchedOptions
 from orchestrator.spec import EngineSpec, PipelineSpec
 from orchestrator.transport import Transport
-from workers.router import Router
+from workers.router import Router, policy_router_factory
 from workers.runner import Observer, RunnerConfig, StageRunner
 from workers.stagefn import StageFunction
 
@@ -49,7 +50,15 @@ class Runtime:
         instances: int | None = None,
         concurrency: int | None = None,
         router_factory: Callable[[PipelineSpec, str], Router] | None = None,
+        policy: str | None = None,
+        sched_options: SchedOptions | None = None,
     ):
+        """`policy` (ALTO_POLICY syntax: "prompt_aware" or "stage=policy,...") overrides
+        the spec's per-stage scheduling policies; it is ignored if `router_factory` is given.
+        """
+        if router_factory is None:
+            # a PolicyRouter only where some LM stage has a policy; the plain Router otherwise
+            router_factory = policy_router_factory(policy, sched_options)
         self.transport = transport
         self.pipelines = {p.name: p for p in pipelines}
         self.config = config or RunnerConfig()
@@ -62,6 +71,7 @@ class Runtime:
         self.runners: list[StageRunner] = []
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.failure = asyncio.Event()
 
     def _engine_spec(self, spec: PipelineSpec, stage: str) -> tuple[str, EngineSpec]:
         name = spec.stage(stage).engine or "default"
@@ -108,9 +118,23 @@ class Runtime:
                     )
                     self.runners.append(runner)
         for r in self.runners:
-            self._tasks.append(
-                asyncio.create_task(r.run(self._stop), name=f"runner:{r.stage.name}")
-            )
+            task = asyncio.create_task(r.run(self._stop), name=f"runner:{r.stage.name}")
+            task.add_done_callback(self._runner_ended)
+            self._tasks.append(task)
+
+    def _runner_ended(self, task: asyncio.Task[None]) -> None:
+        """A runner that dies must not leave its runs hanging unnoticed: log it loudly and
+        wake whoever waits in `wait_failure` (the CLI and the gateway's readiness)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("%s crashed", task.get_name(), exc_info=task.exception())
+        self.failure.set()
+
+    async def wait_failure(self) -> BaseException:
+        await self.failure.wait()
+        exc = self.failed()
+        assert exc is not None
+        return exc
 
     async def stop(self, *, drain: bool = True) -> None:
         self._stop.set()
