@@ -1,0 +1,1 @@
+"""Benchmarks: `alto bench overhead|streaming` (results in bench/results/, BENCHMARKS.md)."""

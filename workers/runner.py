@@ -278,13 +278,17 @@ class StageRunner:
         env = d.envelope
         async with self._slots:
             try:
+                # progress first: the Redis transport reads the cancel flag along with it,
+                # so the check below costs no second round trip
+                prog = None
+                if env.kind == "unit":
+                    prog = (await self.transport.get_progress(env.run, [env.id]))[0]
                 if await self._is_cancelled(env.run):
                     await self.transport.ack(d.stream, self.group, [d.entry_id])
                     return
                 if env.kind == "end":
                     await self._forward_end(d)
                     return
-                prog = (await self.transport.get_progress(env.run, [env.id]))[0]
                 if prog is not None and prog.done:
                     await self.transport.ack(d.stream, self.group, [d.entry_id])
                     return
@@ -312,10 +316,10 @@ class StageRunner:
         async with self._slots:
             first = next(iter(g.got.values())).envelope
             try:
-                if await self._is_cancelled(first.run):
+                prog = (await self.transport.get_progress(first.run, [g.key]))[0]
+                if await self._is_cancelled(first.run):  # answered by the read above
                     await self._ack_group(g)
                     return
-                prog = (await self.transport.get_progress(first.run, [g.key]))[0]
                 if prog is not None and prog.done:
                     await self._ack_group(g)
                     return

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     claim_idle_ms: int = 30_000
     lease_ttl_ms: int = 5_000
     heartbeat_ms: int = 1_000
+    # scheduling policy of LM stages, overriding the spec's `policy:` fields: one of
+    # pull|round_robin|least_loaded|cache_aware|prompt_aware for every LM stage, or
+    # "stage=policy,..." per stage (orchestrator/scheduling.py); every process of a
+    # deployment (gateway and workers) must see the same value
+    policy: str | None = None
     run_ttl_s: int = 3_600
     run_deadline_s: float = 300.0
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
