@@ -82,15 +82,15 @@ def streaming(
     engine_opt: Annotated[list[str] | None, typer.Option("--engine-opt", help="KEY=VALUE")]
     = None,
     rates: Annotated[str, typer.Option(help="offered loads, req/s, comma-separated")]
-    = "4,8,12,16,20,24",
-    duration: Annotated[float, typer.Option(help="measured arrivals per point (s)")] = 20.0,
-    warmup: Annotated[float, typer.Option(help="unmeasured arrivals before them (s)")] = 5.0,
+    = "4,8,12,16,20",
+    duration: Annotated[float, typer.Option(help="measured arrivals per point (s)")] = 8.0,
+    warmup: Annotated[float, typer.Option(help="unmeasured arrivals before them (s)")] = 3.0,
     requests: Annotated[int | None, typer.Option(help="instead: N arrivals, all measured")]
     = None,
     reps: Annotated[int, typer.Option(help="repetitions per point (medians reported)")] = 3,
     slo: Annotated[float, typer.Option(help="p99 latency SLO (s)")] = 4.0,
     time_scale: Annotated[float, typer.Option(help="sim: wall seconds per simulated second")]
-    = 1.0,
+    = 2.0,
     instances: Annotated[int | None, typer.Option(help="engine instances / workers per LM "
                                                        "stage")] = None,
     tool_workers: Annotated[int, typer.Option(help="redis: workers per tool/reduce stage")] = 1,
@@ -99,8 +99,8 @@ def streaming(
                                                         "partitions")] = None,
     fixed_rate: Annotated[float | None, typer.Option(help="compare p99 at this load")] = None,
     drain: Annotated[float, typer.Option(help="wait this long after the last arrival (s)")]
-    = 30.0,
-    prewarm: Annotated[float, typer.Option(help="unrecorded warm-up per mode (s)")] = 5.0,
+    = 12.0,
+    prewarm: Annotated[float, typer.Option(help="unrecorded warm-up per mode (s)")] = 3.0,
     seed: Annotated[int, typer.Option(help="arrival/input seed")] = 7,
     out: Annotated[Path, typer.Option(help="results folder")] = Path("bench/results"),
     markdown: Annotated[Path | None, typer.Option(help="file whose section to update")] = Path(

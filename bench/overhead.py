@@ -578,7 +578,15 @@ def render_markdown(r: dict[str, Any]) -> str:
         for a, b in zip(own[:12], p["self"][:12], strict=False):
             lines.append(f"| `{a['function']}` | {a['share']:.0%} | | `{b['function']}` | "
                          f"{b['share']:.0%} |")
-    lines += ["", "Reproduce: `.venv/bin/alto bench overhead` (options: `--help`)."]
+    opts = [f"--loaded-fraction {c['loaded_fraction']:g}"]
+    if c.get("profile"):
+        opts.append("--profile")
+    if c.get("sync_tools"):
+        opts.append("--sync-tools")
+    if c["concurrency"] != 64:
+        opts.append(f"--concurrency {c['concurrency']}")
+    lines += ["", f"Reproduce: `.venv/bin/alto bench overhead {' '.join(opts)}` "
+              "(options: `--help`)."]
     return "\n".join(lines)
 
 

@@ -66,20 +66,20 @@ class StreamingConfig:
     transport: str = "embedded"  # embedded | redis
     engine: str | None = None  # override every LM stage's engine kind
     engine_opts: list[str] = field(default_factory=list)  # KEY=VALUE (JSON values)
-    rates: list[float] = field(default_factory=lambda: [4.0, 8.0, 12.0, 16.0, 20.0, 24.0])
-    duration_s: float = 20.0  # measured arrivals per point (simulated seconds)
-    warmup_s: float = 5.0  # unmeasured arrivals before them, per point
+    rates: list[float] = field(default_factory=lambda: [4.0, 8.0, 12.0, 16.0, 20.0])
+    duration_s: float = 8.0  # measured arrivals per point (simulated seconds)
+    warmup_s: float = 3.0  # unmeasured arrivals before them, per point
     requests: int | None = None  # instead: exactly this many arrivals, all measured
     reps: int = 3
     slo_s: float = 4.0  # p99 latency SLO, simulated seconds
-    time_scale: float = 1.0  # sim engine only
+    time_scale: float = 2.0  # sim engine only (wall seconds per simulated second)
     instances: int | None = None  # engine instances (embedded) / workers per LM stage (redis)
     tool_workers: int = 1  # redis: workers per tool/reduce stage
     concurrency: int | None = None  # override every stage's concurrency
     partitions: int | None = None  # override every aggregating stage's partition count
     fixed_rate: float | None = None  # where to compare p99 (default: barrier's SLO load)
-    drain_s: float = 30.0  # after the last arrival, how long to wait for completions
-    prewarm_s: float = 5.0  # unrecorded warm-up per mode before the sweep
+    drain_s: float = 12.0  # after the last arrival, how long to wait for completions
+    prewarm_s: float = 3.0  # unrecorded warm-up per mode before the sweep
     seed: int = 7
     out_dir: Path = RESULTS
     markdown: Path | None = BENCHMARKS_MD

@@ -27,8 +27,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,31 +200,39 @@ class PrefixClassifier:
         self.max_nodes = max_nodes
         self.tolerance = tolerance
         # key -> [prompts with this prefix, popular two-chunk extensions]
-        self._nodes: OrderedDict[bytes, list[int]] = OrderedDict()
+        self._nodes: OrderedDict[int, list[int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._nodes)
 
-    def count(self, prefix_key: bytes) -> int:
+    def count(self, prefix_key: int) -> int:
         node = self._nodes.get(prefix_key)
         return node[0] if node else 0
 
-    def chain(self, text: str) -> list[bytes]:
-        """Keys of the full chunks of `text` (each names the prefix up to its end)."""
+    def chain(self, text: str) -> list[int]:
+        """Keys of the full chunks of `text` (each names the prefix up to its end).
+
+        CRC-32 and Adler-32 are both incremental (the checksum of a prefix extends to the
+        next chunk in O(chunk)), so the whole chain costs one pass over the prompt in C;
+        together they make a 64-bit key, the same in every process. A collision merges
+        two prefixes' counts, which can only make two classes share a lane.
+        """
         c = self.chunk_chars
-        end = min(len(text), self.max_chunks * c)
-        h = hashlib.blake2b(digest_size=16)
-        keys: list[bytes] = []
-        for start in range(0, end - c + 1, c):
-            h.update(text[start : start + c].encode("utf-8", "surrogatepass"))
-            keys.append(h.copy().digest())
+        raw = text[: self.max_chunks * c].encode("utf-8", "surrogatepass")
+        crc, adler = 0, 1
+        keys: list[int] = []
+        for start in range(0, len(raw) - c + 1, c):
+            piece = raw[start : start + c]
+            crc = zlib.crc32(piece, crc)
+            adler = zlib.adler32(piece, adler)
+            keys.append((crc << 32) | adler)
         return keys
 
-    def peek(self, text: str, root: bytes = b"") -> bytes:
+    def peek(self, text: str, root: Hashable = 0) -> Hashable:
         """The class `classify` would return, without counting this prompt."""
         return self._decide(self.chain(text), root)
 
-    def classify(self, text: str, root: bytes = b"") -> bytes:
+    def classify(self, text: str, root: Hashable = 0) -> Hashable:
         """The class of `text` (decided on the prompts seen before it); then count it."""
         keys = self.chain(text)
         cls = self._decide(keys, root)
@@ -244,7 +253,7 @@ class PrefixClassifier:
             nodes.popitem(last=False)
         return cls
 
-    def _decide(self, keys: list[bytes], root: bytes) -> bytes:
+    def _decide(self, keys: list[int], root: Hashable) -> Hashable:
         if not keys:
             return root
         nodes = [self._nodes.get(k) for k in keys]
@@ -270,9 +279,9 @@ class PrefixClassifier:
             deepest = j - 1
 
 
-def lane_of(cls: bytes, lanes: int) -> int:
+def lane_of(cls: Hashable, lanes: int) -> int:
     """The lane (stream) of a class: a fixed hash, so every producer agrees unasked."""
-    return int.from_bytes(hashlib.blake2b(cls, digest_size=8).digest(), "little") % lanes
+    return stable_hash(repr(cls)) % lanes
 
 
 # ------------------------------------------------------------------------------------------
@@ -614,8 +623,19 @@ class Placement:
         return {i for owners in self.owners.values() for i in owners}
 
 
+_DEFAULT_OWNERS: dict[tuple[int, tuple[str, ...]], str | None] = {}
+
+
 def default_owner(lane: int, live: Iterable[str]) -> str | None:
-    return rendezvous(f"lane{lane}", live)
+    """Rendezvous owner of a lane no plan covers (memoised: asked for every lane at every
+    refresh and read, with the same few live sets)."""
+    key = (lane, tuple(live))
+    owner = _DEFAULT_OWNERS.get(key)
+    if owner is None and key not in _DEFAULT_OWNERS:
+        if len(_DEFAULT_OWNERS) > 100_000:
+            _DEFAULT_OWNERS.clear()
+        owner = _DEFAULT_OWNERS[key] = rendezvous(f"lane{lane}", key[1])
+    return owner
 
 
 def lane_owners(lane: int, owners: Mapping[int, Sequence[str]], live: Sequence[str]) -> list[str]:

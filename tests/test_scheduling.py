@@ -181,7 +181,7 @@ def _classes(n: int) -> list[str]:
 def test_classifier_names_a_class_once_and_for_all() -> None:
     pc = PrefixClassifier(chunk_chars=64, min_count=3)
     prefixes = _classes(3)
-    names: dict[int, set[bytes]] = {c: set() for c in range(3)}
+    names: dict[int, set[object]] = {c: set() for c in range(3)}
     for i in range(60):
         c = i % 3 if i >= 6 else 0  # class 0 becomes popular first
         names[c].add(pc.classify(_prompt(prefixes[c], i)))

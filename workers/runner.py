@@ -21,7 +21,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -53,6 +53,7 @@ class RunnerConfig:
     lease_ttl_ms: int = 5_000
     heartbeat_ms: int = 1_000
     partial_events: bool = True  # publish every unit as a `partial` run event
+    read_ahead: int = 64  # entries an aggregating stage may read beyond its free slots
 
 
 @dataclass
@@ -133,7 +134,10 @@ class StageRunner:
                 if free <= 0 or not self.owned:
                     await self._wait_slot(stop)
                     continue
-                got = await self.router.consume(self, free)
+                # an aggregator holds what it reads without using a slot until a group is
+                # complete: read ahead, or a full group waits one read per missing piece
+                want = max(free, self.config.read_ahead) if self.stage.aggregates else free
+                got = await self.router.consume(self, want)
                 for d in got:
                     await self._accept(d)
         finally:
@@ -275,42 +279,51 @@ class StageRunner:
 
     # ------------------------------------------------------------------ processing
     async def _process(self, d: Delivery) -> None:
-        env = d.envelope
+        # an end marker needs no engine: forwarding it must not wait for a slot, or a group
+        # downstream that only lacks this credit waits behind unrelated calls
+        if d.envelope.kind == "end":
+            await self._guarded(d, self._end)
+            return
         async with self._slots:
-            try:
-                # progress first: the Redis transport reads the cancel flag along with it,
-                # so the check below costs no second round trip
-                prog = None
-                if env.kind == "unit":
-                    prog = (await self.transport.get_progress(env.run, [env.id]))[0]
-                if await self._is_cancelled(env.run):
-                    await self.transport.ack(d.stream, self.group, [d.entry_id])
-                    return
-                if env.kind == "end":
-                    await self._forward_end(d)
-                    return
-                if prog is not None and prog.done:
-                    await self.transport.ack(d.stream, self.group, [d.entry_id])
-                    return
-                ctx = StageContext(env.run, env.pipeline, self.stage.name, env.lineage, env.context)
-                await self._produce(
-                    cause=env.id,
-                    ctx=ctx,
-                    credit=env.credit,
-                    base_lineage=env.lineage,
-                    scope=env.scope,
-                    context=env.context,
-                    value=env.payload,
-                    items=None,
-                    already=prog.units if prog else 0,
-                    acks=[(d.stream, [d.entry_id])],
-                    credit_mid=f"credit:{env.id}",
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a stage error fails the run visibly, never silently
-                log.exception("stage %s failed on %s", self.stage.name, env.id)
-                await self._fail(env, f"{type(exc).__name__}: {exc}", None, d)
+            await self._guarded(d, self._unit)
+
+    async def _guarded(self, d: Delivery, step: Callable[[Delivery], Awaitable[None]]) -> None:
+        try:
+            await step(d)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a stage error fails the run visibly, never silently
+            log.exception("stage %s failed on %s", self.stage.name, d.envelope.id)
+            await self._fail(d.envelope, f"{type(exc).__name__}: {exc}", None, d)
+
+    async def _end(self, d: Delivery) -> None:
+        if await self._is_cancelled(d.envelope.run):
+            await self.transport.ack(d.stream, self.group, [d.entry_id])
+            return
+        await self._forward_end(d)
+
+    async def _unit(self, d: Delivery) -> None:
+        env = d.envelope
+        # progress first: the Redis transport reads the cancel flag along with it, so the
+        # check below costs no second round trip
+        prog = (await self.transport.get_progress(env.run, [env.id]))[0]
+        if await self._is_cancelled(env.run) or (prog is not None and prog.done):
+            await self.transport.ack(d.stream, self.group, [d.entry_id])
+            return
+        ctx = StageContext(env.run, env.pipeline, self.stage.name, env.lineage, env.context)
+        await self._produce(
+            cause=env.id,
+            ctx=ctx,
+            credit=env.credit,
+            base_lineage=env.lineage,
+            scope=env.scope,
+            context=env.context,
+            value=env.payload,
+            items=None,
+            already=prog.units if prog else 0,
+            acks=[(d.stream, [d.entry_id])],
+            credit_mid=f"credit:{env.id}",
+        )
 
     async def _fire(self, g: _Group) -> None:
         async with self._slots:
