@@ -149,3 +149,38 @@ async def test_killed_aggregator_worker_is_taken_over(workers: Workers, redis_t:
         events = [ev async for _, ev in follow_run(redis_t, spec, run, deadline_s=60)]
         assert events[-1]["type"] == "result", events[-1]
         assert events[-1]["units"] == evaluate(spec, text)
+
+
+def test_worker_exits_nonzero_with_a_clear_message_when_redis_is_unreachable() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "worker", "--pipeline", str(PIPELINE), "--stage", "split",
+         "--redis-url", f"redis://127.0.0.1:{port}/0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 1
+    assert "cannot reach Redis" in proc.stderr
+
+
+async def test_sigterm_drains_and_leaves_the_registry(workers: Workers, redis_t: RedisTransport) -> None:
+    spec = load_pipeline(PIPELINE)
+    workers.start("split", 1)
+    group = stage_group(spec.name, "split")
+
+    async def members() -> int:
+        return len(await redis_t.members(group))
+
+    async def until(n: int) -> None:
+        while await members() != n:
+            await asyncio.sleep(0.05)  # polling another process's registration, bounded below
+
+    await asyncio.wait_for(until(1), 60)
+    proc = workers.procs["split"][0]
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 30) == 0
+    assert await members() == 0  # it left at once, without waiting for its heartbeat to expire
