@@ -42,13 +42,11 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from bench.common import machine, percentile, write_json
 from orchestrator.embedded import EmbeddedTransport
-from orchestrator.envelope import Envelope
 from orchestrator.scheduling import (
     CACHE_AWARE,
     LEAST_LOADED,
@@ -57,7 +55,8 @@ from orchestrator.scheduling import (
     SchedOptions,
 )
 from orchestrator.spec import PipelineSpec, parse_pipeline
-from orchestrator.transport import Commit, Transport
+from orchestrator.transport import Transport
+from workers.client import start_run
 from workers.router import PolicyRouter, Router, entry_router
 from workers.runner import RunnerConfig
 from workers.runtime import Runtime
@@ -310,22 +309,8 @@ def sched_options(engine: EngineConfig, classes: list[ClassDef]) -> SchedOptions
 
 
 async def _publish(transport: Transport, spec: PipelineSpec, router: Router, text: str) -> str:
-    """Start a run like workers.client.start_run, but through `router` (the gateway's
-    producer-side placement for the entry stage)."""
-    run = "run_" + uuid.uuid4().hex[:20]
-    env = Envelope(
-        run=run,
-        pipeline=spec.name,
-        stage=spec.entry_stage,
-        lineage=(),
-        kind="unit",
-        credit=Fraction(1),
-        payload=text,
-        context={"input": text},
-    )
-    event = {"type": "run", "mid": f"run:{run}", "run": run, "pipeline": spec.name}
-    await transport.commit(Commit(messages=[(router.stream_for(env), env)], events=[(run, event)]))
-    return run
+    """Start a run through `router` (the producer-side placement for the entry stage)."""
+    return await start_run(transport, spec, text, router=router)
 
 
 async def run_staircase(

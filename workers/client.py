@@ -18,6 +18,7 @@ from orchestrator.routing import stream_for
 from orchestrator.spec import PipelineSpec
 from orchestrator.tracker import RunTracker, event_order
 from orchestrator.transport import Commit, Transport
+from workers.router import Router
 
 
 def new_run_id() -> str:
@@ -31,7 +32,10 @@ async def start_run(
     *,
     run: str | None = None,
     meta: dict[str, Any] | None = None,
+    router: Router | None = None,
 ) -> str:
+    """`router`: where the entry stage's placement policy wants the input (a scheduling
+    router); by default the entry stage's plain stream."""
     run = run or new_run_id()
     env = Envelope(
         run=run,
@@ -51,7 +55,8 @@ async def start_run(
         "created": int(time.time()),
         **(meta or {}),
     }
-    await transport.commit(Commit(messages=[(stream_for(spec, env), env)], events=[(run, event)]))
+    stream = router.stream_for(env) if router is not None else stream_for(spec, env)
+    await transport.commit(Commit(messages=[(stream, env)], events=[(run, event)]))
     return run
 
 
