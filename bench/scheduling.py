@@ -34,6 +34,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import json
 import math
 import os
 import random
@@ -743,10 +745,14 @@ def markdown(
         cells = []
         for p in POLICIES:
             v = per.get(p)
-            cells.append(
-                f"{_f(v['throughput_at_slo'], 1)} ({_f(v['rate_at_slo_interpolated'], 0)})"
-                if v else "—"
-            )
+            if not v:
+                cells.append("—")
+            elif not v["throughput_at_slo"]:
+                cells.append(f"none (< {min(w.rates):g})")  # missed it at the lowest rate
+            else:
+                cells.append(
+                    f"{_f(v['throughput_at_slo'], 1)} ({_f(v['rate_at_slo_interpolated'], 0)})"
+                )
         verdict = s["verdict"]
         lines.append(
             f"| {w.name} | {_f(verdict.get('slo_s'), 1)} | " + " | ".join(cells)
@@ -810,7 +816,26 @@ def markdown(
                 f"- {w.name}: prompt_aware / least_loaded throughput at SLO = {_f(x)}; "
                 f"target >= 0.95: {_met(None if x is None else x >= 0.95)}."
             )
-    lines += ["", "![scheduling benchmark](bench/results/scheduling.png)", "",
+    lines += [
+        "",
+        "How to read this. pull, round_robin and least_loaded ignore prefixes: on skew-K16 "
+        "every instance sees all 16 classes (about 42k tokens of prefixes against 16k of "
+        "cache), hits stay near 55-60 % and the prefills of the misses stall every batch, so "
+        "they miss the SLO from the lowest rate on, where both prefix-aware policies hold "
+        "~95 % hits. SGLang's cache-aware router is a strong baseline here: its smallest-tree "
+        "rule spreads classes, its abs/rel fallback bounds the imbalance, and it reaches the "
+        "same ceiling as prompt_aware (all four batches full); the >= 1.3x target would need "
+        "a baseline well below that ceiling, and in our runs neither policy beat the other "
+        "by more than one grid step (the step at the SLO boundary flips between runs with "
+        "the machine's load). On skew-K4 every prefix fits every cache, so placement cannot "
+        "win; prompt_aware keeps up with the load-only policies because an instance with a "
+        "free slot also takes work of classes it holds warm from busier owners. On skew-K64 "
+        "the cache holds well under one instance's share of the prefixes and no policy gets "
+        "above ~0.7 hits.",
+        "",
+        "![scheduling benchmark](bench/results/scheduling.png)", "",
+    ]
+    lines += [
               "Raw numbers: `bench/results/scheduling.json`; re-run with "
               "`.venv/bin/python -m bench.scheduling`."]
     return "\n".join(lines)
@@ -842,7 +867,33 @@ WORKLOADS = (
 )
 
 
+def render(path: Path) -> None:
+    """Rewrite the BENCHMARKS.md section and the plot from a results file (no run)."""
+    data = json.loads(path.read_text())
+
+    def num(x: Any) -> Any:
+        return float(x) if x in ("inf", "-inf", "nan") else x
+
+    fields = {f.name for f in dataclasses.fields(RunResult)}
+    rows = [RunResult(**{k: num(v) for k, v in r.items() if k in fields}) for r in data["results"]]
+    workloads = [Workload(**{**w, "rates": tuple(w["rates"]),
+                             "prefix_tokens": tuple(w["prefix_tokens"]),
+                             "suffix_tokens": tuple(w["suffix_tokens"]),
+                             "out_mean": tuple(w["out_mean"])}) for w in data["workloads"]]
+    embedded = [r for r in rows if r.transport == "embedded"]
+    redis_rows = [r for r in rows if r.transport == "redis"]
+    summary = summarize(embedded, workloads)
+    plot(embedded, workloads, path.with_suffix(".png"))
+    update_benchmarks(markdown(summary, embedded, workloads, EngineConfig(**data["engine"]),
+                               RunConfig(**data["run"]), redis_rows, data["machine"],
+                               data["elapsed_s"]))
+
+
 async def amain(args: argparse.Namespace) -> int:
+    if args.render:
+        render(Path(args.render))
+        print(f"updated {BENCHMARKS_MD} from {args.render}")
+        return 0
     engine = EngineConfig(time_scale=args.time_scale)
     run = RunConfig()
     workloads = list(WORKLOADS)
@@ -907,6 +958,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--time-scale", type=float, default=1.0)
     ap.add_argument("--no-markdown", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "scheduling.json"))
+    ap.add_argument("--render", metavar="JSON", default="",
+                    help="only rewrite BENCHMARKS.md (and the plot) from a results file")
     return asyncio.run(amain(ap.parse_args(argv)))
 
 

@@ -80,3 +80,45 @@ async def test_new_owner_rebuilds_group_from_pending(transport: Transport) -> No
     assert result["units"] == ["group[" + ",".join(text.split()) + "]"]
     assert [e["stage"] for e in events if e["type"] == "stage_done"][-1] == "group"
     assert b.processed == 1
+
+
+async def test_partition_that_leaves_and_returns_is_rebuilt(transport: Transport) -> None:
+    """Membership can flap under load (a heartbeat expires): an instance loses a partition
+    while holding part of a group, then gets it back; it must rebuild the group from the
+    pending entries, not skip them as 'already held'."""
+    import hashlib
+
+    from orchestrator.routing import aggregation_key, partition_of, stage_group
+
+    upstream = Runtime(transport, [SPEC], config=CONFIG)
+    await upstream.start([StageSelection("takeover", "split"), StageSelection("takeover", "gate")])
+    text = "alpha beta gamma"
+    run = "run_takeover_flap"
+    stages.GATES[run] = asyncio.Event()
+    a = group_runner(transport, "group-a")
+    stop = asyncio.Event()
+    task = asyncio.create_task(a.run(stop))
+    part = partition_of(aggregation_key(run, ()), SPEC.stage("group").partitions)
+    stream = a.streams[part]
+
+    def wins(m: str) -> bool:
+        return max(["group-a", m], key=lambda x: hashlib.blake2b(f"{x}|{part}".encode()).digest()) == m
+
+    rival = next(f"rival-{i}" for i in range(1000) if wins(f"rival-{i}"))
+    group = stage_group(SPEC.name, "group")
+    try:
+        await start_run(transport, SPEC, text, run=run)
+        await wait_until(lambda: any(len(g.got) >= 1 for g in a._groups.values()))
+        await transport.heartbeat(group, rival, {}, 60_000)  # the rival appears: a lets go
+        await wait_until(lambda: stream not in a.owned)
+        await transport.leave(group, rival)  # ...and vanishes before taking the lease
+        await wait_until(lambda: stream in a.owned)
+        stages.GATES[run].set()
+        events = [ev async for _, ev in follow_run(transport, SPEC, run, deadline_s=30)]
+    finally:
+        stop.set()
+        await task
+        stages.GATES.pop(run, None)
+        await upstream.stop()
+    assert events[-1]["type"] == "result", events[-1]
+    assert events[-1]["units"] == ["group[" + ",".join(text.split()) + "]"]

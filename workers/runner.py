@@ -218,7 +218,9 @@ class StageRunner:
                 lease, self.instance, self.config.lease_ttl_ms
             ):
                 if stream not in self.owned:
-                    # new owner: rebuild the partition's state from its pending entries
+                    # new owner: rebuild the partition's state from its pending entries (all
+                    # of them: what we held here before losing the partition is stale)
+                    self._forget_partition(stream)
                     for d in await self.transport.claim_abandoned(
                         stream, self.group, self.instance, 0, 1_000_000
                     ):
@@ -226,10 +228,17 @@ class StageRunner:
                 owned.append(stream)
             elif stream in self.owned:
                 await self.transport.release_lease(lease, self.instance)
-                for key in [k for k, g in self._groups.items() if g.partition == stream]:
-                    if not self._groups[key].firing:
-                        del self._groups[key]
+                self._forget_partition(stream)
         self.owned = owned
+
+    def _forget_partition(self, stream: str) -> None:
+        """Drop the groups of a partition we no longer own (its entries stay pending for the
+        owner to claim), and forget that we held them, or a later return of the partition
+        would skip those entries as already held and the group could never complete."""
+        for key in [k for k, g in self._groups.items() if g.partition == stream and not g.firing]:
+            g = self._groups.pop(key)
+            for d in [*g.got.values(), *g.extra]:
+                self._held.discard((d.stream, d.entry_id))
 
     # ------------------------------------------------------------------ intake
     async def _accept(self, d: Delivery, partition: str | None = None) -> None:
