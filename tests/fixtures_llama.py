@@ -25,6 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.waiting import eventually_sync
+
 SERVER_START_TIMEOUT_S = 90.0
 SERVER_API_KEY = "alto-test-key"
 
@@ -76,12 +78,7 @@ class LlamaServer:
 
     def wait_for_log(self, needle: str, timeout_s: float = 10.0) -> bool:
         """Poll the server's log for `needle` (the process cannot be awaited otherwise)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if needle in self.log():
-                return True
-            time.sleep(0.05)
-        return needle in self.log()
+        return eventually_sync(lambda: needle in self.log(), timeout_s, every=0.05)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ import os
 import re
 import socket
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ import uvicorn
 
 from orchestrator.engine import GenParams
 from orchestrator.spec import PipelineSpec, load_pipeline
+from tests.waiting import eventually_sync
 from workers.settings import Settings
 
 T = TypeVar("T")
@@ -201,11 +201,8 @@ def sim_engines(server: LiveServer, pipeline: str) -> list[Any]:
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
     """Poll a condition another thread makes true, up to `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
-        time.sleep(0.01)
+    if not eventually_sync(predicate, timeout):
+        raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
 
 
 @pytest.fixture(scope="session")

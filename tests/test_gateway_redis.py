@@ -4,9 +4,7 @@ are up, events kept in a Redis stream with a TTL, and resume with Redis event id
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -17,6 +15,7 @@ from httpx_sse import aconnect_sse
 
 from tests.gateway_fixtures import *  # noqa: F403
 from tests.gateway_fixtures import LiveServer, pipelines
+from tests.waiting import eventually
 from workers.redis_transport import RedisTransport
 from workers.runner import RunnerConfig
 from workers.runtime import Runtime
@@ -38,11 +37,7 @@ def redis_gateway(redis_url: str) -> Iterator[LiveServer]:
 
 
 async def until(predicate_coro, timeout: float = 10.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not await predicate_coro():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
+    await eventually(predicate_coro, timeout, every=0.05)
 
 
 async def test_redis_gateway_end_to_end(redis_gateway: LiveServer, redis_url: str) -> None:

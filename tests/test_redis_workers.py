@@ -22,6 +22,7 @@ from orchestrator.embedded import EmbeddedTransport
 from orchestrator.routing import stage_group
 from orchestrator.spec import PipelineSpec, load_pipeline
 from tests.toy.oracle import evaluate
+from tests.waiting import eventually
 from workers.client import follow_run, run_to_completion, start_run
 from workers.redis_transport import RedisTransport
 from workers.runtime import Runtime
@@ -76,11 +77,7 @@ async def wait_for_members(t: RedisTransport, spec: PipelineSpec, n: int, timeou
                 return False
         return True
 
-    async def poll() -> None:
-        while not await ready():
-            await asyncio.sleep(0.05)  # polling other processes' heartbeats, bounded below
-
-    await asyncio.wait_for(poll(), timeout)
+    await eventually(ready, timeout, every=0.05)
 
 
 @pytest.fixture
@@ -175,11 +172,10 @@ async def test_sigterm_drains_and_leaves_the_registry(workers: Workers, redis_t:
     async def members() -> int:
         return len(await redis_t.members(group))
 
-    async def until(n: int) -> None:
-        while await members() != n:
-            await asyncio.sleep(0.05)  # polling another process's registration, bounded below
+    async def registered() -> bool:
+        return await members() == 1
 
-    await asyncio.wait_for(until(1), 60)
+    await eventually(registered, 60, every=0.05)
     proc = workers.procs["split"][0]
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(proc.wait, 30) == 0

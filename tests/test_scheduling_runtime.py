@@ -21,6 +21,7 @@ from orchestrator.scheduling import POLICIES, PROMPT_AWARE, SchedOptions
 from orchestrator.spec import PipelineSpec, parse_pipeline
 from orchestrator.template import StageContext
 from orchestrator.transport import Transport
+from tests.waiting import eventually
 from workers.client import run_to_completion
 from workers.router import (
     PLAN_MEMBER,
@@ -114,13 +115,13 @@ async def test_prompt_aware_pipeline_is_exact_on_both_transports(transport: Tran
     def total(suffix: str) -> float:
         return sum(v for k, v in counters.items() if k[0].isdigit() and k.endswith(suffix))
 
-    async def flushed() -> None:
+    async def counted() -> bool:
         nonlocal counters
-        while True:
-            counters = await transport.hgetall(stats_key(spec.name, "judge"))
-            if total(".arr") >= words and total(".n") >= words:
-                return
-            await asyncio.sleep(0.02)  # poll the condition; bounded by wait_for
+        counters = await transport.hgetall(stats_key(spec.name, "judge"))
+        return total(".arr") >= words and total(".n") >= words
+
+    async def flushed() -> None:
+        await eventually(counted, every=0.02)
 
     assert await _run_all(transport, spec, PROMPT_AWARE, settle=flushed) == _expected()
     # the LM stage's work went through class lanes, counted by producers and workers

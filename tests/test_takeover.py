@@ -13,6 +13,7 @@ import asyncio
 from orchestrator.spec import parse_pipeline
 from orchestrator.transport import Transport
 from tests.toy import stages
+from tests.waiting import eventually
 from workers.client import follow_run, start_run
 from workers.runner import RunnerConfig, StageRunner
 from workers.runtime import Runtime, StageSelection
@@ -33,12 +34,7 @@ SPEC = parse_pipeline(
 CONFIG = RunnerConfig(claim_idle_ms=200, block_ms=20, lease_ttl_ms=300, heartbeat_ms=50)
 
 
-async def wait_until(pred, timeout: float = 20.0) -> None:  # noqa: ANN001
-    async def loop() -> None:
-        while not pred():
-            await asyncio.sleep(0.01)  # condition polling with a deadline, not a sync sleep
-
-    await asyncio.wait_for(loop(), timeout)
+wait_until = eventually
 
 
 def group_runner(transport: Transport, name: str) -> StageRunner:

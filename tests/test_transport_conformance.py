@@ -8,7 +8,6 @@ exact (approximate trimming), the assertion says so explicitly.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from fractions import Fraction
@@ -21,6 +20,7 @@ from hypothesis import strategies as st
 from orchestrator.embedded import EmbeddedTransport, NoGroupError
 from orchestrator.envelope import Envelope
 from orchestrator.transport import Commit, Progress, Transport
+from tests.waiting import eventually as _eventually
 
 WAIT_S = 10.0  # generous upper bound for anything that should happen "soon"
 BIG_IDLE_MS = 3_600_000  # an hour: nothing delivered during a test is that idle
@@ -59,11 +59,10 @@ def is_redis(t: Transport) -> bool:
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
     """Poll `check` until true, failing after WAIT_S (for TTL expiry, which has no event)."""
-    deadline = time.monotonic() + WAIT_S
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+    try:
+        await _eventually(check, WAIT_S, every=0.005)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
 
 
 async def blocked_readers(t: Transport) -> int:
