@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -54,7 +53,10 @@ async def _make_transport(redis_url: str | None):  # noqa: ANN202 - returns a Tr
         try:
             await t.ping()
         except Exception as exc:  # noqa: BLE001 - any connection failure is reported the same way
-            console.print(f"[red]cannot reach Redis at {redis_url}[/red]: {exc}")
+            from workers.redact import redact_url  # never print a URL's password
+
+            console.print(f"[red]cannot reach Redis at {redact_url(redis_url)}[/red]: "
+                          f"{type(exc).__name__}: {exc}")
             raise typer.Exit(1) from None
         return t
     from orchestrator.embedded import EmbeddedTransport
@@ -169,6 +171,9 @@ def worker(
     engine_opt: Annotated[list[str] | None, typer.Option("--engine-opt", help="KEY=VALUE")] = None,
     concurrency: Annotated[int | None, typer.Option(help="max inputs in flight")] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="barrier mode")] = False,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="serve /metrics /healthz /readyz here (ALTO_METRICS_PORT)")
+    ] = None,
 ) -> None:
     """Serve one stage of a pipeline from Redis until SIGTERM (then drain)."""
     from workers.settings import get_settings
@@ -183,24 +188,42 @@ def worker(
         console.print(f"[red]pipeline {spec.name!r} has no stage {stage!r}[/red] (has {list(spec.by_name)})")
         raise typer.Exit(2)
     override = _engine_override(engine or settings.engine, engine_opt)
+    if metrics_port is not None:
+        settings = settings.model_copy(update={"metrics_port": metrics_port})
     raise typer.Exit(asyncio.run(_worker(spec, stage, url, override, concurrency, settings)))
 
 
 async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec | None,
                   concurrency: int | None, settings: Any) -> int:
+    from app.logs import set_defaults
+    from workers.metrics import WorkerMetrics, serve_worker_http
     from workers.runner import RunnerConfig
     from workers.runtime import Runtime, StageSelection
 
+    set_defaults(pipeline=spec.name, stage=stage)
+    metrics = WorkerMetrics()
     transport = await _make_transport(url)
-    config = RunnerConfig(claim_idle_ms=settings.claim_idle_ms, lease_ttl_ms=settings.lease_ttl_ms,
-                          heartbeat_ms=settings.heartbeat_ms)
+    config = RunnerConfig.from_settings(settings)
+    from workers.tracing import SpanRecorder, combine
+    from workers.tracing import configure as configure_tracing
+
+    observer = metrics.observe  # + a span per call when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    if configure_tracing("alto-worker"):
+        observer = combine(metrics.observe, SpanRecorder().observe)
     runtime = Runtime(transport, [spec], config=config, engine_override=override, instances=1,
-                      policy=settings.policy,
+                      policy=settings.policy, observer=observer,
                       concurrency=concurrency)
+    # up before the engine loads: probes see a live but not-ready worker meanwhile
+    http = None
+    if settings.metrics_port:
+        http = await serve_worker_http(metrics, runtime, settings.metrics_host,
+                                       settings.metrics_port)
     try:
         await runtime.start([StageSelection(spec.name, stage)])
     except Exception as exc:  # noqa: BLE001
         console.print(f"[red]cannot start stage {stage!r}[/red]: {exc}")
+        if http is not None:
+            http.close()
         await transport.close()
         return 1
     stop = asyncio.Event()
@@ -213,6 +236,8 @@ async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec
     done, _ = await asyncio.wait([waiter, *runners], return_when=asyncio.FIRST_COMPLETED)
     failure = runtime.failed()
     await runtime.stop(drain=True)
+    if http is not None:
+        http.close()
     await transport.close()
     if failure is not None:
         console.print(f"[red]worker failed[/red]: {failure}")
@@ -280,12 +305,18 @@ def serve(
         console.print(f"[red]invalid pipeline[/red]: {exc}")
         raise typer.Exit(2) from None
     app = create_app(settings, specs)
-    mode = f"redis {settings.redis_url}" if settings.redis_url else "embedded"
+    from workers.redact import redact_url
+
+    mode = f"redis {redact_url(settings.redis_url)}" if settings.redis_url else "embedded"
     console.print(
         f"[green]alto gateway[/green] http://{settings.host}:{settings.port} ({mode}; "
         f"pipelines: {', '.join(s.name for s in specs)})"
     )
-    uvicorn.run(app, host=settings.host, port=settings.port,
+    from app.logs import is_json
+
+    # JSON logs: uvicorn's records go through our root handler, not its own text handlers
+    log_config = None if is_json() else uvicorn.config.LOGGING_CONFIG
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=log_config,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
 
 
@@ -320,7 +351,9 @@ def main() -> None:
     # as `python -m` would resolve them
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from app.logs import configure
+
+    configure()  # ALTO_LOG_FORMAT=text|json, ALTO_LOG_LEVEL
     try:
         cli()
     except KeyboardInterrupt:

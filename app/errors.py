@@ -18,6 +18,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("alto.gateway")
@@ -129,6 +131,18 @@ def install(app: FastAPI) -> None:
             message = f"no route {request.method} {request.url.path}"
         err = ApiError(exc.status_code, message, code=code, headers=dict(exc.headers or {}))
         return err.response()
+
+    async def _bus_down(request: Request, exc: Exception) -> JSONResponse:
+        # the client learns what is wrong, not where: no host, port or credentials (the
+        # log says more; redis-py never puts the password in its messages)
+        log.warning("message bus unavailable on %s %s: %s: %s", request.method,
+                    request.url.path, type(exc).__name__, exc)
+        return ApiError(503, f"the message bus (Redis) is unavailable: {type(exc).__name__}",
+                        code="transport_unavailable",
+                        headers={"Retry-After": "1"}).response()
+
+    for bus_error in (RedisConnectionError, RedisTimeoutError):
+        app.add_exception_handler(bus_error, _bus_down)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -29,6 +29,7 @@ from typing import Any
 
 import anyio
 
+from app.admission import QueueGuard, same_owner
 from app.engines import EnginePool
 from app.errors import ApiError
 from app.metrics import Metrics
@@ -37,6 +38,7 @@ from orchestrator.spec import PipelineSpec
 from orchestrator.tracker import RunTracker, event_order
 from orchestrator.transport import Commit, Transport
 from workers.client import follow_run, start_run
+from workers.router import PolicyRouter, Router, entry_router
 from workers.runtime import Runtime
 from workers.settings import Settings
 
@@ -44,6 +46,7 @@ log = logging.getLogger("alto.gateway")
 
 WATCH_PREFIX = "watch:"
 _MEMBERS_CACHE_S = 0.5
+_ENTRY_REFRESH_S = 0.1  # how stale the entry stage's placement inputs may get
 
 
 class Slot:
@@ -69,6 +72,7 @@ class RunHandle:
     run: str
     text: str
     slot: Slot
+    deadline_s: float
     created: int = field(default_factory=lambda: int(time.time()))
     t0: float = field(default_factory=time.monotonic)
     finished: bool = False
@@ -78,14 +82,15 @@ class RunHandle:
 
     async def events(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """The run's client-visible events, from the start; ends after result/error."""
-        follow = self.gateway.follow(self.spec, self.run, deadline_s=self.deadline_left())
+        follow = self.gateway.follow(self.spec, self.run, deadline_s=self.deadline_left(),
+                                     total_s=self.deadline_s)
         async for eid, ev in follow:
             self.last_id = eid
             self._observe(ev)
             yield eid, ev
 
     def deadline_left(self) -> float:
-        return max(0.001, self.gateway.settings.run_deadline_s - (time.monotonic() - self.t0))
+        return max(0.001, self.deadline_s - (time.monotonic() - self.t0))
 
     def _observe(self, ev: dict[str, Any]) -> None:
         m = self.gateway.metrics
@@ -146,7 +151,12 @@ class Gateway:
         self.inflight = 0
         self.instance = uuid.uuid4().hex[:12]
         self._members_cache: dict[str, tuple[float, int]] = {}
+        self.queues = QueueGuard(settings, transport, metrics)
         self._reapers: set[asyncio.Task[None]] = set()
+        # per pipeline: where entry messages go (a scheduling policy's placement) and when
+        # its inputs (live instances, queue lengths, arrival counts) were last refreshed
+        self._entry: dict[str, tuple[Router, float]] = {}
+        self._entry_busy: set[str] = set()
 
     # ---- lookup & admission ----------------------------------------------------------------
     def pipeline(self, name: str, *, param: str | None = None) -> PipelineSpec:
@@ -207,22 +217,78 @@ class Gateway:
             )
 
     # ---- runs ------------------------------------------------------------------------------
-    async def start(self, spec: PipelineSpec, text: str) -> RunHandle:
-        """Admit, check workers, start; the caller must `close()` the handle when done."""
+    async def start(
+        self, spec: PipelineSpec, text: str, *, owner: str | None = None,
+        deadline_s: float | None = None,
+    ) -> RunHandle:
+        """Admit, check workers and queue bounds, start; the caller must `close()` the
+        handle when done. `owner`: the caller's key hash, recorded in the `run` event
+        (only that key may read the run); `deadline_s`: default `run_deadline_s`."""
+        deadline = self.settings.run_deadline_s if deadline_s is None else deadline_s
         slot = self.admit()
         try:
             await self.require_workers(spec)
-            run = await start_run(self.transport, spec, text)
+            await self.queues.check(spec)
+            meta: dict[str, Any] = {"deadline_s": deadline}
+            if owner is not None:
+                meta["owner"] = owner
+            run = await start_run(self.transport, spec, text, meta=meta,
+                                  router=await self.entry_router(spec))
+            # safety net: the log expires even if this gateway dies before the run ends
+            # (the run's end, or its cancel, sets the shorter run_ttl_s)
+            await self.expire(run, int(deadline + self.settings.resume_grace_s)
+                              + self.settings.run_ttl_s)
         except BaseException:
             slot.release()
             raise
         self.metrics.runs_started.labels(spec.name).inc()
-        return RunHandle(self, spec, run, text, slot)
+        return RunHandle(self, spec, run, text, slot, deadline)
 
-    async def lookup_run(self, run: str) -> tuple[PipelineSpec, dict[str, Any]]:
-        """The pipeline of a run and its `run` event, or 404 (unknown, or expired)."""
+    async def entry_router(self, spec: PipelineSpec) -> Router:
+        """The router entry messages are published with: the plain stream unless the entry
+        stage has a scheduling policy (spec or ALTO_POLICY), whose placement needs fresh
+        numbers. Refreshed on the request path at most every `_ENTRY_REFRESH_S` (one
+        refresh at a time): no background task, and an idle gateway costs nothing."""
+        now = time.monotonic()
+        entry = self._entry.get(spec.name)
+        if entry is None:
+            entry = (self._new_entry_router(spec), -_ENTRY_REFRESH_S)
+        router, last = entry
+        if (isinstance(router, PolicyRouter) and now - last >= _ENTRY_REFRESH_S
+                and spec.name not in self._entry_busy):
+            self._entry_busy.add(spec.name)
+            try:
+                await router.refresh_targets(self.transport)
+                last = now
+            except Exception:  # noqa: BLE001 - stale placement inputs beat a failed run
+                log.warning("entry placement refresh failed for %s", spec.name, exc_info=True)
+            finally:
+                self._entry_busy.discard(spec.name)
+        self._entry[spec.name] = (router, last)
+        return router
+
+    def _new_entry_router(self, spec: PipelineSpec) -> Router:
+        """Placement must match what the entry stage's instances read: in embedded mode,
+        their routers (the runtime may have been given a policy other than ALTO_POLICY);
+        otherwise ALTO_POLICY, which every process of a deployment must share."""
+        if self.runtime is not None:
+            for r in self.runtime.runners:
+                if r.spec.name == spec.name and r.stage.name == spec.entry_stage:
+                    if isinstance(r.router, PolicyRouter):
+                        return PolicyRouter(spec, None, override=r.router.override,
+                                            options=r.router.opts)
+                    return Router(spec)
+        return entry_router(spec, self.settings.policy)
+
+    async def lookup_run(
+        self, run: str, owner: str | None = None
+    ) -> tuple[PipelineSpec, dict[str, Any]]:
+        """The pipeline of a run and its `run` event, or 404: unknown, expired, or
+        created with another API key (404, not 403: other keys must not learn that the
+        run exists)."""
         first = await self.transport.read_events(run, None, 1, 0)
-        if not first or first[0][1].get("type") != "run":
+        if (not first or first[0][1].get("type") != "run"
+                or not same_owner(first[0][1].get("owner"), owner)):
             raise ApiError(404, f"no run {run!r} (unknown, or its events have expired)",
                            code="run_not_found", param="run_id")
         ev = first[0][1]
@@ -239,6 +305,7 @@ class Gateway:
         *,
         after: str | None = None,
         deadline_s: float,
+        total_s: float | None = None,
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Follow a run (after event id `after`) as a registered watcher.
 
@@ -248,7 +315,7 @@ class Gateway:
         """
         member = f"{self.instance}:{uuid.uuid4().hex[:8]}"
         group = WATCH_PREFIX + run
-        ttl_ms = int((self.settings.run_deadline_s + self.settings.resume_grace_s + 60) * 1000)
+        ttl_ms = int((deadline_s + self.settings.resume_grace_s + 60) * 1000)
         await self.transport.heartbeat(group, member, {"gateway": self.instance}, ttl_ms)
         last = after
         try:
@@ -261,8 +328,9 @@ class Gateway:
                 return
             except TimeoutError:
                 pass
+            total = self.settings.run_deadline_s if total_s is None else total_s
             await self.fail(run, "deadline_exceeded",
-                            f"the run did not finish within {self.settings.run_deadline_s} s")
+                            f"the run did not finish within its deadline ({total:g} s)")
             try:
                 async for eid, ev in follow_run(
                     self.transport, spec, run, after=last, deadline_s=5.0
@@ -289,9 +357,10 @@ class Gateway:
         except Exception:  # noqa: BLE001 - a cancel that cannot be sent is logged, not raised
             log.exception("could not cancel run %s", run)
 
-    async def expire(self, run: str) -> None:
+    async def expire(self, run: str, ttl_s: int | None = None) -> None:
         with contextlib.suppress(Exception):
-            await self.transport.expire_run(run, max(1, self.settings.run_ttl_s))
+            ttl = self.settings.run_ttl_s if ttl_s is None else ttl_s
+            await self.transport.expire_run(run, max(1, ttl))
 
     async def finished(self, spec: PipelineSpec, run: str) -> bool:
         """Whether the run's log already holds its end (replayed through a tracker)."""
@@ -331,8 +400,9 @@ class Gateway:
 
 
 def public_event(ev: dict[str, Any]) -> dict[str, Any]:
-    """What clients see of a raw event: without the internal de-duplication id."""
-    return {k: v for k, v in ev.items() if k != "mid"}
+    """What clients see of a raw event: without the internal de-duplication id and the
+    owner's key hash."""
+    return {k: v for k, v in ev.items() if k not in ("mid", "owner")}
 
 
 def valid_event_id(value: str) -> bool:

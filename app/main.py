@@ -13,6 +13,7 @@ A transport or runtime passed in is used as is and left for the caller to close.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Iterable
@@ -26,13 +27,21 @@ from app import errors
 from app.engines import EnginePool
 from app.gateway import Gateway
 from app.metrics import Metrics
-from app.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from app.middleware import (
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    RateLimitMiddleware,
+    key_digests,
+)
+from app.ratelimit import RateLimiter
 from app.responses import SSE_MODELS
 from app.routes_native import router as native_router
 from app.routes_openai import router as openai_router
 from app.routes_ops import router as ops_router
 from orchestrator.spec import EngineSpec, PipelineSpec, load_pipeline
 from orchestrator.transport import Transport
+from workers.redact import redact_url
 from workers.runner import RunnerConfig
 from workers.runtime import Runtime
 from workers.settings import Settings, get_settings
@@ -92,6 +101,11 @@ def create_app(
                 from workers.redis_transport import RedisTransport
 
                 t = RedisTransport(settings.redis_url)
+                try:  # say so at once (requests would answer 503 transport_unavailable)
+                    await asyncio.wait_for(t.ping(), 5.0)  # a black-holed host: don't hang
+                except Exception as exc:  # noqa: BLE001 - any failure is reported alike
+                    log.warning("cannot reach Redis at %s: %s: %s",
+                                redact_url(settings.redis_url), type(exc).__name__, exc)
             else:
                 from orchestrator.embedded import EmbeddedTransport
 
@@ -99,14 +113,11 @@ def create_app(
         rt = runtime
         own_runtime = False
         if rt is None and not settings.redis_url:
-            config = RunnerConfig(
-                claim_idle_ms=settings.claim_idle_ms,
-                lease_ttl_ms=settings.lease_ttl_ms,
-                heartbeat_ms=settings.heartbeat_ms,
-            )
+            config = RunnerConfig.from_settings(settings)
             rt = Runtime(
                 t, specs, config=config, observer=metrics.observe, engine_override=override,
                 instances=settings.instances, concurrency=settings.concurrency,
+                policy=settings.policy,
             )
             await rt.start()
             own_runtime = True
@@ -138,6 +149,10 @@ def create_app(
     app.include_router(native_router, dependencies=auth)
     app.include_router(ops_router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    if settings.rate_limit_rps > 0:
+        limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
+        app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    key_digests(settings.api_keys)  # a malformed `sha256:` entry fails here, not at startup
     app.add_middleware(AuthMiddleware, keys=list(settings.api_keys))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]

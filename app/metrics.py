@@ -21,6 +21,7 @@ from orchestrator.embedded import NoGroupError
 from orchestrator.routing import stage_group, stage_streams
 from orchestrator.spec import PipelineSpec
 from orchestrator.transport import Transport
+from workers.router import cluster_router_metrics
 
 log = logging.getLogger("alto.gateway")
 
@@ -84,6 +85,23 @@ class Metrics:
                                ["pipeline", "stage"], registry=r)
         self.proxy_tokens = Counter("alto_proxy_tokens", "Tokens of direct engine-model calls",
                                     ["model", "kind"], registry=r)
+        # scheduling of LM stages (workers/router.py: cluster_router_metrics, from the transport)
+        self.router_hit_ratio = Gauge(
+            "alto_router_prefix_hit_ratio", "Prefix-cache hit rate (cached / prompt tokens) of an "
+            "LM stage's calls, per scheduling policy", ["pipeline", "stage", "policy"], registry=r,
+        )
+        self.instance_load = Gauge(
+            "alto_instance_load", "Requests in flight on one instance of a scheduled LM stage",
+            ["pipeline", "stage", "instance"], registry=r,
+        )
+        self.instance_hit_ratio = Gauge(
+            "alto_instance_prefix_hit_ratio", "Prefix-cache hit rate of one instance",
+            ["pipeline", "stage", "instance"], registry=r,
+        )
+        self.router_imbalance = Gauge(
+            "alto_router_load_imbalance", "max/mean of in-flight requests over a stage's instances",
+            ["pipeline", "stage"], registry=r,
+        )
 
     # ---- the Runtime observer hook (workers.runner.Observer) -------------------------------
     def observe(self, event: str, data: dict[str, Any]) -> None:
@@ -124,6 +142,34 @@ class Metrics:
                 self.queue_lag.labels(spec.name, stage).set(lag)
                 members = await transport.members(group)
                 self.instances.labels(spec.name, stage).set(len(members))
+        await self._refresh_routers(transport, pipelines)
+
+    async def _refresh_routers(
+        self, transport: Transport, pipelines: dict[str, PipelineSpec]
+    ) -> None:
+        """Per-policy prefix-hit rate and per-instance load of scheduled LM stages. Read
+        everything first, then replace the series in one go: an instance that left must
+        not keep reporting its last load."""
+        rows = [(spec.name, await cluster_router_metrics(transport, spec))
+                for spec in pipelines.values()]
+        for gauge in (self.router_hit_ratio, self.instance_load, self.instance_hit_ratio,
+                      self.router_imbalance):
+            gauge.clear()
+        for pipeline, stages in rows:
+            for st in stages.values():
+                stage = st["stage"]
+                for policy, numbers in st["policies"].items():
+                    if numbers.get("prefix_hit_rate") is not None:
+                        self.router_hit_ratio.labels(pipeline, stage, policy).set(
+                            numbers["prefix_hit_rate"])
+                for name, info in st["instances"].items():
+                    self.instance_load.labels(pipeline, stage, name).set(
+                        float(info.get("inflight") or 0))
+                    if info.get("prefix_hit_rate") is not None:
+                        self.instance_hit_ratio.labels(pipeline, stage, name).set(
+                            info["prefix_hit_rate"])
+                if st["load_imbalance"] is not None:
+                    self.router_imbalance.labels(pipeline, stage).set(st["load_imbalance"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,17 +1,21 @@
-"""Pure ASGI middleware: request metrics, API-key auth and the body size limit.
+"""Pure ASGI middleware: request metrics, API-key auth, rate limit and the body size limit.
 
 Why pure ASGI (not BaseHTTPMiddleware): streamed responses (SSE) must pass through
 untouched and a client disconnect must reach the endpoint as `http.disconnect`, which is
 how a run gets cancelled; BaseHTTPMiddleware wraps both in ways that hide them.
 
-Order, outermost first: metrics (sees every answer, 401/413 included) -> auth (a wrong
-key gets 401 before the body is even read) -> body limit (413 before FastAPI parses it).
+Order, outermost first: metrics (sees every answer, 401/413/429 included) -> auth (a wrong
+key gets 401 before the body is even read) -> rate limit (429 per key, before the body)
+-> body limit (413 before FastAPI parses it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
+import math
+import re
 import time
 from collections.abc import Sequence
 
@@ -19,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import ApiError
 from app.metrics import Metrics
+from app.ratelimit import RateLimiter
 
 
 async def _send_error(send: Send, err: ApiError) -> None:
@@ -59,16 +64,52 @@ class MetricsMiddleware:
                 self.metrics.errors.labels(f"http_{status}").inc()
 
 
+HASH_PREFIX = "sha256:"
+OWNER_STATE = "alto_owner"  # scope["state"] key: the caller's key hash (request.state)
+
+
+def key_hash(key: str | bytes) -> str:
+    """The hex SHA-256 of an API key: what ALTO_API_KEYS may hold instead of the key (so
+    keys are hashed at rest) and what a run records as its owner (never the key)."""
+    raw = key.encode() if isinstance(key, str) else key
+    return hashlib.sha256(raw).hexdigest()
+
+
+def key_digests(keys: Sequence[str]) -> list[bytes]:
+    """ALTO_API_KEYS entries -> SHA-256 digests: `sha256:<64 hex>` is taken as the hash of
+    a key, anything else as the key itself. A malformed hash entry is refused at start-up
+    (naming its position, not its value)."""
+    out = []
+    for i, key in enumerate(k.strip() for k in keys):
+        if not key:
+            continue
+        if key.lower().startswith(HASH_PREFIX):
+            digest = key[len(HASH_PREFIX):]
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                raise ValueError(f"ALTO_API_KEYS entry {i} starts with {HASH_PREFIX!r} but is "
+                                 "not followed by 64 hex digits")
+            out.append(bytes.fromhex(digest))
+        else:
+            out.append(hashlib.sha256(key.encode()).digest())
+    return out
+
+
 class AuthMiddleware:
     """Bearer-token check on /v1/* when API keys are configured (health/metrics stay open,
-    so probes and scrapers need no secret)."""
+    so probes and scrapers need no secret).
+
+    The token is hashed and its digest compared with `hmac.compare_digest` against every
+    configured digest, without stopping at a match: the time taken says nothing about
+    which key (or which prefix) matched. The caller's key hash is put in the request
+    state (`request.state.alto_owner`), which is how runs know their owner.
+    """
 
     def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
         self.app = app
-        self.keys = [k.encode() for k in keys if k]
+        self.digests = key_digests(keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not self.digests or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
         token = b""
@@ -78,11 +119,11 @@ class AuthMiddleware:
                 if scheme.lower() == b"bearer":
                     token = rest.strip()
                 break
-        # compare against every key so timing does not tell which prefix matched
+        digest = hashlib.sha256(token).digest()
         ok = False
-        for key in self.keys:
-            ok |= hmac.compare_digest(token, key)
-        if not ok:
+        for known in self.digests:
+            ok |= hmac.compare_digest(digest, known)
+        if not token or not ok:
             message = (
                 "missing API key: send 'Authorization: Bearer <key>'"
                 if not token
@@ -92,6 +133,37 @@ class AuthMiddleware:
                 send,
                 ApiError(401, message, code="invalid_api_key",
                          headers={"WWW-Authenticate": "Bearer"}),
+            )
+            return
+        scope.setdefault("state", {})[OWNER_STATE] = digest.hex()
+        await self.app(scope, receive, send)
+
+
+class RateLimitMiddleware:
+    """Per-key token bucket on /v1/* (placed inside AuthMiddleware, so only authenticated
+    requests spend tokens, and a flood of wrong keys cannot drain a real key's bucket).
+    Without API keys, callers are told apart by client address."""
+
+    def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
+        self.app = app
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        who = (scope.get("state") or {}).get(OWNER_STATE)
+        if who is None:
+            client = scope.get("client")
+            who = f"addr:{client[0] if client else '-'}"
+        wait = self.limiter.take(who)
+        if wait > 0:
+            await _send_error(
+                send,
+                ApiError(429, f"rate limit exceeded: {self.limiter.rate:g} requests/s with "
+                              f"bursts of {self.limiter.burst:g} per API key; retry later",
+                         code="rate_limit_exceeded",
+                         headers={"Retry-After": str(max(1, math.ceil(wait)))}),
             )
             return
         await self.app(scope, receive, send)

@@ -26,7 +26,8 @@ _DESCRIPTIONS = {
     401: "API keys are configured and the bearer token is missing or wrong",
     404: "Unknown model, pipeline or run",
     413: "Body larger than the configured limit",
-    429: "Admission control: too many runs in flight (see Retry-After)",
+    429: "Per-key rate limit, too many runs in flight, or a stage's queue at its bound "
+         "(see Retry-After)",
     500: "The pipeline failed",
     503: "No worker serves a stage of the pipeline, or an engine is unavailable",
     504: "The run did not finish within its deadline",

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
+from pydantic import BaseModel
 from sse_starlette import ServerSentEvent
 
+from app.admission import check_prompt, deadline_for
 from app.errors import ApiError
 from app.gateway import Gateway, RunHandle, valid_event_id
+from app.middleware import OWNER_STATE
 from app.responses import EVENTS_SSE, RUN_SSE, errors
 from app.schemas import (
     EngineInfo,
@@ -33,15 +36,34 @@ from app.schemas import (
 from app.streaming import ClientGone, ClosingEventSource, sse, unless_disconnected
 from orchestrator.spec import PipelineSpec
 from orchestrator.template import as_text
+from orchestrator.tracker import RunTracker
 
 router = APIRouter(prefix="/v1", tags=["pipelines"])
 
 PipelineName = Annotated[str, Path(description="pipeline name", examples=["factool"])]
 EventId = r"^[0-9]+(-[0-9]+)?(\.[0-9]+)?$"
+RunId = Annotated[str, Path(description="a run id (`X-Alto-Run`)")]
 
 
 def gateway(request: Request) -> Gateway:
     return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+def owner(request: Request) -> str | None:
+    """The caller's API key hash (None when the gateway has no keys)."""
+    return getattr(request.state, OWNER_STATE, None)
+
+
+class RunStatus(BaseModel):
+    """Where a run stands, from its event log."""
+
+    id: str
+    object: Literal["pipeline.run.status"] = "pipeline.run.status"
+    pipeline: str
+    created: int
+    deadline_s: float | None = None
+    status: Literal["running", "completed", "failed", "cancelled"]
+    error: RunError | None = None
 
 
 def pipeline_info(spec: PipelineSpec) -> PipelineInfo:
@@ -81,14 +103,15 @@ def wants_sse(request: Request) -> bool:
     return "text/event-stream" in request.headers.get("accept", "").lower()
 
 
-@router.get("/pipelines", response_model=PipelineList, responses=errors(401))
+@router.get("/pipelines", response_model=PipelineList, responses=errors(401, 429))
 async def list_pipelines(request: Request) -> PipelineList:
     """Every pipeline this gateway serves, with its stages and engines."""
     gw = gateway(request)
     return PipelineList(data=[pipeline_info(s) for s in gw.pipelines.values()])
 
 
-@router.get("/pipelines/{name}", response_model=PipelineInfo, responses=errors(401, 404))
+@router.get("/pipelines/{name}", response_model=PipelineInfo,
+            responses=errors(401, 404, 429))
 async def get_pipeline(name: PipelineName, request: Request) -> PipelineInfo:
     """One pipeline's stages, engines and streaming mode."""
     return pipeline_info(gateway(request).pipeline(name, param="name"))
@@ -152,11 +175,15 @@ async def create_run(name: PipelineName, body: RunRequest, request: Request) -> 
     with an `id`: `run`, `partial` (stage, key, lineage, data, text), `stage_done`,
     `result` (output, units) and `error` (message, code, stage). Otherwise the answer is
     one JSON object with the result and every partial output, sent when the run ends.
-    The run id is also in the `X-Alto-Run` header, before any event.
+    The run id is also in the `X-Alto-Run` header, before any event. The header
+    `X-Alto-Deadline: <seconds>` sets this run's deadline (default and maximum are
+    configured; see docs/API.md).
     """
     gw = gateway(request)
     spec = gw.pipeline(name, param="name")
-    handle = await gw.start(spec, body.input)
+    check_prompt(gw.settings, body.input, "input")
+    handle = await gw.start(spec, body.input, owner=owner(request),
+                            deadline_s=deadline_for(gw.settings, request))
     headers = {"X-Alto-Run": handle.run}
     if wants_sse(request):
         grace = gw.settings.resume_grace_s
@@ -183,12 +210,12 @@ async def create_run(name: PipelineName, body: RunRequest, request: Request) -> 
 
 @router.get(
     "/runs/{run_id}/events",
-    responses={**EVENTS_SSE, **errors(400, 401, 404)},
+    responses={**EVENTS_SSE, **errors(400, 401, 404, 429)},
     response_class=Response,
 )
 async def run_events(
     request: Request,
-    run_id: str,
+    run_id: RunId,
     # typed `str` with an empty default, not `str | None`: a header is never JSON null
     last_event_id: Annotated[
         str,
@@ -211,13 +238,15 @@ async def run_events(
         raise ApiError(400, f"not an event id of this API: {resume!r}",
                        code="invalid_event_id",
                        param="Last-Event-ID" if last_event_id else "after")
-    spec, first = await gw.lookup_run(run_id)
+    spec, first = await gw.lookup_run(run_id, owner(request))
     created = float(first.get("created") or time.time())
-    deadline = max(0.001, created + gw.settings.run_deadline_s - time.time())
+    total = float(first.get("deadline_s") or gw.settings.run_deadline_s)
+    deadline = max(0.001, created + total - time.time())
     state = {"ended": False}
 
     async def events() -> AsyncIterator[ServerSentEvent]:
-        async for eid, ev in gw.follow(spec, run_id, after=resume, deadline_s=deadline):
+        async for eid, ev in gw.follow(spec, run_id, after=resume, deadline_s=deadline,
+                                       total_s=total):
             if ev.get("type") in ("result", "error"):
                 state["ended"] = True
             yield sse(event_payload(ev), event=str(ev.get("type")), id=eid)
@@ -233,3 +262,65 @@ async def run_events(
         events(), on_close=on_close, ping_s=gw.settings.sse_ping_s,
         headers={"X-Alto-Run": run_id},
     )
+
+
+async def _status(gw: Gateway, spec: PipelineSpec, run: str, first: dict[str, Any]) -> RunStatus:
+    """Replay the log through a tracker: completion is exact, never guessed. A run past
+    its deadline that nobody follows any more (its gateway died) is failed here, so an
+    abandoned run is cancelled by whoever looks at it next."""
+    tracker = RunTracker(spec, run)
+    error: dict[str, Any] | None = None
+    cursor = None
+    while not tracker.finished and error is None:
+        batch = await gw.transport.read_events(run, cursor, 512, 0)
+        if not batch:
+            break
+        for eid, ev in batch:
+            cursor = eid
+            if ev.get("type") == "error":
+                error = ev
+                break
+            tracker.feed(eid, ev)
+            if tracker.finished:
+                break
+    created = int(first.get("created") or 0)
+    deadline = float(first.get("deadline_s") or gw.settings.run_deadline_s)
+    if error is None and not tracker.finished and time.time() > created + deadline + 1:
+        await gw.fail(run, "deadline_exceeded",
+                      f"the run did not finish within its deadline ({deadline:g} s)")
+        error = {"code": "deadline_exceeded",
+                 "message": f"the run did not finish within its deadline ({deadline:g} s)"}
+    if error is not None:
+        status = "cancelled" if error.get("code") == "cancelled" else "failed"
+    else:
+        status = "completed" if tracker.finished else "running"
+    return RunStatus(
+        id=run, pipeline=spec.name, created=created, deadline_s=deadline,
+        status=status,  # type: ignore[arg-type]
+        error=RunError(message=str(error.get("message", "error")), code=error.get("code"),
+                       stage=error.get("stage")) if error else None,
+    )
+
+
+@router.get("/runs/{run_id}", response_model=RunStatus, responses=errors(401, 404, 429))
+async def run_status(run_id: RunId, request: Request) -> RunStatus:
+    """Whether a run is running, completed, failed or cancelled (from its event log; 404
+    once the log has expired, and for a run created with another API key)."""
+    gw = gateway(request)
+    spec, first = await gw.lookup_run(run_id, owner(request))
+    return await _status(gw, spec, run_id, first)
+
+
+@router.post("/runs/{run_id}/cancel", response_model=RunStatus,
+             responses=errors(401, 404, 429))
+async def cancel_run(run_id: RunId, request: Request) -> RunStatus:
+    """Cancel a run: its remaining work is dropped everywhere, its followers get an
+    `error` event with code `cancelled`, and its log expires after `run_ttl_s`. A run
+    that already ended is left as it is (the answer says how it ended)."""
+    gw = gateway(request)
+    spec, first = await gw.lookup_run(run_id, owner(request))
+    status = await _status(gw, spec, run_id, first)
+    if status.status != "running":
+        return status
+    await gw.fail(run_id, "cancelled", "cancelled by the client (POST /v1/runs/{id}/cancel)")
+    return await _status(gw, spec, run_id, first)

@@ -21,9 +21,11 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from sse_starlette import ServerSentEvent
 
+from app.admission import check_prompt, deadline_for
 from app.engines import EngineModel
 from app.errors import ApiError, error_body
 from app.gateway import Gateway, RunHandle, Slot
+from app.middleware import OWNER_STATE
 from app.responses import CHAT_SSE, COMPLETION_SSE, errors
 from app.schemas import (
     ChatCompletion,
@@ -72,13 +74,14 @@ def _models(gw: Gateway) -> list[ModelInfo]:
     return out
 
 
-@router.get("/models", response_model=ModelList, responses=errors(401))
+@router.get("/models", response_model=ModelList, responses=errors(401, 429))
 async def list_models(request: Request) -> ModelList:
     """Every pipeline and every directly served engine model."""
     return ModelList(data=_models(gateway(request)))
 
 
-@router.get("/models/{model:path}", response_model=ModelInfo, responses=errors(401, 404))
+@router.get("/models/{model:path}", response_model=ModelInfo,
+            responses=errors(401, 404, 429))
 async def get_model(model: str, request: Request) -> ModelInfo:
     """One model object (engine model ids contain a '/': send it as is)."""
     for m in _models(gateway(request)):
@@ -237,7 +240,8 @@ async def _serve_pipeline(
     request: Request, gw: Gateway, spec: PipelineSpec, text: str, fmt: _Format,
     stream: bool, include_usage: bool,
 ) -> Any:
-    handle = await gw.start(spec, text)
+    handle = await gw.start(spec, text, owner=getattr(request.state, OWNER_STATE, None),
+                            deadline_s=deadline_for(gw.settings, request))
     headers = {"X-Alto-Run": handle.run}
     if stream:
         return ClosingEventSource(
@@ -399,7 +403,8 @@ def _chat_prompt(messages: list[ChatMessage]) -> tuple[str, str | None]:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     """OpenAI chat completions over a pipeline (input: the last user message) or an
     engine model. `stream: true` answers SSE `chat.completion.chunk`s ending with
-    `data: [DONE]`; `stream_options.include_usage` adds the usage chunk."""
+    `data: [DONE]`; `stream_options.include_usage` adds the usage chunk. The header
+    `X-Alto-Deadline: <seconds>` sets a pipeline run's deadline."""
     gw = gateway(request)
     target = _resolve(gw, body.model)
     fmt = _Format("chat", f"chatcmpl-{uuid.uuid4().hex[:24]}", body.model)
@@ -408,9 +413,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         # the input: the last user message (without one, the last message, as OpenAI's API
         # also answers conversations that hold no user turn)
         users = [m for m in body.messages if m.role == "user"] or body.messages
-        return await _serve_pipeline(request, gw, target, users[-1].text(), fmt, body.stream,
+        text = users[-1].text()
+        check_prompt(gw.settings, text, "messages")
+        return await _serve_pipeline(request, gw, target, text, fmt, body.stream,
                                      include_usage)
     prompt, system = _chat_prompt(body.messages)
+    check_prompt(gw.settings, prompt + (system or ""), "messages")
     return await _serve_engine(request, gw, target, prompt, system, body, fmt)
 
 
@@ -430,6 +438,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
         prompt = body.prompt[0]
     else:
         prompt = body.prompt
+    check_prompt(gw.settings, prompt, "prompt")
     fmt = _Format("completions", f"cmpl-{uuid.uuid4().hex[:24]}", body.model)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if isinstance(target, PipelineSpec):

@@ -14,7 +14,8 @@ import typer
 from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Benchmarks: runtime overhead, streaming vs barrier (see BENCHMARKS.md).")
+                  help="Benchmarks: runtime overhead, streaming vs barrier, scheduling "
+                       "(see BENCHMARKS.md).")
 console = Console(stderr=True)
 
 
@@ -102,6 +103,11 @@ def streaming(
     = 12.0,
     prewarm: Annotated[float, typer.Option(help="unrecorded warm-up per mode (s)")] = 3.0,
     seed: Annotated[int, typer.Option(help="arrival/input seed")] = 7,
+    fanout: Annotated[str, typer.Option(help="factool: request texts with FacTool KB-QA's "
+                                              "claims per response; file: inputs as is")]
+    = "factool",
+    timeline: Annotated[int, typer.Option(help="embedded: profile this many lone requests "
+                                                "per mode first (0: off)")] = 4,
     out: Annotated[Path, typer.Option(help="results folder")] = Path("bench/results"),
     markdown: Annotated[Path | None, typer.Option(help="file whose section to update")] = Path(
         "BENCHMARKS.md"),
@@ -123,7 +129,8 @@ def streaming(
         rates=_rates(rates), duration_s=duration, warmup_s=warmup, requests=requests, reps=reps,
         slo_s=slo, time_scale=time_scale, instances=instances, tool_workers=tool_workers,
         concurrency=concurrency, partitions=partitions, fixed_rate=fixed_rate, drain_s=drain,
-        prewarm_s=prewarm, seed=seed, out_dir=out, markdown=None if no_markdown else markdown,
+        prewarm_s=prewarm, seed=seed, fanout=fanout, timeline=timeline, out_dir=out,
+        markdown=None if no_markdown else markdown,
         tag=tag, progress=not no_progress,
     )
     r = main(cfg, log=lambda s: console.print(s))
@@ -133,6 +140,59 @@ def streaming(
         f"streaming/barrier = {h['throughput_ratio_at_slo']:.2f}x (target 3.5x); "
         f"p99 barrier/streaming at {h['fixed_rate']:g} req/s = "
         f"{h['p99_ratio_barrier_over_streaming']:.2f}x (target 2x)")
+    console.print("wrote " + ", ".join(r["files"]))
+
+
+@app.command()
+def scheduling(
+    quick: Annotated[bool, typer.Option("--quick", help="a short smoke run (no markdown)")]
+    = False,
+    redis: Annotated[bool, typer.Option("--redis", help="add a cross-check over Redis")] = False,
+    workloads: Annotated[str, typer.Option(help="comma-separated workload names (default all)")]
+    = "",
+    policies: Annotated[str, typer.Option(help="comma-separated policies (default all)")] = "",
+    time_scale: Annotated[float, typer.Option(help="sim: wall seconds per simulated second")]
+    = 1.0,
+    no_markdown: Annotated[bool, typer.Option("--no-markdown", help="do not touch it")] = False,
+    out: Annotated[Path, typer.Option(help="results file")] = Path(
+        "bench/results/scheduling.json"),
+    render_only: Annotated[Path | None, typer.Option("--render", help="only rewrite "
+                                                     "BENCHMARKS.md from this results file")]
+    = None,
+) -> None:
+    """Prompt-aware placement vs pull, round-robin, least-loaded and cache-aware routing."""
+    from bench.scheduling import main
+
+    argv = ["--workloads", workloads, "--policies", policies, "--time-scale", str(time_scale),
+            "--out", str(out)]
+    argv += ["--quick"] * quick + ["--redis"] * redis + ["--no-markdown"] * no_markdown
+    if render_only is not None:
+        argv += ["--render", str(render_only)]
+    raise typer.Exit(main(argv))
+
+
+@app.command()
+def soak(
+    duration: Annotated[float, typer.Option(help="seconds per phase (fault-free, faulty)")] = 60.0,
+    probe: Annotated[float, typer.Option(help="seconds of closed-loop capacity probe")] = 15.0,
+    load: Annotated[float, typer.Option(help="share of the measured capacity offered")] = 0.8,
+    kill_every: Annotated[float, typer.Option(help="seconds between worker SIGKILLs")] = 6.0,
+    no_redis_restart: Annotated[bool, typer.Option("--no-redis-restart")] = False,
+    seed: Annotated[int, typer.Option(help="inputs and fault schedule")] = 7,
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("bench/results"),
+    markdown: Annotated[Path | None, typer.Option(help="file whose section to update")] = Path(
+        "BENCHMARKS.md"),
+    no_markdown: Annotated[bool, typer.Option("--no-markdown", help="do not touch it")] = False,
+) -> None:
+    """Faults under load: ~80% of capacity, periodic worker kills and a Redis restart."""
+    from bench.soak import SoakConfig, main
+
+    cfg = SoakConfig(duration_s=duration, probe_s=probe, load=load, kill_every_s=kill_every,
+                     redis_restart=not no_redis_restart, seed=seed, out_dir=out,
+                     markdown=None if no_markdown else markdown)
+    r = main(cfg, log=lambda s: console.print(s))
+    console.print(f"completed {r['completed']}, errored {r['errored']}, hung {r['hung']}, "
+                  f"units lost {r['units_lost']}, duplicates {r['duplicate_units']}")
     console.print("wrote " + ", ".join(r["files"]))
 
 

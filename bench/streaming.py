@@ -16,6 +16,17 @@ Method (BENCHMARKS.md has the results and the discussion):
 * Throughput = completions (of any request) inside the measured arrival window, per second;
   under overload this is the service rate. Latencies are over measured requests; a request
   that errs or does not finish by the drain deadline counts as infinitely late.
+* Throughput at the SLO (the headline) = the highest OFFERED rate at which every measured
+  request completed with p99 <= SLO, walking up the sweep and stopping at the first failing
+  rate, interpolated linearly in p99 between the last passing and the first failing rate
+  (`slo_capacity`). The completed req/s at the last passing rate is reported beside it.
+* Workload (FacTool pipeline): by default each request's text carries as many facts as a
+  FacTool KB-QA answer has claims (`FACTOOL_KBQA_CLAIMS`, drawn per request), built from
+  the inputs file's sentences; `fanout="file"` sends the inputs as they are.
+* Embedded, both modes share the engines: their prefix caches are emptied before every
+  point, or the mode measured second would find the first mode's prompts cached.
+* Before the sweep (embedded), `timeline` lone requests per mode are profiled: when each
+  stage's first/last call started and ended, i.e. the critical path without queueing.
 * Time: the sim engine sleeps `step * time_scale` of real time per simulated step. Every
   rate and latency is reported in simulated seconds (= what the modelled deployment sees)
   and the wall-clock values are in the JSON. The orchestrator's own overhead is real time
@@ -81,6 +92,10 @@ class StreamingConfig:
     drain_s: float = 12.0  # after the last arrival, how long to wait for completions
     prewarm_s: float = 3.0  # unrecorded warm-up per mode before the sweep
     seed: int = 7
+    # "factool": each request's text has as many facts as a FacTool KB-QA response has claims
+    # (drawn from that dataset's distribution, see FACTOOL_KBQA_CLAIMS); "file": inputs as is
+    fanout: str = "factool"
+    timeline: int = 4  # embedded: before the sweep, this many lone requests per mode, profiled
     out_dir: Path = RESULTS
     markdown: Path | None = BENCHMARKS_MD
     tag: str | None = None  # output names; default streaming_<transport>[_<engine>]
@@ -117,6 +132,33 @@ def load_inputs(path: Path) -> list[str]:
     return texts
 
 
+# Claims per response in FacTool's knowledge-based QA set (GAIR-NLP/factool,
+# datasets/knowledge_qa/knowledge_qa.jsonl: 50 ChatGPT answers, 234 annotated claims, i.e.
+# what FacTool's claim extractor is evaluated on): count -> number of responses.
+FACTOOL_KBQA_CLAIMS: dict[int, int] = {1: 3, 2: 6, 3: 11, 4: 9, 5: 5, 6: 5, 7: 4, 8: 1,
+                                       9: 2, 10: 3, 11: 1}
+
+
+def sentence_pool(texts: list[str]) -> list[list[str]]:
+    """Each input text as its list of sentences (the example's texts are one fact each)."""
+    from examples.factool.sim_responders import _sentences
+
+    return [s for s in (_sentences(t) for t in texts) if s]
+
+
+def compose(rng: random.Random, pool: list[list[str]]) -> str:
+    """A request text with k facts, k drawn from FACTOOL_KBQA_CLAIMS: whole example texts
+    (consecutive, from a random one) until k sentences, cut at k. Whole texts keep each
+    pronoun after the sentence that names it, as in the example inputs."""
+    k = rng.choices(list(FACTOOL_KBQA_CLAIMS), weights=list(FACTOOL_KBQA_CLAIMS.values()))[0]
+    i = rng.randrange(len(pool))
+    out: list[str] = []
+    while len(out) < k:
+        out.extend(pool[i % len(pool)])
+        i += 1
+    return " ".join(out[:k])
+
+
 @dataclass(frozen=True)
 class Arrival:
     at_s: float  # simulated seconds from the start of the point
@@ -127,19 +169,29 @@ class Arrival:
 def arrivals(cfg: StreamingConfig, rate: float, rep: int, texts: list[str]) -> list[Arrival]:
     """The point's arrival sequence: a function of (seed, rate, rep) only, never of mode."""
     rng = random.Random(f"{cfg.seed}:{rate}:{rep}")
+    if cfg.fanout == "factool":
+        pool = sentence_pool(texts)
+
+        def pick() -> str:
+            return compose(rng, pool)
+    elif cfg.fanout == "file":
+        def pick() -> str:
+            return rng.choice(texts)
+    else:
+        raise ValueError(f"unknown fanout {cfg.fanout!r} (factool | file)")
     out: list[Arrival] = []
     t = 0.0
     if cfg.requests is not None:
         for _ in range(cfg.requests):
             t += rng.expovariate(rate)
-            out.append(Arrival(t, rng.choice(texts), True))
+            out.append(Arrival(t, pick(), True))
         return out
     end = cfg.warmup_s + cfg.duration_s
     while True:
         t += rng.expovariate(rate)
         if t > end:
             return out
-        out.append(Arrival(t, rng.choice(texts), t > cfg.warmup_s))
+        out.append(Arrival(t, pick(), t > cfg.warmup_s))
 
 
 # ------------------------------------------------------------------------------------------
@@ -225,7 +277,7 @@ class EmbeddedDeployment(Deployment):
 
         def observe(kind: str, data: dict[str, Any]) -> None:
             if kind == "call":
-                self.observed.append(data)
+                self.observed.append({**data, "t_end": time.perf_counter()})
 
         self.runtime = Runtime(self.transport, list(self.specs.values()),
                                engine_override=self.override, concurrency=self.cfg.concurrency,
@@ -263,6 +315,19 @@ class EmbeddedDeployment(Deployment):
 
     def engines(self) -> list[Any]:
         return list(self.runtime.engines.values()) if self.runtime is not None else []
+
+    def reset_caches(self) -> None:
+        """Empty the sim engines' prefix caches (when idle). Both modes share the engines
+        and replay the very same inputs, so without this the mode measured second would find
+        every prompt of the first one cached (measured: 8 vs 137 uncached prompt tokens per
+        `verify` call). Each point starts cold; the prompts' shared instructions are cached
+        again by the first calls, as on a server that has been up for a while."""
+        from workers.engines.sim import PrefixCache
+
+        for e in self.engines():
+            cache = getattr(e, "cache", None)
+            if isinstance(cache, PrefixCache):
+                e.cache = PrefixCache(cache.block_size, cache.capacity_blocks)
 
     async def close(self) -> None:
         if self.runtime is not None:
@@ -440,6 +505,9 @@ async def run_point(dep: Deployment, cfg: StreamingConfig, mode: str, rate: floa
                     arrs: list[Arrival], ts: float) -> dict[str, Any]:
     spec = dep.specs[mode]
     held_before = await wait_idle(dep)
+    if isinstance(dep, EmbeddedDeployment):
+        dep.reset_caches()
+    load0 = os.getloadavg()[0]
     meter = CpuMeter(dep.pids())
     lag = LoopLag()
     meter.begin()
@@ -480,6 +548,7 @@ async def run_point(dep: Deployment, cfg: StreamingConfig, mode: str, rate: floa
               "loop_lag": loop_lag, "send_lag_ms_max": send_lag * 1000,
               "engine_dilation": dilation,
               "cancelled_unfinished": len(unfinished),
+              "loadavg_1m": [load0, os.getloadavg()[0]],
               "held_before": sum(held_before.values())})
     return m
 
@@ -526,6 +595,54 @@ def point_metrics(cfg: StreamingConfig, recs: list[Record], t0: float, ts: float
     }
 
 
+async def profile_timeline(dep: Deployment, cfg: StreamingConfig, texts: list[str],
+                           ts: float) -> dict[str, Any]:
+    """Lone requests (nothing else running), each in both modes: when each stage's first
+    call started and its last call ended, relative to the request's arrival (simulated s),
+    from the runners' observer. Medians over the requests. This is the critical path with
+    no queueing: where barrier mode waits and streaming overlaps."""
+    pool = sentence_pool(texts)
+    per: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    for i in range(cfg.timeline):
+        text = compose(random.Random(f"{cfg.seed}:timeline:{i}"), pool)
+        for mode in (MODES if i % 2 == 0 else tuple(reversed(MODES))):
+            spec = dep.specs[mode]
+            await wait_idle(dep)
+            if isinstance(dep, EmbeddedDeployment):
+                dep.reset_caches()
+            n0 = len(dep.observed)
+            at = time.perf_counter()
+            rec = Record(at, True)
+            await _track(dep, spec, Arrival(0.0, text, True), at, at + 120 * ts, rec)
+            if not rec.ok or rec.done is None:
+                raise RuntimeError(f"timeline request failed in {mode}: {rec.error}")
+            calls = [c for c in dep.observed[n0:] if c["pipeline"] == spec.name]
+            row: dict[str, Any] = {"latency": (rec.done - at) / ts, "stages": {}}
+            for stage in spec.topo_order:
+                cs = [c for c in calls if c["stage"] == stage]
+                if not cs:
+                    continue
+                starts = [c["t_end"] - c["seconds"] for c in cs]
+                row["stages"][stage] = {
+                    "calls": len(cs),
+                    "first_start": (min(starts) - at) / ts,
+                    "last_start": (max(starts) - at) / ts,
+                    "last_end": (max(c["t_end"] for c in cs) - at) / ts,
+                    "busy": sum(c["seconds"] for c in cs) / ts,
+                }
+            per[mode].append(row)
+    out: dict[str, Any] = {"requests": cfg.timeline}
+    for mode, rows in per.items():
+        stages = list(dep.specs[mode].topo_order)
+        out[mode] = {
+            "latency": median([r["latency"] for r in rows]),
+            "stages": {st: {k: median([r["stages"][st][k] for r in rows if st in r["stages"]])
+                            for k in ("calls", "first_start", "last_start", "last_end", "busy")}
+                       for st in stages if any(st in r["stages"] for r in rows)},
+        }
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # the sweep
 # ------------------------------------------------------------------------------------------
@@ -549,27 +666,56 @@ def aggregate(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["cpu_cores"] = median([p["cpu"]["total_cores"] for p in ps])
         row["others_cores"] = median([p["cpu"].get("others_cores", math.nan) for p in ps])
         row["loop_lag_p99_ms"] = median([p["loop_lag"]["p99_ms"] for p in ps])
+        row["loadavg_1m"] = [median([p.get("loadavg_1m", [math.nan] * 2)[i] for p in ps])
+                             for i in (0, 1)]
         row["engine_dilation"] = median([p.get("engine_dilation", math.nan) for p in ps])
         row["measured"] = median([p["measured"] for p in ps])
         out.append(row)
     return out
 
 
-def headline(cfg: StreamingConfig, agg: list[dict[str, Any]]) -> dict[str, Any]:
-    rates = sorted({r["rate"] for r in agg})
-    by = {(r["mode"], r["rate"]): r for r in agg}
+def slo_capacity(cfg: StreamingConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The highest offered load a mode sustains within the SLO, from its rows (one per rate).
 
-    def meets(r: dict[str, Any]) -> bool:
+    A rate passes if every measured request completed and the p99 (median over reps) is
+    within the SLO. Walking up the sweep, the capacity is the last passing rate before the
+    first failing one (a pass above a failure is noise, not capacity); if the failing rate
+    has a finite p99, the SLO crossing is interpolated linearly in p99 between the two
+    rates. A first failure with unfinished runs (p99 infinite) is not interpolated.
+    """
+    rows = sorted(rows, key=lambda r: r["rate"])
+
+    def ok(r: dict[str, Any]) -> bool:
         return r["completed_share"] >= 1.0 and r["latency"]["p99"] <= cfg.slo_s
 
-    slo: dict[str, dict[str, Any]] = {}
-    for mode in MODES:
-        ok = [by[(mode, x)] for x in rates if (mode, x) in by and meets(by[(mode, x)])]
-        best = max(ok, key=lambda r: r["throughput"]) if ok else None
-        slo[mode] = {"throughput": best["throughput"] if best else 0.0,
-                     "rate": best["rate"] if best else None,
-                     "at_sweep_edge": bool(best and best["rate"] == rates[-1])}
-    s, b = slo["streaming"]["throughput"], slo["barrier"]["throughput"]
+    last: dict[str, Any] | None = None
+    fail: dict[str, Any] | None = None
+    for r in rows:
+        if not ok(r):
+            fail = r
+            break
+        last = r
+    rate = last["rate"] if last else 0.0
+    interpolated = rate
+    if last is not None and fail is not None and fail["completed_share"] >= 1.0 \
+            and math.isfinite(fail["latency"]["p99"]):
+        p0, p1 = last["latency"]["p99"], fail["latency"]["p99"]
+        if p1 > p0:
+            interpolated = rate + (cfg.slo_s - p0) / (p1 - p0) * (fail["rate"] - rate)
+    return {"rate": last["rate"] if last else None,
+            "rate_interpolated": interpolated,
+            "throughput": last["throughput"] if last else 0.0,
+            "first_failing_rate": fail["rate"] if fail else None,
+            "at_sweep_edge": bool(last is not None and fail is None)}
+
+
+def headline(cfg: StreamingConfig, agg: list[dict[str, Any]]) -> dict[str, Any]:
+    """Throughput ratio at the SLO = ratio of the interpolated SLO capacities (offered
+    req/s, see `slo_capacity`); p99 ratio at a fixed load (default: the highest rate swept
+    at which barrier meets the SLO, i.e. its own SLO load)."""
+    by = {(r["mode"], r["rate"]): r for r in agg}
+    slo = {m: slo_capacity(cfg, [r for r in agg if r["mode"] == m]) for m in MODES}
+    s, b = slo["streaming"]["rate_interpolated"], slo["barrier"]["rate_interpolated"]
     ratio = s / b if b > 0 else (math.inf if s > 0 else math.nan)
     # a mode that still meets the SLO at the highest rate swept has an unknown maximum
     s_edge, b_edge = slo["streaming"]["at_sweep_edge"], slo["barrier"]["at_sweep_edge"]
@@ -579,6 +725,7 @@ def headline(cfg: StreamingConfig, agg: list[dict[str, Any]]) -> dict[str, Any]:
             else "")
     fixed = cfg.fixed_rate
     if fixed is None:
+        rates = sorted({r["rate"] for r in agg})
         fixed = slo["barrier"]["rate"] if slo["barrier"]["rate"] is not None else rates[0]
     fs, fb = by.get(("streaming", fixed)), by.get(("barrier", fixed))
     p99_ratio = (fb["latency"]["p99"] / fs["latency"]["p99"]) if fs and fb else math.nan
@@ -588,6 +735,8 @@ def headline(cfg: StreamingConfig, agg: list[dict[str, Any]]) -> dict[str, Any]:
         "slo_s": cfg.slo_s,
         "slo_throughput": slo,
         "throughput_ratio_at_slo": ratio,
+        "throughput_ratio_definition": "ratio of the highest offered req/s with p99 <= SLO and "
+                                       "all requests done, interpolated at the SLO crossing",
         "throughput_ratio_is_lower_bound": s_edge and not b_edge,
         "throughput_ratio_note": note,
         "fixed_rate": fixed,
@@ -643,6 +792,8 @@ async def run_streaming(cfg: StreamingConfig, log: Log = print) -> dict[str, Any
         raise ValueError(f"unknown transport {cfg.transport!r} (embedded | redis)")
     rates = sorted(cfg.rates)
     points: list[dict[str, Any]] = []
+    timeline: dict[str, Any] | None = None
+    load_start = os.getloadavg()
     started = time.perf_counter()
     try:
         if isinstance(dep, RedisDeployment):
@@ -661,6 +812,9 @@ async def run_streaming(cfg: StreamingConfig, log: Log = print) -> dict[str, Any
                     arrs = arrivals(warm, rates[0], -1, texts)
                     await run_point(dep, warm, mode, rates[0], arrs, ts)
                     bar.advance(task)
+            if cfg.timeline > 0 and isinstance(dep, EmbeddedDeployment):
+                bar.update(task, description="timeline (lone requests)")
+                timeline = await profile_timeline(dep, cfg, texts, ts)
             dep.observed.clear()
             for rate in rates:
                 for rep in range(cfg.reps):
@@ -697,6 +851,8 @@ async def run_streaming(cfg: StreamingConfig, log: Log = print) -> dict[str, Any
         "workload": work,
         "engine_stats": engines,
         "wall_seconds": time.perf_counter() - started,
+        "loadavg": {"start": list(load_start), "end": list(os.getloadavg())},
+        "timeline": timeline,
         "headline": head,
         "aggregate": agg,
         "points": points,
@@ -715,7 +871,13 @@ async def run_streaming(cfg: StreamingConfig, log: Log = print) -> dict[str, Any
 
 
 def _at(slo: dict[str, Any]) -> str:
-    return f"{fnum(slo['throughput'])} (at {slo['rate']:g})" if slo["rate"] else "none"
+    """'13.1 (passes 12, fails 16)': the interpolated SLO capacity and its bracket."""
+    if not slo["rate"]:
+        fails = slo.get("first_failing_rate")
+        return f"0 (fails {fails:g})" if fails is not None else "none"
+    fails = slo.get("first_failing_rate")
+    return (f"{fnum(slo.get('rate_interpolated', slo['rate']))} (passes {slo['rate']:g}"
+            + (f", fails {fails:g})" if fails is not None else ", highest swept)"))
 
 
 def _ratio(x: float) -> str:
@@ -739,8 +901,14 @@ def render_markdown(r: dict[str, Any], files: list[Path]) -> str:
         + (f", {c['partitions']} partitions per aggregating stage" if c["partitions"] else
            ", partitions per spec")
         + f"; {c['reps']} repetition(s) per point (medians shown); wall time "
-        f"{r['wall_seconds'] / 60:.1f} min.",
+        f"{r['wall_seconds'] / 60:.1f} min"
+        + (f"; load average (1 min) {r['loadavg']['start'][0]:.2f} at the start, "
+           f"{r['loadavg']['end'][0]:.2f} at the end" if r.get("loadavg") else "") + ".",
     ]
+    if c.get("fanout") == "factool":
+        lines += ["", "Requests: FacTool KB-QA-shaped texts (facts per request drawn from the "
+                  "claims-per-response distribution of FacTool's knowledge_qa set, mean 4.68), "
+                  "built from the example's inputs."]
     if r["calibration"]:
         cal = r["calibration"]
         lines += ["", f"Sim calibration: {cal['source']}: step = {cal['decode_base_ms']:.2f} ms + "
@@ -760,7 +928,8 @@ def render_markdown(r: dict[str, Any], files: list[Path]) -> str:
         "",
         "| headline | streaming | barrier | ratio | target | met |",
         "| --- | --- | --- | --- | --- | --- |",
-        f"| max throughput with p99 ≤ {h['slo_s']:g} s (req/s) | {_at(s)} | {_at(b)} | "
+        f"| max offered load with p99 ≤ {h['slo_s']:g} s (req/s, interpolated) | {_at(s)} | "
+        f"{_at(b)} | "
         f"{lb}{_ratio(h['throughput_ratio_at_slo'])} "
         f"| ≥ 3.5x | {'yes' if h['throughput_target_met'] else '**no**'} |",
     ]
@@ -780,18 +949,40 @@ def render_markdown(r: dict[str, Any], files: list[Path]) -> str:
         ]
     if note:
         lines += ["", f"Throughput ratio {note}."]
+    if s.get("rate") and b.get("rate"):
+        lines += ["", f"Completed req/s at the highest passing rate: streaming "
+                  f"{fnum(s['throughput'])}, barrier {fnum(b['throughput'])}."]
     stages = list(r["aggregate"][0]["first_partial_by_stage_p50"]) if r["aggregate"] else []
     show = [st for st in stages if st != stages[0]][-2:-1] if len(stages) > 2 else []
     lines += ["", "| offered req/s | mode | completed req/s | p50 | p95 | p99 | first partial p50 | "
-              + "".join(f"first `{st}` p50 | " for st in show) + "done | CPU cores (others) |",
-              "| --- | --- | --- | --- | --- | --- | --- | " + "--- | " * len(show) + "--- | --- |"]
+              + "".join(f"first `{st}` p50 | " for st in show)
+              + "done | CPU cores (others) | load avg start→end |",
+              "| --- | --- | --- | --- | --- | --- | --- | " + "--- | " * len(show)
+              + "--- | --- | --- |"]
     for x in r["aggregate"]:
         lat, tt = x["latency"], x["ttfp"]
         extra = "".join(f"{fnum(x['first_partial_by_stage_p50'][st])} | " for st in show)
         lines.append(
             f"| {x['rate']:g} | {x['mode']} | {fnum(x['throughput'])} | {fnum(lat['p50'])} | "
             f"{fnum(lat['p95'])} | {fnum(lat['p99'])} | {fnum(tt['p50'])} | {extra}"
-            f"{x['completed_share']:.0%} | {fnum(x['cpu_cores'])} ({fnum(x['others_cores'])}) |")
+            f"{x['completed_share']:.0%} | {fnum(x['cpu_cores'])} ({fnum(x['others_cores'])}) | "
+            + ("{:.1f}→{:.1f} |".format(*x["loadavg_1m"]) if "loadavg_1m" in x else "|"))
+    tl = r.get("timeline")
+    if tl:
+        lines += ["", f"Lone requests (median of {tl['requests']}, nothing else running; "
+                  f"{unit} after arrival): when each stage's first call started, its last call "
+                  "started and its last call ended; calls per request.", "",
+                  "| stage | streaming: first start | last start | last end | calls | "
+                  "barrier: first start | last start | last end | calls |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for st in tl["streaming"]["stages"]:
+            a, z = tl["streaming"]["stages"][st], tl["barrier"]["stages"].get(st, {})
+            cells = [fnum(v.get(k, math.nan)) for v in (a, z)
+                     for k in ("first_start", "last_start", "last_end", "calls")]
+            lines.append(f"| `{st}` | " + " | ".join(cells[:4]) + " | " + " | ".join(cells[4:])
+                         + " |")
+        lines.append(f"| answer | | | {fnum(tl['streaming']['latency'])} | | | | "
+                     f"{fnum(tl['barrier']['latency'])} | |")
     if r["workload"]:
         lines += ["", "Workload as served (streaming mode, per call): "
                   + "; ".join(f"`{k}` {v['calls']} calls, {v['units_per_call']:.1f} units, "
@@ -839,6 +1030,10 @@ def reproduce_command(c: dict[str, Any]) -> str:
         parts.append(f"--concurrency {c['concurrency']}")
     if c["partitions"]:
         parts.append(f"--partitions {c['partitions']}")
+    if c.get("fanout", "factool") != default.fanout:
+        parts.append(f"--fanout {c['fanout']}")
+    if c.get("timeline", default.timeline) != default.timeline:
+        parts.append(f"--timeline {c['timeline']}")
     if c["transport"] == "redis" and c["tool_workers"] != 1:
         parts.append(f"--tool-workers {c['tool_workers']}")
     if c["tag"]:

@@ -33,7 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.envelope import Envelope
-from orchestrator.transport import Commit, Delivery, Progress, StreamStats, Transport
+from orchestrator.transport import (
+    Commit,
+    Delivery,
+    FencedError,
+    Progress,
+    StreamStats,
+    Transport,
+)
 
 __all__ = ["EmbeddedTransport", "NoGroupError"]
 
@@ -97,7 +104,8 @@ class EmbeddedTransport(Transport):
         self._event_waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._progress: dict[str, dict[str, Progress]] = {}
         self._cancelled: set[str] = set()
-        self._leases: dict[str, str] = {}  # name -> owner
+        self._leases: dict[str, tuple[str, int]] = {}  # name -> (owner, fencing token)
+        self._fences: dict[str, int] = {}  # name -> last token handed out (never expires)
         self._members: dict[str, dict[str, tuple[float, str]]] = {}  # deadline, info JSON
         self._hashes: dict[str, dict[str, float]] = {}
         # (kind, name) -> monotonic deadline, plus a heap for the write-time sweep
@@ -166,6 +174,13 @@ class EmbeddedTransport(Transport):
         for _, envelope in commit.messages:
             if not isinstance(envelope, Envelope):
                 raise TypeError(f"not an Envelope: {envelope!r}")
+        if commit.fence is not None:
+            self._alive("lease", commit.fence.lease)
+            held = self._leases.get(commit.fence.lease)
+            if held is None or held[1] != commit.fence.token:
+                raise FencedError(
+                    f"lease {commit.fence.lease!r} no longer holds token {commit.fence.token}"
+                )
         self._sweep()
 
         woken: list[set[asyncio.Future[None]]] = []
@@ -183,6 +198,8 @@ class EmbeddedTransport(Transport):
             log = self._events.get(run)
             if log is None:
                 log = self._events[run] = _EventLog()
+            if ("events", run) not in self._expiry:  # safety expiry (see transport.py)
+                self._set_expiry("events", run, self.run_key_ttl_s)
             log.events.append(text)
             waiters = self._event_waiters.pop(run, None)
             if waiters:
@@ -190,6 +207,8 @@ class EmbeddedTransport(Transport):
         for run, key, progress in commit.progress:
             self._alive("progress", run)
             self._progress.setdefault(run, {})[key] = Progress(progress.units, progress.done)
+            if ("progress", run) not in self._expiry:
+                self._set_expiry("progress", run, self.run_key_ttl_s)
         for stream, group, seqs in acks:
             st = self._streams.get(stream)
             g = st.groups.get(group) if st is not None else None
@@ -372,21 +391,24 @@ class EmbeddedTransport(Transport):
         return run in self._cancelled
 
     # ---- leases and registry ------------------------------------------------------------
-    async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+    async def acquire_fenced(self, name: str, owner: str, ttl_ms: int) -> int | None:
         if ttl_ms <= 0:
             raise ValueError("ttl_ms must be positive")
         self._sweep()
         self._alive("lease", name)
         holder = self._leases.get(name)
-        if holder is not None and holder != owner:
-            return False
-        self._leases[name] = owner
+        if holder is not None and holder[0] != owner:
+            return None
+        if holder is None:
+            token = self._fences[name] = self._fences.get(name, 0) + 1
+            holder = self._leases[name] = (owner, token)
         self._set_expiry("lease", name, ttl_ms / 1000)
-        return True
+        return holder[1]
 
     async def release_lease(self, name: str, owner: str) -> None:
         self._alive("lease", name)
-        if self._leases.get(name) == owner:
+        held = self._leases.get(name)
+        if held is not None and held[0] == owner:
             self._delete("lease", name)
 
     async def heartbeat(self, group: str, member: str, info: dict[str, Any], ttl_ms: int) -> None:

@@ -13,9 +13,11 @@ names. Five policies share one interface:
   slot). ``cache_aware`` is SGLang's router policy (see `CacheAwarePolicy`).
 * ``prompt_aware``: the producer only *classifies* a prompt (`PrefixClassifier`) and
   publishes it on its class lane (one stream per class bucket); a planner bin-packs class
-  demand onto instances (`pack`, `PromptAwarePlanner`) and every instance reads the lanes
-  it was given. Because placement lives on the consumer side, a producer never needs
-  fresh load numbers, and a lane's backlog moves with the lane when the plan changes.
+  demand onto instances (`pack`, `PromptAwarePlanner`; where engines announce their
+  prefix-cache size, priced with the misses each placement causes: `CacheModel`) and
+  every instance reads the lanes it was given. Because placement lives on the consumer
+  side, a producer never needs fresh load numbers, and a lane's backlog moves with the
+  lane when the plan changes.
 
 Every non-pull policy also lets an under-used instance *steal* from other lanes
 (`may_steal`): an idle instance is never left idle while work waits, whatever the
@@ -737,6 +739,204 @@ def pack(
     return out
 
 
+def lru_miss_ratios(
+    rates: Sequence[float], sizes: Sequence[float], cache: float, one_off: float = 0.0
+) -> list[float]:
+    """Expected miss ratio of each prefix in an LRU cache of `cache` tokens (Che's
+    approximation: an item stays cached for a characteristic time T, the time the cache
+    takes to fill with other traffic; it misses iff it was not asked for within T).
+
+    `rates[i]` requests/s ask for prefix i of `sizes[i]` tokens; `one_off` tokens/s are
+    inserted once and never asked for again (the per-request suffixes), which crowd the
+    cache too. All zeros when everything fits at once (no eviction pressure).
+    """
+    total = sum(sizes)
+    if cache <= 0:
+        return [1.0] * len(sizes)
+    if total <= cache and one_off <= 0:
+        return [0.0] * len(sizes)
+
+    def occupied(t: float) -> float:
+        return one_off * t + sum(s * -math.expm1(-r * t) for r, s in zip(rates, sizes, strict=True))
+
+    lo, hi = 1e-6, 1e7
+    if occupied(hi) <= cache:
+        return [0.0] * len(sizes)
+    for _ in range(40):  # bisection in log space: T spans milliseconds to days
+        mid = math.sqrt(lo * hi)
+        if occupied(mid) > cache:
+            hi = mid
+        else:
+            lo = mid
+    t = math.sqrt(lo * hi)
+    return [math.exp(-r * t) for r in rates]
+
+
+@dataclass(frozen=True)
+class CacheModel:
+    """What the planner knows about prefix caching, to price placements in work.
+
+    `cache` is each instance's prefix-cache size in tokens (as its engine announces it);
+    per lane: `rate` (requests/s), `prefix` (tokens a hit saves, the class's shared
+    prefix) and `one_off` (tokens each request brings that nobody else shares); `weight`
+    converts prefilled tokens into the demand's unit (decode-slot steps per token).
+    """
+
+    cache: Mapping[str, float]
+    rate: Mapping[int, float]
+    prefix: Mapping[int, float]
+    one_off: Mapping[int, float]
+    weight: float
+
+    def work(
+        self,
+        demand: Mapping[int, float],
+        owners: Mapping[int, Sequence[str]],
+        live: Sequence[str],
+    ) -> dict[str, float]:
+        """Per live instance: its planned demand plus the prefill its expected prefix
+        misses add, given which classes share its cache (a lane split over k owners
+        sends each a k-th of its requests)."""
+        pieces: dict[str, list[int]] = {i: [] for i in live}
+        split: dict[int, int] = {}
+        for lane, d in demand.items():
+            if d <= 0:
+                continue
+            who = lane_owners(lane, owners, live)
+            split[lane] = len(who)
+            for i in who:
+                pieces[i].append(lane)
+        return {i: self._instance_work(i, lanes, demand, split) for i, lanes in pieces.items()}
+
+    def _instance_work(
+        self, inst: str, lanes: Sequence[int], demand: Mapping[int, float], split: Mapping[int, int]
+    ) -> float:
+        if not lanes:
+            return 0.0
+        rates = [self.rate.get(x, 0.0) / split[x] for x in lanes]
+        sizes = [self.prefix.get(x, 0.0) for x in lanes]
+        one_off = sum(r * self.one_off.get(x, 0.0) for r, x in zip(rates, lanes, strict=True))
+        miss = lru_miss_ratios(rates, sizes, self.cache.get(inst, 0.0), one_off)
+        base = sum(demand[x] / split[x] for x in lanes)
+        return base + self.weight * sum(
+            r * s * m for r, s, m in zip(rates, sizes, miss, strict=True)
+        )
+
+
+def place_for_cache(
+    demand: Mapping[int, float],
+    capacity: Mapping[str, float],
+    model: CacheModel,
+    previous: Mapping[int, Sequence[str]] | None = None,
+    *,
+    slack: float = 0.10,
+    keep: float = 0.05,
+) -> dict[int, tuple[str, ...]]:
+    """Greedy placement priced by `CacheModel`: lanes largest demand first, each to the
+    instance where the resulting largest per-capacity work is least (ties: where it
+    adds least work, i.e. where its prefix competes least for the cache). A lane stays
+    with its previous owner while that costs at most `keep` more (hysteresis: a move
+    costs a cold cache). A lane bigger than one instance's share (1 + `slack`) is split
+    into k pieces on k different instances, as `pack` does.
+    """
+    live = sorted(i for i, c in capacity.items() if c > 0)
+    lanes = {lane: d for lane, d in demand.items() if d > 0}
+    if not live or not lanes:
+        return {}
+    total = sum(lanes.values())
+    cap_total = sum(capacity[i] for i in live)
+    biggest = max(total * capacity[i] / cap_total for i in live) * (1 + slack)
+    split = {
+        lane: 1 if d <= biggest else min(len(live), math.ceil(d / (total / len(live) * (1 + slack))))
+        for lane, d in lanes.items()
+    }
+    members: dict[str, list[int]] = {i: [] for i in live}
+    work = dict.fromkeys(live, 0.0)
+    out: dict[int, tuple[str, ...]] = {}
+    for lane in sorted(lanes, key=lambda x: (-lanes[x], x)):
+        chosen: list[str] = []
+        for _ in range(split[lane]):
+            options: list[tuple[float, float, str, float]] = []
+            for j in live:
+                if j in chosen:
+                    continue
+                w_j = model._instance_work(j, [*members[j], lane], lanes, split) / capacity[j]
+                peak = max([w_j, *(work[i] for i in live if i != j)])
+                options.append((peak, w_j - work[j], j, w_j))
+            best = min(options)
+            before = [o for o in options if o[2] in (previous or {}).get(lane, ())]
+            if before and min(before)[0] <= best[0] * (1 + keep):
+                best = min(before)
+            chosen.append(best[2])
+            members[best[2]].append(lane)
+            work[best[2]] = best[3]
+        out[lane] = tuple(sorted(chosen))
+    return out
+
+
+def refine_for_cache(
+    demand: Mapping[int, float],
+    capacity: Mapping[str, float],
+    owners: Mapping[int, tuple[str, ...]],
+    model: CacheModel,
+    *,
+    max_moves: int = 64,
+    min_gain: float = 0.002,
+) -> dict[int, tuple[str, ...]]:
+    """Move whole classes off the instance with the most work, pricing cache misses.
+
+    `pack` balances demand as if every prefix stayed cached. When an instance's classes
+    do not fit its cache together, they evict each other and every miss stalls its batch
+    for a full prefill: work that depends on *which* classes share an instance. Steepest
+    descent on the sum of squared per-capacity work (`CacheModel.work`; squares rather
+    than the maximum, so two instances tied at the top do not block every move): the
+    best single move of a one-owner lane off the busiest instance that does not raise the
+    maximum, while it lowers the sum by at least `min_gain` of it (every move costs the
+    moved class a cold cache). Typically the hot classes end
+    up together on instances whose cache holds them, and rarely used classes, which miss
+    wherever they go, where their prefills hurt least.
+    """
+    live = sorted(i for i, c in capacity.items() if c > 0)
+    out = dict(owners)
+    if len(live) < 2:
+        return out
+    split = {lane: len(lane_owners(lane, out, live)) for lane in demand if demand[lane] > 0}
+    members: dict[str, list[int]] = {i: [] for i in live}
+    for lane in split:
+        for i in lane_owners(lane, out, live):
+            members[i].append(lane)
+
+    def work_of(i: str, lanes: Sequence[int]) -> float:
+        return model._instance_work(i, lanes, demand, split) / capacity[i]
+
+    work = {i: work_of(i, members[i]) for i in live}
+    for _ in range(max_moves):
+        top = max(live, key=lambda i: (work[i], i))
+        score = sum(v * v for v in work.values())
+        best: tuple[float, int, str, float, float] | None = None
+        for lane in members[top]:
+            if split[lane] != 1:
+                continue
+            w_top = work_of(top, [x for x in members[top] if x != lane])
+            for j in live:
+                if j == top:
+                    continue
+                w_j = work_of(j, [*members[j], lane])
+                if max(w_top, w_j) > work[top]:
+                    continue  # never raise the maximum
+                new = score - work[top] ** 2 - work[j] ** 2 + w_top**2 + w_j**2
+                if best is None or new < best[0]:
+                    best = (new, lane, j, w_top, w_j)
+        if best is None or best[0] > score * (1 - min_gain):
+            break
+        _, lane, j, w_top, w_j = best
+        members[top].remove(lane)
+        members[j].append(lane)
+        work[top], work[j] = w_top, w_j
+        out[lane] = (j,)
+    return out
+
+
 def planned_load(
     demand: Mapping[int, float], owners: Mapping[int, Sequence[str]], live: Sequence[str]
 ) -> dict[str, float]:
@@ -763,6 +963,12 @@ def imbalance(load: Mapping[str, float], capacity: Mapping[str, float] | None = 
     return max(load[i] / (total * caps.get(i, 1.0) / cap_total) for i in load)
 
 
+def _peak_and_spread(work: Mapping[str, float], capacity: Mapping[str, float]) -> tuple[float, float]:
+    """Order of plans: lower largest per-capacity work, then lower sum of squares."""
+    per = [work[i] / capacity[i] for i in work]
+    return (max(per, default=0.0), sum(v * v for v in per))
+
+
 class PromptAwarePlanner:
     """Online per-class statistics and the placement built from them.
 
@@ -781,12 +987,20 @@ class PromptAwarePlanner:
     A request holds a batch slot for one step per output token; its uncached prompt
     stalls the batch for about `prefill_weight` steps per token (0.15 for the calibrated
     sim: 0.04 ms of prefill per token vs ~0.27 ms per sequence-step at batch 32). The
-    default weight is 0: under a cache-friendly placement the uncached part is a short
-    suffix, and while a class is still cold its misses would make it look ten times
-    heavier than it is, so every cold start (and every move) would read as drift and
-    trigger another move. `demand_model="seconds"` uses rate x measured service time
-    (Little's law) instead, for engines that report no token counts; it is load-dependent
-    (a busy instance's classes look heavier), which is why it is not the default.
+    uncached part is taken at the class's *best* observed hit, not its current one: while
+    a class is still cold its misses would make it look ten times heavier than it is, so
+    every cold start (and every move) would read as drift and trigger another move.
+    Where every instance announces its prefix-cache size, the misses a placement causes
+    are priced separately (`CacheModel`: Che's LRU approximation per instance, from the
+    classes' rates and prefix sizes), since they depend on which classes share a cache;
+    the plan is then the cheapest under that model of: the packed plan refined
+    (`refine_for_cache`), a cache-priced greedy placement refined (`place_for_cache`),
+    and every instance reading every lane (pull: right when all prefixes fit every
+    cache, since locality is free then and only balance counts).
+
+    `demand_model="seconds"` uses rate x measured service time (Little's law) instead,
+    for engines that report no token counts; it is load-dependent (a busy instance's
+    classes look heavier), which is why it is not the default.
 
     `maybe_replan` re-plans when the instances changed, when unplanned lanes carry
     noticeable demand, or when the current plan's max load / fair share drifted above
@@ -855,16 +1069,39 @@ class PromptAwarePlanner:
         c = self.counts.get(lane, {})
         return c.get("arr" if self._have_arrivals else "n", 0.0) / self.time_base
 
-    def cost(self, lane: int) -> float | None:
-        """Cost of one request of the lane (see the class docstring), None if unknown."""
+    def cost(self, lane: int, *, misses_priced: bool = False) -> float | None:
+        """Cost of one request of the lane (see the class docstring), None if unknown.
+
+        `misses_priced`: a `CacheModel` adds the prefix misses per placement, so the cost
+        counts only what a request prefills even on a hit (its own suffix)."""
         if self.opts.demand_model == "seconds":
             return self._mean(lane, "sec")
         out = self._mean(lane, "out")
         if out is None:
             return None
         prompt = self._mean(lane, "in") or 0.0
-        uncached = max(0.0, prompt - self.best_hit.get(lane, 0.0))
+        best = self.best_hit.get(lane, 0.0)
+        uncached = max(0.0, prompt - best)
+        if misses_priced:
+            uncached = uncached if best > 0 else 0.0
         return out + 1.0 + self.opts.prefill_weight * uncached
+
+    def cache_model(self, cache: Mapping[str, float]) -> CacheModel:
+        """Per-lane rate, prefix and one-off tokens for pricing misses (see `CacheModel`).
+        A lane that never hit is taken to be all prefix: no evidence of a suffix yet."""
+        prefix: dict[int, float] = {}
+        one_off: dict[int, float] = {}
+        for lane, prompt in self.footprint().items():
+            best = min(self.best_hit.get(lane, 0.0), prompt)
+            prefix[lane] = best if best > 0 else prompt
+            one_off[lane] = prompt - best if best > 0 else 0.0
+        return CacheModel(
+            cache=dict(cache),
+            rate={lane: self.rate(lane) for lane in set(self.sums) | set(self.counts)},
+            prefix=prefix,
+            one_off=one_off,
+            weight=self.opts.prefill_weight,
+        )
 
     def footprint(self) -> dict[int, float]:
         """Prompt tokens a lane's requests bring (its mean prompt length): an upper bound
@@ -876,8 +1113,9 @@ class PromptAwarePlanner:
                 out[lane] = v
         return out
 
-    def demand(self) -> dict[int, float]:
-        costs = {lane: self.cost(lane) for lane in set(self.sums) | set(self.counts)}
+    def demand(self, *, misses_priced: bool = False) -> dict[int, float]:
+        costs = {lane: self.cost(lane, misses_priced=misses_priced)
+                 for lane in set(self.sums) | set(self.counts)}
         known = [c for c in costs.values() if c is not None]
         fallback = sum(known) / len(known) if known else 1.0
         out: dict[int, float] = {}
@@ -904,15 +1142,32 @@ class PromptAwarePlanner:
         return out
 
     def maybe_replan(
-        self, capacity: Mapping[str, float], current: Placement | None, now: float
+        self,
+        capacity: Mapping[str, float],
+        current: Placement | None,
+        now: float,
+        cache: Mapping[str, float] | None = None,
     ) -> Placement | None:
-        """A new placement, or None to keep `current`."""
+        """A new placement, or None to keep `current`.
+
+        `cache`: each instance's prefix-cache size in tokens, where every live instance's
+        engine announces one. Then loads are priced with a `CacheModel` (demand plus the
+        prefill of expected misses, which depends on which classes share a cache) and
+        the packed plan is refined for it (`refine_for_cache`); without it, demand alone.
+        """
         live = sorted(i for i, c in capacity.items() if c > 0)
         if not live or self.observations < 1:
             return None
-        demand = self.demand()
+        priced = cache is not None and all((cache.get(i) or 0) > 0 for i in live)
+        demand = self.demand(misses_priced=priced)
         if not demand:
             return None
+        model = self.cache_model(cache) if priced and cache is not None else None
+
+        def loads(owners: Mapping[int, Sequence[str]]) -> dict[str, float]:
+            if model is not None:
+                return model.work(demand, owners, live)
+            return planned_load(demand, owners, live)
         cur = current or Placement()
         reason = ""
         if not cur.owners:
@@ -932,7 +1187,7 @@ class PromptAwarePlanner:
             if unplanned > self.opts.new_lane_share * total and not recent:
                 reason = "new classes"
             elif not recent:
-                ratio = imbalance(planned_load(demand, cur.owners, live), capacity)
+                ratio = imbalance(loads(cur.owners), capacity)
                 if ratio > 1 + self.opts.drift:
                     reason = f"drift {ratio:.2f}"
         if not reason:
@@ -948,18 +1203,31 @@ class PromptAwarePlanner:
             slack=self.opts.slack,
             keep_slack=self.opts.drift * 0.6,
         )
+        if model is not None:
+            # two constructions, each refined, and "every instance reads every lane" (pull:
+            # the best plan when all prefixes fit every cache, as then locality is free
+            # and only balance counts); keep the one the model prices lowest
+            caps = {i: capacity[i] for i in live}
+            candidates = [
+                refine_for_cache(demand, caps, plan, model)
+                for plan in (owners, place_for_cache(demand, caps, model, previous,
+                                                     slack=self.opts.slack))
+            ]
+            candidates.append({lane: tuple(live) for lane in demand})
+            owners = min(candidates, key=lambda o: _peak_and_spread(model.work(demand, o, live),
+                                                                      caps))
         self._last_plan_t = now
         if reason.startswith("drift"):
             # only worth the moves if it really is better (lumpy classes may not pack
             # any better, and re-planning to the same imbalance would only churn)
-            before = imbalance(planned_load(demand, cur.owners, live), capacity)
-            after = imbalance(planned_load(demand, owners, live), capacity)
+            before = imbalance(loads(cur.owners), capacity)
+            after = imbalance(loads(owners), capacity)
             if after > before * 0.95:
                 return None
         return Placement(
             epoch=cur.epoch + 1,
             owners=owners,
-            planned=planned_load(demand, owners, live),
+            planned=loads(owners),
             demand=demand,
             members=tuple(live),
             reason=reason,

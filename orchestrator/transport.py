@@ -18,6 +18,19 @@ between them, so every semantic rule lives in this docstring:
 * Progress records say, for an input (or an aggregation key), how many units have
   been published for it and whether it is done; they make re-execution after a
   crash publish nothing twice and count credit exactly once.
+* Leases are fenced: each acquisition by a new owner gets a fencing token larger than
+  every earlier token of that lease (renewal by the holder keeps its token). A commit
+  carrying a `Fence(lease, token)` applies only if the lease is still held with that
+  token, checked atomically with the commit; otherwise nothing applies and `commit`
+  raises `FencedError`. So an owner that stalled past its lease cannot write once
+  another owner may have taken over.
+* Run keys (events, progress) never live forever: a write gives a key that has no
+  expiry the `run_key_ttl_s` safety expiry; `expire_run` then shortens it. A late
+  write after `expire_run` therefore cannot leak a key.
+* `transient_errors` lists the exceptions that mean "the bus is unreachable right now"
+  (Redis restarting, a dropped connection): a caller retries the step later; nothing
+  about the step is known to have applied or not, so every step must be idempotent
+  (ids and progress records make re-application harmless).
 * Cancellation latency bound: `is_cancelled` always sees a cancel made more than
   `cancel_staleness_ms` before the call (it may answer from a read of the flag made
   that recently). Embedded: 0 (always exact). Redis: 10 ms by default (the flag is read
@@ -51,6 +64,18 @@ class Progress:
     done: bool = False
 
 
+class FencedError(RuntimeError):
+    """A fenced commit was refused: its lease has expired or moved to another owner."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """Apply a commit only while lease `lease` is held with fencing token `token`."""
+
+    lease: str
+    token: int
+
+
 @dataclass(slots=True)
 class Commit:
     """One atomic step of a runner."""
@@ -61,6 +86,7 @@ class Commit:
     acks: list[tuple[str, str, list[str]]] = field(
         default_factory=list
     )  # (stream, group, entry ids)
+    fence: Fence | None = None
 
     def __bool__(self) -> bool:
         return bool(self.messages or self.events or self.progress or self.acks)
@@ -75,6 +101,9 @@ class StreamStats:
 
 class Transport(abc.ABC):
     """See the module docstring for the contract each method must keep."""
+
+    transient_errors: tuple[type[BaseException], ...] = ()
+    run_key_ttl_s: int = 86_400  # safety expiry of run keys written without one
 
     # ---- work streams -------------------------------------------------------------------
     @abc.abstractmethod
@@ -136,9 +165,15 @@ class Transport(abc.ABC):
     async def is_cancelled(self, run: str) -> bool: ...
 
     # ---- leases and registry ------------------------------------------------------------
-    @abc.abstractmethod
     async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
         """Take or renew the lease `name` for `owner`; False if another owner holds it."""
+        return await self.acquire_fenced(name, owner, ttl_ms) is not None
+
+    @abc.abstractmethod
+    async def acquire_fenced(self, name: str, owner: str, ttl_ms: int) -> int | None:
+        """`acquire_lease` that returns the lease's fencing token (None if another owner
+        holds it): the same token while `owner` keeps renewing, a larger one after any
+        new acquisition."""
 
     @abc.abstractmethod
     async def release_lease(self, name: str, owner: str) -> None: ...

@@ -19,7 +19,16 @@ from typer.testing import CliRunner
 
 from bench.common import percentile, section_markers, update_markdown
 from bench.overhead import OverheadConfig, Trace, hops_of, run_overhead, top_functions
-from bench.streaming import StreamingConfig, arrivals, headline, load_inputs, run_streaming
+from bench.streaming import (
+    FACTOOL_KBQA_CLAIMS,
+    StreamingConfig,
+    arrivals,
+    headline,
+    load_inputs,
+    run_streaming,
+    sentence_pool,
+    slo_capacity,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -122,11 +131,42 @@ def test_headline_uses_only_points_within_slo() -> None:
            _row("streaming", 8, 7.9, 3.0), _row("barrier", 8, 7.5, 9.0),
            _row("streaming", 12, 9.0, 3.5, done=0.9), _row("barrier", 12, 8.0, math.inf)]
     h = headline(StreamingConfig(slo_s=4.0), agg)
-    assert h["slo_throughput"]["streaming"]["throughput"] == 7.9  # 12 had unfinished runs
-    assert h["slo_throughput"]["barrier"]["throughput"] == 4.0
-    assert h["throughput_ratio_at_slo"] == pytest.approx(7.9 / 4.0)
+    s, b = h["slo_throughput"]["streaming"], h["slo_throughput"]["barrier"]
+    # streaming: 12 had unfinished runs, so no interpolation past 8
+    assert (s["rate"], s["rate_interpolated"], s["throughput"]) == (8, 8, 7.9)
+    # barrier: p99 crosses 4 s between 4 (2 s) and 8 (9 s): 4 + 2/7 * 4
+    assert (b["rate"], b["throughput"]) == (4, 4.0)
+    assert b["rate_interpolated"] == pytest.approx(4 + 4 * 2 / 7)
+    assert h["throughput_ratio_at_slo"] == pytest.approx(8 / (4 + 4 * 2 / 7))
     assert h["fixed_rate"] == 4  # barrier's own SLO load
     assert h["p99_ratio_barrier_over_streaming"] == pytest.approx(2.0)
+
+
+def test_slo_capacity_stops_at_the_first_failure() -> None:
+    """A pass above a failing rate is noise, not capacity; all passing is a lower bound."""
+    cfg = StreamingConfig(slo_s=4.0)
+    rows = [_row("barrier", 4, 4.0, 1.0), _row("barrier", 8, 7.0, 5.0),
+            _row("barrier", 12, 11.0, 3.0)]
+    c = slo_capacity(cfg, rows)
+    assert c["rate"] == 4 and c["first_failing_rate"] == 8 and not c["at_sweep_edge"]
+    assert c["rate_interpolated"] == pytest.approx(4 + 4 * 3 / 4)
+    c = slo_capacity(cfg, rows[:1])
+    assert c["rate_interpolated"] == 4 and c["at_sweep_edge"]
+    c = slo_capacity(cfg, [_row("barrier", 4, 4.0, 6.0)])
+    assert c["rate"] is None and c["rate_interpolated"] == 0.0
+
+
+def test_factool_fanout_follows_the_kbqa_distribution() -> None:
+    texts = load_inputs(StreamingConfig().inputs)
+    a = arrivals(StreamingConfig(requests=400), 5.0, 0, texts)
+    assert a == arrivals(StreamingConfig(requests=400), 5.0, 0, texts)
+    sizes = [len(sentence_pool([x.text])[0]) for x in a]
+    assert set(sizes) <= set(FACTOOL_KBQA_CLAIMS)
+    mean = sum(k * n for k, n in FACTOOL_KBQA_CLAIMS.items()) / sum(FACTOOL_KBQA_CLAIMS.values())
+    assert mean == pytest.approx(4.68)
+    assert abs(sum(sizes) / len(sizes) - mean) < 0.5
+    plain = arrivals(StreamingConfig(requests=50, fanout="file"), 5.0, 0, texts)
+    assert all(x.text in texts for x in plain)
 
 
 def test_hops_of_and_percentiles() -> None:

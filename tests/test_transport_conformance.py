@@ -553,6 +553,73 @@ async def test_lease_expires_after_ttl(transport: Transport) -> None:
     assert not await transport.acquire_lease("p0", "a", 60_000)
 
 
+async def test_fencing_tokens_grow_with_each_new_owner(transport: Transport) -> None:
+    t1 = await transport.acquire_fenced("p0", "a", 60_000)
+    assert t1 is not None and t1 >= 1
+    assert await transport.acquire_fenced("p0", "a", 60_000) == t1  # renewal keeps it
+    assert await transport.acquire_fenced("p0", "b", 60_000) is None
+    await transport.release_lease("p0", "a")
+    t2 = await transport.acquire_fenced("p0", "b", 60_000)
+    assert t2 is not None and t2 > t1
+    await transport.release_lease("p0", "b")
+    t3 = await transport.acquire_fenced("p0", "a", 60_000)  # even the old owner: new token
+    assert t3 is not None and t3 > t2
+    other = await transport.acquire_fenced("p1", "a", 60_000)  # independent lease
+    assert other is not None
+
+
+async def test_fenced_commit_applies_only_under_its_token(transport: Transport) -> None:
+    from orchestrator.transport import Fence, FencedError
+
+    await transport.ensure_group("s", "g")
+    await transport.ensure_group("out", "g")
+    await publish_n(transport, "s", 2)
+    got = await transport.consume(["s"], "g", "a", 2, 0)
+    token = await transport.acquire_fenced("p0", "a", 60_000)
+    assert token is not None
+    await transport.commit(Commit(
+        messages=[("out", env(10))], events=[("r", {"mid": "x1"})],
+        progress=[("r", "k1", Progress(1, True))], acks=[("s", "g", [got[0].entry_id])],
+        fence=Fence("p0", token),
+    ))
+    # the lease moves on (expiry or release, then another owner): the old token is stale
+    await transport.release_lease("p0", "a")
+    assert await transport.acquire_fenced("p0", "b", 60_000) is not None
+    stale = Commit(
+        messages=[("out", env(11))], events=[("r", {"mid": "x2"})],
+        progress=[("r", "k2", Progress(1, True))], acks=[("s", "g", [got[1].entry_id])],
+        fence=Fence("p0", token),
+    )
+    with pytest.raises(FencedError):
+        await transport.commit(stale)
+    with pytest.raises(FencedError):  # a lease nobody holds refuses every token
+        await transport.commit(Commit(events=[("r", {"mid": "x3"})], fence=Fence("p9", 1)))
+    out = await transport.consume(["out"], "g", "c", 10, 0)
+    assert [d.envelope for d in out] == [env(10)]
+    assert [ev for _, ev in await transport.read_events("r", None, 10, 0)] == [{"mid": "x1"}]
+    assert await transport.get_progress("r", ["k1", "k2"]) == [Progress(1, True), None]
+    assert (await transport.stats("s", "g")).pending == 1  # the stale ack did not apply
+
+
+async def test_run_keys_written_after_expire_run_still_expire(transport: Transport) -> None:
+    """A late write (a straggler's progress) after the run's keys were given their TTL must
+    not create a key that lives forever: it gets the safety expiry."""
+    transport.run_key_ttl_s = 1
+    await transport.commit(Commit(events=[("r", {"mid": "a"})]))
+    await transport.expire_run("r", 3600)  # no progress key yet: EXPIRE cannot reach it
+    await transport.commit(Commit(events=[("late", {"mid": "b"})],
+                                  progress=[("r", "k", Progress(1, True))]))
+    assert await transport.get_progress("r", ["k"]) == [Progress(1, True)]
+
+    async def gone() -> bool:
+        p = await transport.get_progress("r", ["k"])
+        e = await transport.read_events("late", None, 10, 0)
+        return p == [None] and e == []
+
+    await eventually(gone, "late run keys to expire")
+    assert len(await transport.read_events("r", None, 10, 0)) == 1  # expire_run's TTL kept
+
+
 async def test_members_expire_and_leave(transport: Transport) -> None:
     await transport.heartbeat("stage:llm", "i1", {"capacity": 4, "tags": ["gpu"]}, 60_000)
     await transport.heartbeat("stage:llm", "i2", {"capacity": 2}, 60_000)

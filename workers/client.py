@@ -7,8 +7,8 @@ log through a RunTracker, which knows exactly when the run is complete.
 
 from __future__ import annotations
 
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator
 from fractions import Fraction
 from typing import Any
@@ -22,7 +22,9 @@ from workers.router import Router
 
 
 def new_run_id() -> str:
-    return "run_" + uuid.uuid4().hex[:24]
+    """128 random bits from the OS CSPRNG: a run id cannot be guessed (runs are also
+    readable only with the API key that created them)."""
+    return "run_" + secrets.token_hex(16)
 
 
 async def start_run(

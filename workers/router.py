@@ -498,18 +498,21 @@ class PolicyRouter(Router):
             "inflight": runner.inflight,
             "capacity": runner.capacity,
             "engine_load": load_fn() if callable(load_fn) else None,
+            "cache_tokens": _cache_tokens(engine),
             "stolen": own.stolen,
             "calls": own.calls,
         }
         await t.heartbeat(own.sched, me, info, runner.config.heartbeat_ms * 5)
         members = await t.members(own.sched)
         capacity: dict[str, float] = {}
+        cache: dict[str, float] = {}
         full: set[str] = set()
         own.loads = {}
         for name, m in members.items():
             j = m.get("slot") if name != PLAN_MEMBER else None
             if isinstance(j, int):
                 capacity[slot_name(j)] = float(m.get("capacity") or 1)
+                cache[slot_name(j)] = float(m.get("cache_tokens") or 0)
                 own.loads[slot_name(j)] = float(m.get("inflight") or 0)
                 if int(m.get("inflight") or 0) >= int(m.get("capacity") or 1):
                     full.add(slot_name(j))
@@ -531,7 +534,7 @@ class PolicyRouter(Router):
             )
             if own.leader:
                 own.planner.observe(counters, now)
-                new = own.planner.maybe_replan(capacity, own.placement, now)
+                new = own.planner.maybe_replan(capacity, own.placement, now, cache)
                 if new is not None:
                     own.placement = new
                     own.replans += 1
@@ -597,6 +600,19 @@ class PolicyRouter(Router):
             "replans": own.replans,
             "placement_epoch": own.placement.epoch if own.placement is not None else None,
         }
+
+
+def _cache_tokens(engine: object) -> int | None:
+    """Prefix-cache size of an engine in tokens, where it says (the sim's `cache`; any
+    engine may expose `cache_tokens`): the planner prices cache misses with it."""
+    n = getattr(engine, "cache_tokens", None)
+    if isinstance(n, int | float) and n > 0:
+        return int(n)
+    cache = getattr(engine, "cache", None)
+    blocks, size = getattr(cache, "capacity_blocks", None), getattr(cache, "block_size", None)
+    if isinstance(blocks, int) and isinstance(size, int) and blocks > 0:
+        return blocks * size
+    return None
 
 
 def _num(value: object) -> float:
@@ -700,15 +716,25 @@ async def cluster_router_metrics(
     """The same numbers for every process, from the transport (what a gateway that runs
     no stages reports): per stage with a policy, the policy's prefix-hit rate (counted
     since the statistics hash was created), per live instance its slot, in-flight,
-    capacity, engine load and hit rate, the load imbalance, and the stored placement."""
+    capacity, engine load and hit rate, the load imbalance, and the stored placement.
+
+    A stateless LM stage that is on `pull` here is still reported when its workers placed
+    work under a policy: they may run with an ALTO_POLICY this process was not given, and
+    what they wrote to the transport (their heartbeats say which policy) is the truth."""
     override = parse_policy_override(policy)
     out: dict[str, Any] = {}
     for s in spec.stages:
-        pol = effective_policy(s.kind, s.aggregates, s.policy, s.name, override)
-        if pol == PULL:
+        if s.kind != "lm" or s.aggregates:
             continue
+        pol = effective_policy(s.kind, s.aggregates, s.policy, s.name, override)
         counters = await transport.hgetall(stats_key(spec.name, s.name))
         members = await transport.members(sched_group(spec.name, s.name))
+        if pol == PULL:
+            announced = [str(m["policy"]) for n, m in members.items()
+                         if n != PLAN_MEMBER and m.get("policy")]
+            if not announced:
+                continue
+            pol = announced[0]
         instances: dict[str, Any] = {}
         for name, info in members.items():
             if name == PLAN_MEMBER:
@@ -731,6 +757,7 @@ async def cluster_router_metrics(
                                                numbers.get("prompt", 0.0))
         plan = members.get(PLAN_MEMBER)
         out[stage_group(spec.name, s.name)] = {
+            "stage": s.name,
             "policy": pol,
             "policies": policies,
             "instances": instances,

@@ -10,7 +10,16 @@ The runner is where the correctness contract of DESIGN.md is kept:
   skipped) and gives its end marker exactly the credit not yet handed out;
 * an aggregating stage keeps each key's messages *unacknowledged* until the key fires,
   so its state lives in the stream's pending list and survives the instance: a new
-  owner of the partition claims those entries and rebuilds the state.
+  owner of the partition claims those entries and rebuilds the state;
+* every write an aggregating owner makes for a group is fenced by its partition lease's
+  token: once the lease has moved, the stale owner's commit is refused atomically and it
+  drops the partition;
+* an input that fails (engine error, bad data) or keeps killing its worker (delivered
+  more than `max_deliveries` times) goes to the pipeline's dead-letter stream with the
+  reason, acknowledged in the same commit as the run's `error` event; the run is then
+  cancelled so no stage keeps work (or pending entries) for it;
+* the loop survives an unreachable bus (`Transport.transient_errors`): it backs off and
+  goes on; a step that failed half-way leaves its input pending, to be claimed again.
 """
 
 from __future__ import annotations
@@ -26,8 +35,18 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from orchestrator.envelope import Envelope, Lineage, credit_str, end_id, lineage_str, unit_id
+from orchestrator.embedded import NoGroupError
+from orchestrator.envelope import (
+    Envelope,
+    Lineage,
+    credit_str,
+    end_id,
+    lineage_str,
+    loads_json,
+    unit_id,
+)
 from orchestrator.routing import (
+    PREFIX,
     aggregation_key,
     end_credit,
     expected_credit,
@@ -37,13 +56,43 @@ from orchestrator.routing import (
 )
 from orchestrator.spec import PipelineSpec
 from orchestrator.template import StageContext
-from orchestrator.transport import Commit, Delivery, Progress, Transport
+from orchestrator.transport import Commit, Delivery, Fence, FencedError, Progress, Transport
 from workers.router import Router
 from workers.stagefn import CallStats, StageFunction
 
 log = logging.getLogger("alto.runner")
 
 Observer = Callable[[str, dict[str, Any]], None]
+
+
+def dead_letter_stream(pipeline: str) -> str:
+    """Where a pipeline's failed inputs go (never consumed by a stage, never trimmed by
+    the runtime): one envelope per failure, payload {reason, stage, run, entries, envelope}."""
+    return f"{PREFIX}:{pipeline}:dead"
+
+
+def _rank(member: str, salt: str) -> bytes:
+    return hashlib.blake2b(f"{member}|{salt}".encode()).digest()
+
+
+def partition_owners(members: list[str], partitions: int) -> list[str]:
+    """Owner of each partition: balanced rendezvous hashing. Every member gets
+    floor(P/M) or ceil(P/M) partitions (plain rendezvous can give one member most of them),
+    each partition going to its highest-ranked member that still has room; deterministic
+    from the member set, so every instance computes the same table."""
+    members = sorted(set(members))
+    if not members:
+        return []
+    quota, extra = divmod(partitions, len(members))
+    room = {m: quota for m in members}
+    for m in sorted(members, key=lambda m: _rank(m, "extra"), reverse=True)[:extra]:
+        room[m] += 1
+    owners = []
+    for i in range(partitions):
+        best = max((m for m in members if room[m] > 0), key=lambda m, i=i: _rank(m, str(i)))
+        room[best] -= 1
+        owners.append(best)
+    return owners
 
 
 @dataclass
@@ -54,6 +103,21 @@ class RunnerConfig:
     heartbeat_ms: int = 1_000
     partial_events: bool = True  # publish every unit as a `partial` run event
     read_ahead: int = 64  # entries an aggregating stage may read beyond its free slots
+    max_deliveries: int = 5  # an input delivered more often than this is dead-lettered
+    trim_interval_ms: int = 5_000  # how often the runner trims the streams it reads
+    cancel_ttl_s: int = 3_600  # how long a failed run's cancel flag lives
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> RunnerConfig:
+        """The runner knobs of `workers.settings.Settings` (the gateway's embedded stages and
+        `alto worker` must read the same ones)."""
+        return cls(
+            claim_idle_ms=settings.claim_idle_ms,
+            lease_ttl_ms=settings.lease_ttl_ms,
+            heartbeat_ms=settings.heartbeat_ms,
+            max_deliveries=settings.max_deliveries,
+            trim_interval_ms=settings.trim_interval_ms,
+        )
 
 
 @dataclass
@@ -107,6 +171,11 @@ class StageRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._groups: dict[str, _Group] = {}
         self._held: set[tuple[str, str]] = set()  # (stream, entry id) kept pending in groups
+        self._running: set[tuple[str, str]] = set()  # (stream, entry id) being processed here
+        self._suspect: tuple[str, str] | None = None  # the claimed entry running in isolation
+        self._tokens: dict[str, int] = {}  # owned partition stream -> its lease's fencing token
+        self._leases = {s: f"{self.group}:p{i}" for i, s in enumerate(self.streams)}
+        self._next_beat = self._next_claim = self._next_trim = 0.0
         self._fired: OrderedDict[str, None] = OrderedDict()
         self._cancelled_runs: OrderedDict[str, None] = OrderedDict()
         self.processed = 0
@@ -114,34 +183,58 @@ class StageRunner:
 
     # ------------------------------------------------------------------ main loop
     async def run(self, stop: asyncio.Event) -> None:
-        for s in self.streams:
-            await self.transport.ensure_group(s, self.group)
+        await self._ensure_groups()
         await self._heartbeat()
-        next_beat = next_claim = 0.0
+        backoff = 0.0
         try:
             while not stop.is_set():
-                now = time.monotonic()
-                if now >= next_beat:
-                    await self._heartbeat()
-                    if self.stage.aggregates:
-                        await self._rebalance()
-                    await self.router.refresh(self)
-                    next_beat = now + self.config.heartbeat_ms / 1000
-                if now >= next_claim:
-                    await self._claim_abandoned()
-                    next_claim = now + self.config.claim_idle_ms / 2000
-                free = self.capacity - self.inflight
-                if free <= 0 or not self.owned:
-                    await self._wait_slot(stop)
-                    continue
-                # an aggregator holds what it reads without using a slot until a group is
-                # complete: read ahead, or a full group waits one read per missing piece
-                want = max(free, self.config.read_ahead) if self.stage.aggregates else free
-                got = await self.router.consume(self, want)
-                for d in got:
-                    await self._accept(d)
+                try:
+                    await self._tick(stop)
+                    backoff = 0.0
+                except self.transport.transient_errors as exc:
+                    # the bus is unreachable (Redis restarting): back off and go on; what
+                    # failed half-way is still pending and will be claimed again
+                    backoff = min(max(2 * backoff, 0.05), 2.0)
+                    log.warning("stage %s: transport unavailable (%s); retrying in %.2fs",
+                                self.stage.name, exc, backoff)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), backoff)
+                except NoGroupError:  # the bus lost its state (no persistence): recreate
+                    log.warning("stage %s: consumer group missing; recreating", self.stage.name)
+                    await self._ensure_groups()
         finally:
             await self._drain()
+
+    async def _ensure_groups(self) -> None:
+        for s in self.streams:
+            await self.transport.ensure_group(s, self.group)
+
+    async def _tick(self, stop: asyncio.Event) -> None:
+        now = time.monotonic()
+        if now >= self._next_beat:
+            await self._heartbeat()
+            if self.stage.aggregates:
+                await self._rebalance()
+                await self._drop_cancelled_groups()
+            await self.router.refresh(self)
+            self._next_beat = now + self.config.heartbeat_ms / 1000
+        if now >= self._next_claim:
+            self._next_claim = now + self.config.claim_idle_ms / 2000
+            await self._claim_abandoned()
+        if now >= self._next_trim:
+            for s in self.owned:  # the janitor: never drops an unacknowledged entry
+                await self.transport.trim(s)
+            self._next_trim = now + self.config.trim_interval_ms / 1000
+        free = self.capacity - self.inflight
+        if free <= 0 or not self.owned:
+            await self._wait_slot(stop)
+            return
+        # an aggregator holds what it reads without using a slot until a group is
+        # complete: read ahead, or a full group waits one read per missing piece
+        want = max(free, self.config.read_ahead) if self.stage.aggregates else free
+        got = await self.router.consume(self, want)
+        for d in got:
+            await self._accept(d)
 
     async def _wait_slot(self, stop: asyncio.Event) -> None:
         if not self._tasks:
@@ -160,9 +253,9 @@ class StageRunner:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.transport.leave(self.group, self.instance)
-            for i, s in enumerate(self.streams):
+            for s in self.streams:
                 if s in self.owned and self.stage.aggregates:
-                    await self.transport.release_lease(f"{self.group}:p{i}", self.instance)
+                    await self.transport.release_lease(self._leases[s], self.instance)
 
     async def abort(self) -> None:
         """Stop at once without finishing: in-flight inputs stay pending (crash-like)."""
@@ -198,29 +291,52 @@ class StageRunner:
 
     async def _claim_abandoned(self) -> None:
         # an aggregator holds its groups' entries pending on purpose; claiming them back is
-        # a no-op, so it must look at all of them or a lost one could hide behind them
-        count = 100_000 if self.stage.aggregates else self.capacity
+        # a no-op, so it must look at all of them or a lost one could hide behind them.
+        # A stateless stage takes abandoned entries one at a time and runs each alone
+        # ("isolation"): a claim counts a delivery, so claiming a crashed worker's whole
+        # batch at once would charge every innocent entry for each crash a poison input
+        # causes, and dead-letter them with it.
+        if not self.stage.aggregates and self._suspect is not None:
+            return
+        count = 100_000 if self.stage.aggregates else 1
         for s in self.owned:
             got = await self.transport.claim_abandoned(
                 s, self.group, self.instance, self.config.claim_idle_ms, count
             )
+            if got and self.observer is not None:  # entries we hold already are not news
+                fresh = sum((d.stream, d.entry_id) not in self._held for d in got)
+                self.observer("reclaimed", {"pipeline": self.spec.name, "stage": self.stage.name,
+                                            "instance": self.instance, "count": fresh})
             for d in got:
                 await self._accept(d)
+                if self.stage.aggregates:
+                    continue
+                if (d.stream, d.entry_id) in self._running:
+                    self._suspect = (d.stream, d.entry_id)
+                    return
+                self._next_claim = 0.0  # settled at once (dead-lettered): take the next
 
     async def _rebalance(self) -> None:
-        """Own the partitions rendezvous hashing gives this instance among live members."""
-        members = sorted(await self.transport.members(self.group)) or [self.instance]
+        """Own the partitions balanced rendezvous hashing gives this instance among live
+        members, each under its lease; a lease (re)acquired with a new fencing token means
+        anything held for it is stale (another owner may have had it): rebuild."""
+        members = list(await self.transport.members(self.group)) or [self.instance]
+        owners = partition_owners(members, len(self.streams))
         owned = []
         for i, stream in enumerate(self.streams):
-            lease = f"{self.group}:p{i}"
-            best = max(members, key=lambda m, i=i: hashlib.blake2b(f"{m}|{i}".encode()).digest())
-            if best == self.instance and await self.transport.acquire_lease(
-                lease, self.instance, self.config.lease_ttl_ms
-            ):
-                if stream not in self.owned:
+            lease = self._leases[stream]
+            token = None
+            if owners[i] == self.instance:
+                token = await self.transport.acquire_fenced(
+                    lease, self.instance, self.config.lease_ttl_ms
+                )
+            if token is not None:
+                if stream not in self.owned or self._tokens.get(stream) != token:
                     # new owner: rebuild the partition's state from its pending entries (all
-                    # of them: what we held here before losing the partition is stale)
-                    self._forget_partition(stream)
+                    # of them: what we held here before is stale, firing groups included:
+                    # their commits carry the old token and will be refused)
+                    self._forget_partition(stream, firing=True)
+                    self._tokens[stream] = token
                     for d in await self.transport.claim_abandoned(
                         stream, self.group, self.instance, 0, 1_000_000
                     ):
@@ -228,30 +344,65 @@ class StageRunner:
                 owned.append(stream)
             elif stream in self.owned:
                 await self.transport.release_lease(lease, self.instance)
+                self._tokens.pop(stream, None)
                 self._forget_partition(stream)
         self.owned = owned
 
-    def _forget_partition(self, stream: str) -> None:
+    def _forget_partition(self, stream: str, *, firing: bool = False) -> None:
         """Drop the groups of a partition we no longer own (its entries stay pending for the
         owner to claim), and forget that we held them, or a later return of the partition
         would skip those entries as already held and the group could never complete."""
-        for key in [k for k, g in self._groups.items() if g.partition == stream and not g.firing]:
+        for key in [k for k, g in self._groups.items()
+                    if g.partition == stream and (firing or not g.firing)]:
             g = self._groups.pop(key)
             for d in [*g.got.values(), *g.extra]:
                 self._held.discard((d.stream, d.entry_id))
+
+    def _fence(self, g: _Group) -> Fence:
+        """The fence for writes about group `g`; refused at once if we no longer own it."""
+        token = self._tokens.get(g.partition)
+        if token is None:
+            raise FencedError(f"partition {g.partition} is no longer owned here")
+        return Fence(self._leases[g.partition], token)
+
+    def _fenced_out(self, g: _Group, fence: Fence | None) -> None:
+        """A commit for `g` was refused: the lease moved. Drop the partition (unless it has
+        been re-acquired since, under a newer token) and the group."""
+        log.warning("stage %s: lost partition %s (fenced); dropping its groups",
+                    self.stage.name, g.partition)
+        if self._groups.get(g.key) is g:
+            self._groups.pop(g.key)
+        for d in [*g.got.values(), *g.extra]:
+            self._held.discard((d.stream, d.entry_id))
+        if fence is None or self._tokens.get(g.partition) == fence.token:
+            self._tokens.pop(g.partition, None)
+            self.owned = [s for s in self.owned if s != g.partition]
+            self._forget_partition(g.partition, firing=True)
+
+    async def _drop_cancelled_groups(self) -> None:
+        """Groups of a cancelled (or failed) run never complete: upstream stopped sending.
+        Acknowledge them, or their entries stay pending forever and pin stream trimming."""
+        runs = {next(iter(g.got.values())).envelope.run for g in self._groups.values()
+                if g.got and not g.firing}
+        for run in runs:
+            if not await self._is_cancelled(run):
+                continue
+            for g in [g for g in self._groups.values()
+                      if not g.firing and g.got and next(iter(g.got.values())).envelope.run == run]:
+                await self._ack_group(g)
 
     # ------------------------------------------------------------------ intake
     async def _accept(self, d: Delivery, partition: str | None = None) -> None:
         env = d.envelope
         if not self.stage.aggregates:
-            self._spawn(self._process(d))
+            await self._start(d)
             return
         klin = key_lineage(self.stage, env.lineage)
         if klin is None:  # marker of an enclosing scope: not ours to hold
             if env.kind != "end":
                 await self._fail(env, f"unit {env.id} lacks the aggregation scope", None, d)
                 return
-            self._spawn(self._process(d))
+            await self._start(d)
             return
         # qualified by stage: two aggregators of one scope keep separate progress and ids
         key = f"{aggregation_key(env.run, klin)}@{self.stage.name}"
@@ -286,23 +437,52 @@ class StageRunner:
             g.firing = True
             await self._fail(env, f"credit overflow for key {key}: {g.total} > {g.expected}", g)
 
+    async def _start(self, d: Delivery) -> None:
+        """Process one entry on its own (not part of a group): unless it is running here
+        already (we claimed our own slow entry back: the claim only refreshed it), or it
+        has been delivered too often (it keeps killing or stalling its worker)."""
+        ref = (d.stream, d.entry_id)
+        if ref in self._running:
+            return
+        if d.deliveries > self.config.max_deliveries and not self.stage.aggregates:
+            await self._fail(
+                d.envelope,
+                f"delivered {d.deliveries} times without completing (max_deliveries="
+                f"{self.config.max_deliveries}): it keeps crashing or stalling its worker",
+                None, d, code="max_deliveries",
+            )
+            return
+        self._running.add(ref)
+        self._spawn(self._process(d))
+
     # ------------------------------------------------------------------ processing
     async def _process(self, d: Delivery) -> None:
-        # an end marker needs no engine: forwarding it must not wait for a slot, or a group
-        # downstream that only lacks this credit waits behind unrelated calls
-        if d.envelope.kind == "end":
-            await self._guarded(d, self._end)
-            return
-        async with self._slots:
-            await self._guarded(d, self._unit)
+        try:
+            # an end marker needs no engine: forwarding it must not wait for a slot, or a
+            # group downstream that only lacks this credit waits behind unrelated calls
+            if d.envelope.kind == "end":
+                await self._guarded(d, self._end)
+                return
+            async with self._slots:
+                await self._guarded(d, self._unit)
+        finally:
+            ref = (d.stream, d.entry_id)
+            self._running.discard(ref)
+            if ref == self._suspect:  # isolation over: claim the next abandoned entry now
+                self._suspect = None
+                self._next_claim = 0.0
 
     async def _guarded(self, d: Delivery, step: Callable[[Delivery], Awaitable[None]]) -> None:
         try:
             await step(d)
         except asyncio.CancelledError:
             raise
+        except self.transport.transient_errors as exc:  # not the input's fault: retry later
+            log.warning("stage %s: transport unavailable on %s (%s); left pending",
+                        self.stage.name, d.envelope.id, exc)
         except Exception as exc:  # a stage error fails the run visibly, never silently
-            log.exception("stage %s failed on %s", self.stage.name, d.envelope.id)
+            log.exception("stage %s failed on %s", self.stage.name, d.envelope.id,
+                          extra={"run": d.envelope.run, "stage": self.stage.name})
             await self._fail(d.envelope, f"{type(exc).__name__}: {exc}", None, d)
 
     async def _end(self, d: Delivery) -> None:
@@ -337,7 +517,9 @@ class StageRunner:
     async def _fire(self, g: _Group) -> None:
         async with self._slots:
             first = next(iter(g.got.values())).envelope
+            fence: Fence | None = None
             try:
+                fence = self._fence(g)
                 prog = (await self.transport.get_progress(first.run, [g.key]))[0]
                 if await self._is_cancelled(first.run):  # answered by the read above
                     await self._ack_group(g)
@@ -368,11 +550,19 @@ class StageRunner:
                     already=prog.units if prog else 0,
                     acks=self._group_acks(g),
                     credit_mid=f"credit:{g.key}",
+                    fence=fence,
                 )
-                self._groups.pop(g.key, None)
+                self._drop_group(g)
                 self._remember(self._fired, g.key)
             except asyncio.CancelledError:
                 raise
+            except FencedError:  # the lease moved while we fired: the new owner fires it
+                self._fenced_out(g, fence)
+            except self.transport.transient_errors as exc:
+                # entries stay pending: forget the group; the next claim rebuilds and fires it
+                log.warning("stage %s: transport unavailable firing %s (%s)",
+                            self.stage.name, g.key, exc)
+                self._drop_group(g)
             except Exception as exc:
                 log.exception("stage %s failed on key %s", self.stage.name, g.key)
                 await self._fail(first, f"{type(exc).__name__}: {exc}", g)
@@ -391,6 +581,7 @@ class StageRunner:
         already: int,
         acks: list[tuple[str, list[str]]],
         credit_mid: str,
+        fence: Fence | None = None,
     ) -> None:
         stats = CallStats()
         run = ctx.run
@@ -407,17 +598,17 @@ class StageRunner:
             if n <= already:
                 continue  # published by an earlier attempt
             if self.streaming:
-                c = Commit()
+                c = Commit(fence=fence)
                 self._emit(c, run, n, unit, credit, base_lineage, scope, context)
                 c.progress.append((run, cause, Progress(n, False)))
                 await self.transport.commit(c)
             else:
                 held.append((n, unit))
         if await self._is_cancelled(run):
-            c = Commit(acks=[(s, self.group, ids) for s, ids in acks])
+            c = Commit(acks=[(s, self.group, ids) for s, ids in acks], fence=fence)
             await self.transport.commit(c)
             return
-        c = Commit()
+        c = Commit(fence=fence)
         for i, unit in held:
             self._emit(c, run, i, unit, credit, base_lineage, scope, context)
         total_units = max(n, already)
@@ -452,6 +643,7 @@ class StageRunner:
         await self.transport.commit(c)
         self.processed += 1
         call: dict[str, Any] = {
+            "run": run,
             "stage": self.stage.name,
             "pipeline": self.spec.name,
             "instance": self.instance,
@@ -557,16 +749,54 @@ class StageRunner:
             by.setdefault(d.stream, []).append(d.entry_id)
         return list(by.items())
 
+    def _drop_group(self, g: _Group) -> None:
+        """Forget `g` (only `g`: a rebuilt group of the same key may have replaced it)."""
+        if self._groups.get(g.key) is g:
+            self._groups.pop(g.key)
+        for d in [*g.got.values(), *g.extra]:
+            self._held.discard((d.stream, d.entry_id))
+
     async def _ack_group(self, g: _Group) -> None:
-        await self.transport.commit(
-            Commit(acks=[(s, self.group, ids) for s, ids in self._group_acks(g)])
-        )
-        self._groups.pop(g.key, None)
+        fence: Fence | None = None
+        try:
+            fence = self._fence(g)
+            await self.transport.commit(Commit(
+                acks=[(s, self.group, ids) for s, ids in self._group_acks(g)], fence=fence
+            ))
+        except FencedError:
+            self._fenced_out(g, fence)
+            return
+        self._drop_group(g)
         self._remember(self._fired, g.key)
 
+    def _dead_letter(self, env: Envelope, reason: str, entries: list[Delivery]) -> Envelope:
+        return Envelope(
+            run=env.run,
+            pipeline=self.spec.name,
+            stage=self.stage.name,
+            lineage=env.lineage,
+            kind="unit",
+            credit=Fraction(0),
+            payload={
+                "reason": reason,
+                "stage": self.stage.name,
+                "run": env.run,
+                "instance": self.instance,
+                "entries": [{"stream": d.stream, "id": d.entry_id, "deliveries": d.deliveries,
+                             "message": d.envelope.id} for d in entries],
+                "envelope": loads_json(env.to_wire()),
+            },
+            sender=self.stage.name,
+            id=f"dead:{env.id}@{self.stage.name}",
+        )
+
     async def _fail(
-        self, env: Envelope, message: str, g: _Group | None, d: Delivery | None = None
+        self, env: Envelope, message: str, g: _Group | None, d: Delivery | None = None,
+        *, code: str = "stage_error",
     ) -> None:
+        """Fail the run visibly: an `error` event naming the stage, the input(s) to the
+        dead-letter stream and acknowledged, all in one commit; then cancel the run so
+        no other stage keeps working (or holding entries) for it."""
         c = Commit()
         c.events.append(
             (
@@ -576,17 +806,40 @@ class StageRunner:
                     "mid": f"error:{env.id}@{self.stage.name}",
                     "stage": self.stage.name,
                     "message": message,
-                    "code": "stage_error",
+                    "code": code,
                 },
             )
         )
+        entries: list[Delivery] = []
+        fence: Fence | None = None
         if g is not None:
+            entries.extend([*g.got.values(), *g.extra])
+            try:
+                fence = c.fence = self._fence(g)
+            except FencedError:
+                self._fenced_out(g, None)
+                return
             c.acks.extend((s, self.group, ids) for s, ids in self._group_acks(g))
-            self._groups.pop(g.key, None)
-            self._remember(self._fired, g.key)
         if d is not None:
+            entries.append(d)
             c.acks.append((d.stream, self.group, [d.entry_id]))
-        await self.transport.commit(c)
+        dead = self._dead_letter(env, message, entries)
+        c.messages.append((dead_letter_stream(self.spec.name), dead))
+        try:
+            await self.transport.commit(c)
+        except FencedError:
+            if g is not None:
+                self._fenced_out(g, fence)
+            return
+        if g is not None:
+            self._drop_group(g)
+            self._remember(self._fired, g.key)
+        self._remember(self._cancelled_runs, env.run)
+        with contextlib.suppress(*self.transport.transient_errors):
+            await self.transport.cancel(env.run, self.config.cancel_ttl_s)
+        if self.observer is not None:
+            self.observer("error", {"pipeline": self.spec.name, "stage": self.stage.name,
+                                    "instance": self.instance, "run": env.run})
 
     async def _is_cancelled(self, run: str) -> bool:
         if run in self._cancelled_runs:

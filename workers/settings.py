@@ -7,7 +7,7 @@ default that `ALTO_ENGINE` (and friends) override for every LM stage at once.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     claim_idle_ms: int = 30_000
     lease_ttl_ms: int = 5_000
     heartbeat_ms: int = 1_000
+    # an input delivered more often than this (it keeps killing its worker) is dead-lettered
+    max_deliveries: int = 5
+    trim_interval_ms: int = 5_000  # how often workers trim the streams they read
     # scheduling policy of LM stages, overriding the spec's `policy:` fields: one of
     # pull|round_robin|least_loaded|cache_aware|prompt_aware for every LM stage, or
     # "stage=policy,..." per stage (orchestrator/scheduling.py); every process of a
@@ -38,9 +41,29 @@ class Settings(BaseSettings):
     max_inflight_runs: int = 256
     max_body_bytes: int = 1_000_000
     retry_after_s: int = 1
+    # gateway security and admission (app/ratelimit.py, app/gateway.py; docs/API.md):
+    # per-key token bucket (0 = off; burst 0 = max(1, rate)); a request's own deadline
+    # (X-Alto-Deadline) may not exceed max_run_deadline_s; max_queue bounds every stage's
+    # backlog of undelivered entries (0 = off), max_queue_stages overrides it per stage
+    # ("stage" or "pipeline.stage" -> bound); the backlog is read at most every
+    # queue_stats_cache_s; prompts (chat messages, prompt, run input) over
+    # max_prompt_chars characters get 400 context_length_exceeded
+    rate_limit_rps: float = 0.0
+    rate_limit_burst: int = 0
+    max_run_deadline_s: float = 3_600.0
+    max_queue: int = 0
+    max_queue_stages: dict[str, int] = Field(default_factory=dict)
+    queue_stats_cache_s: float = 0.2
+    max_prompt_chars: int = 200_000
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    # deployment (helm/alto, Dockerfile): `alto worker` serves /metrics, /healthz, /readyz
+    # on metrics_port (0 = off; workers/metrics.py); log_format json = one JSON object per
+    # record with run id and stage (app/logs.py), what log collectors in Kubernetes parse
+    metrics_port: int = 0
+    metrics_host: str = "0.0.0.0"
+    log_format: Literal["text", "json"] = "text"
     # gateway (app/): a native SSE run whose client went away is cancelled after this many
     # seconds unless a client resumes it (GET /v1/runs/{id}/events); OpenAI endpoints cancel
     # at once, since their clients cannot resume

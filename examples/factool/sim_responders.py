@@ -22,7 +22,10 @@ import re
 import unicodedata
 from typing import Any
 
+from workers.engines.tokens import count_tokens
+
 MIN_CLAIMS, MAX_CLAIMS = 3, 8
+VERDICT_TOKENS = 150  # below the verify stage's max_tokens (160), or the JSON is cut
 _STOP_TEXT = """a an the and or but of in on at to for from by with as is are was were be been being
     it its it's this that these those there their they them he she his her has have had do does
     did not no than then so such also about approximately around roughly nearly over under
@@ -281,56 +284,100 @@ def _units(p: dict[str, str]) -> list[tuple[str, set[str], set[str]]]:
     return [(x, {_norm(w) for w in _words(x)}, title) for x in sents]
 
 
-def _short(sentence: str, words: int = 30) -> str:
+def _short(sentence: str, words: int = 25) -> str:
     """Keep a quoted sentence short, so the verdict fits the stage's max_tokens (160)."""
     parts = sentence.split()
     return sentence if len(parts) <= words else " ".join(parts[:words]) + " ..."
 
 
+def _listing(words: list[str]) -> str:
+    words = list(dict.fromkeys(words))
+    if len(words) <= 1:
+        return "".join(words)
+    return ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _lower_first(text: str) -> str:
+    first = text.split(" ", 1)[0]
+    return text[0].lower() + text[1:] if first.lower() in STOPWORDS else text
+
+
 def judge(claim: str, evidence: str) -> dict[str, Any]:
     """True iff some evidence sentence, in a passage about one of the claim's names, holds
     every content word of the claim and no rank the claim lacks. Crude, but it tells
-    'the capital of Australia is Canberra' from '... is Sydney' as a careful reader would."""
+    'the capital of Australia is Canberra' from '... is Sydney' as a careful reader would.
+
+    The reasoning is written the way FacTool's KB-QA verifier answers (its
+    agreement_verification prompt asks why the text is or is not factual and, for a
+    non-factual verdict, for *multiple* evidences): restate the claim, quote the deciding
+    evidence (and, for a false claim, a second passage), then conclude. That makes a
+    verdict 70-150 tokens long, as FacTool's are, instead of one short sentence.
+    """
     claim_words = {_norm(w) for w in _words(claim)}
     keys = list(dict.fromkeys(_norm(w) for w in _content(claim)))
     need = [k for k in keys if k not in _LIGHT]
     ents = {_norm(w) for w in _entities(claim)}
-    best: tuple[tuple[bool, int, int], dict[str, str], str, set[str], list[str]] | None = None
+    # best sentence per passage, then passages best first
+    per: dict[str, tuple[tuple[bool, int, int], dict[str, str], str, set[str], list[str]]] = {}
     for p in _passages(evidence):
         for sent, have, title in _units(p):
             found = {k for k in need if k in have or k in title}
             extra = sorted(w for w in have - claim_words if w in _QUALIFIERS or _NTH.match(w))
             score = (not ents or bool(ents & title), len(found), -len(extra))
-            if best is None or score > best[0]:
-                best = (score, p, sent, found, extra)
-    if best is None or not need:
+            if p["id"] not in per or score > per[p["id"]][0]:
+                per[p["id"]] = (score, p, sent, found, extra)
+    ranked = sorted(per.values(), key=lambda c: c[0], reverse=True)
+    said = f"The text claims that {_lower_first(claim.rstrip('.'))}."
+    if not ranked or not need:
         return {
-            "reasoning": "No evidence passage mentions the claim.",
+            "reasoning": f"{said} None of the evidence passages mentions "
+                         f"{_listing(need[:4]) or 'it'}, so the evidence does not support it.",
             "error": "The claim is not supported by the evidence.",
             "correction": "none",
             "factuality": False,
         }
-    (about, _, _), p, sent, found, extra = best
-    missing = [k for k in need if k not in found][:8]
+    (about, _, _), p, sent, found, extra = ranked[0]
+    name = p["title"] or p["id"]
+    shown = {_norm(w): w for w in _content(claim)}  # normalised key -> the claim's own word
+    missing = [k for k in need if k not in found][:6]
     if about and not missing and not extra:
+        agreed = _listing([shown.get(k, k) for k in need if k in found][:6])
         return {
-            "reasoning": f"The evidence says: {_short(sent)}",
+            "reasoning": f"{said} The evidence from '{name}' says: \"{_short(sent)}\" It states "
+                         f"{agreed} as the claim does, so the claim is factual.",
             "error": "none",
             "correction": "none",
             "factuality": True,
         }
     if missing:
-        why = f"does not support {', '.join(missing)}"
+        why = f"does not support {', '.join(shown.get(k, k) for k in missing)}"
     elif extra:
         why = f"qualifies it with {', '.join(extra)}"
     else:
         why = "is about something else"
-    return {
-        "reasoning": f"The closest evidence, '{p['title'] or p['id']}', {why}.",
-        "error": f"The evidence {why}.",
-        "correction": sent,
-        "factuality": False,
-    }
+    other = ranked[1] if len(ranked) > 1 else None
+
+    def build(words: int) -> dict[str, Any]:
+        second = ""
+        if other is not None:
+            _, p2, sent2, _, _ = other
+            second = (f" The passage '{p2['title'] or p2['id']}' says: "
+                      f"\"{_short(sent2, max(4, words - 6))}\", which does not support the "
+                      "claim either.")
+        return {
+            "reasoning": f"{said} The closest evidence, '{name}', says: "
+                         f"\"{_short(sent, words)}\" It {why}.{second} So the claim is not "
+                         "factual.",
+            "error": f"The evidence {why}.",
+            "correction": _short(sent, words),
+            "factuality": False,
+        }
+
+    for words in (20, 14, 10, 6, 3):  # long numbers ("3,820,914") cost many tokens each
+        out = build(words)
+        if count_tokens(json.dumps(out, ensure_ascii=False)) <= VERDICT_TOKENS:
+            break
+    return out
 
 
 def verify(prompt: str, params: Any = None) -> str:

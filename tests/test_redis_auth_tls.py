@@ -1,0 +1,241 @@
+"""Redis with a password, and with TLS (`rediss://`), end to end: a real redis-server
+started with `--requirepass` (and, for TLS, `--tls-port` with a throw-away CA made by the
+openssl CLI), the gateway on uvicorn, and a real `alto worker` process, both configured
+by URL only. A wrong password (or an untrusted server certificate) gives a clear error,
+and the password never appears in an HTTP answer, in the gateway's log, or in the
+worker's output."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.gateway_fixtures import *  # noqa: F403
+from tests.gateway_fixtures import REPO, LiveServer, free_port, pipelines
+from tests.waiting import eventually_sync
+from workers.settings import Settings
+
+pytestmark = pytest.mark.redis
+
+PASSWORD = "Pa55-alto-s3cret-7f3a"  # noqa: S105 - a test server's password
+WRONG = "wr0ng-alto-guess-91c2"
+ALTO = Path(sys.executable).parent / "alto"
+FANOUT = REPO / "tests" / "gateway_pipelines" / "fanout.yaml"
+
+
+@dataclass
+class RedisServer:
+    proc: subprocess.Popen[bytes]
+    port: int
+    ca: Path | None = None
+
+    def url(self, password: str, *, tls: bool = False, ca: bool = True) -> str:
+        if not tls:
+            return f"redis://:{password}@127.0.0.1:{self.port}/0"
+        query = f"?ssl_cert_reqs=required&ssl_ca_certs={self.ca}" if ca else ""
+        return f"rediss://:{password}@localhost:{self.port}/0{query}"
+
+
+def _start_redis(args: list[str], port: int, ping: redis.Redis) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server not found on PATH")
+    proc = subprocess.Popen([binary, *args, "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            return True
+        try:
+            return bool(ping.ping())
+        except redis.ConnectionError:
+            return False
+
+    ok = eventually_sync(up, timeout=10, every=0.02)
+    if proc.poll() is not None or not ok:
+        proc.kill()
+        out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+        pytest.fail(f"redis-server {' '.join(args)} did not start:\n{out}")
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def password_redis() -> Iterator[RedisServer]:
+    port = free_port()
+    client = redis.Redis(port=port, password=PASSWORD, socket_timeout=1)
+    proc = _start_redis(["--port", str(port), "--requirepass", PASSWORD], port, client)
+    client.close()
+    try:
+        yield RedisServer(proc, port)
+    finally:
+        _stop(proc)
+
+
+def _redis_has_tls() -> bool:
+    binary = shutil.which("redis-server")
+    if binary is None or shutil.which("openssl") is None:
+        return False
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False).stdout
+    return "libssl" in out
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if not _redis_has_tls():
+        pytest.skip("this redis-server is built without TLS (or openssl is missing)")
+    d = tmp_path_factory.mktemp("tls")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.crt", "-days", "1", "-subj", "/CN=alto-test-ca")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+            "server.csr", "-subj", "/CN=localhost")
+    (d / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "san.cnf")
+    port = free_port()
+    client = redis.Redis(host="localhost", port=port, password=PASSWORD, ssl=True,
+                         ssl_ca_certs=str(d / "ca.crt"), socket_timeout=1)
+    proc = _start_redis(
+        ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(d / "server.crt"),
+         "--tls-key-file", str(d / "server.key"), "--tls-ca-cert-file", str(d / "ca.crt"),
+         "--tls-auth-clients", "no", "--requirepass", PASSWORD],
+        port, client,
+    )
+    client.close()
+    try:
+        yield RedisServer(proc, port, d / "ca.crt")
+    finally:
+        _stop(proc)
+
+
+def _worker(url: str) -> subprocess.Popen[str]:
+    """`alto worker` for the one stage of `fanout`, configured by ALTO_REDIS_URL (not a
+    flag: a password on a command line is visible to every user of the machine)."""
+    env = {**os.environ, "ALTO_REDIS_URL": url, "ALTO_HEARTBEAT_MS": "100",
+           "COLUMNS": "200"}
+    return subprocess.Popen(
+        [str(ALTO), "worker", "--pipeline", str(FANOUT), "--stage", "fan"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _finish(proc: subprocess.Popen[str], *, terminate: bool) -> tuple[int, str]:
+    if terminate and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return proc.returncode, out
+
+
+def _gateway(url: str) -> LiveServer:
+    from app.main import create_app
+
+    app = create_app(Settings(redis_url=url, run_ttl_s=600), pipelines("fanout"))
+    return LiveServer(app).start()
+
+
+def _end_to_end(url: str, check_ttl: redis.Redis) -> None:
+    server = _gateway(url)
+    worker = _worker(url)
+    try:
+        ready = eventually_sync(
+            lambda: httpx.get(f"{server.url}/readyz").status_code == 200 or
+            worker.poll() is not None, timeout=30)
+        assert ready and worker.poll() is None, _finish(worker, terminate=True)[1]
+        r = httpx.post(f"{server.url}/v1/pipelines/fanout/runs", json={"input": "w:3"},
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["units"] == ["w#0", "w#1", "w#2"]
+        run = r.headers["x-alto-run"]
+        ttl = check_ttl.ttl(f"alto:run:{run}:events")
+        assert 0 < ttl <= 600  # the finished run's state expires
+    finally:
+        server.stop()
+        code, out = _finish(worker, terminate=True)
+    assert code == 0, out
+    assert PASSWORD not in out
+
+
+def test_password_url_works_for_gateway_and_worker(password_redis: RedisServer) -> None:
+    direct = redis.Redis(port=password_redis.port, password=PASSWORD)
+    try:
+        _end_to_end(password_redis.url(PASSWORD), direct)
+    finally:
+        direct.close()
+
+
+def test_wrong_password_is_a_clear_error_without_the_password(
+    password_redis: RedisServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = password_redis.url(WRONG)
+    code, out = _finish(_worker(url), terminate=False)
+    assert code == 1
+    assert "cannot reach Redis" in out and "AuthenticationError" in out
+    assert "***" in out and WRONG not in out and PASSWORD not in out
+
+    caplog.set_level(logging.WARNING)
+    server = _gateway(url)
+    try:
+        r = httpx.post(f"{server.url}/v1/pipelines/fanout/runs", json={"input": "w:1"},
+                       timeout=30)
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert err["code"] == "transport_unavailable" and "AuthenticationError" in err["message"]
+        assert "retry-after" in r.headers
+        ready = httpx.get(f"{server.url}/readyz", timeout=30)
+        assert ready.status_code == 503 and ready.json()["checks"]["ping"] is False
+        for text in (r.text, ready.text):
+            assert WRONG not in text and PASSWORD not in text
+    finally:
+        server.stop()
+    assert "cannot reach Redis at redis://:***@" in caplog.text
+    assert WRONG not in caplog.text and PASSWORD not in caplog.text
+
+
+def test_tls_url_works_for_gateway_and_worker(tls_redis: RedisServer) -> None:
+    direct = redis.Redis(host="localhost", port=tls_redis.port, password=PASSWORD, ssl=True,
+                         ssl_ca_certs=str(tls_redis.ca))
+    try:
+        _end_to_end(tls_redis.url(PASSWORD, tls=True), direct)
+    finally:
+        direct.close()
+
+
+def test_tls_without_a_trusted_ca_is_refused_clearly(tls_redis: RedisServer) -> None:
+    """The server's certificate is verified: without the CA that signed it the worker
+    refuses to talk (and says why), and a plain-text client cannot talk to the TLS port."""
+    code, out = _finish(_worker(tls_redis.url(PASSWORD, tls=True, ca=False)), terminate=False)
+    assert code == 1 and "cannot reach Redis" in out
+    assert "certificate" in out.lower() and PASSWORD not in out
+    plain = f"redis://:{PASSWORD}@127.0.0.1:{tls_redis.port}/0"
+    code, out = _finish(_worker(plain), terminate=False)
+    assert code == 1 and "cannot reach Redis" in out and PASSWORD not in out
