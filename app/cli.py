@@ -176,10 +176,10 @@ def worker(
     ] = None,
 ) -> None:
     """Serve one stage of a pipeline from Redis until SIGTERM (then drain)."""
-    from workers.settings import get_settings
+    from workers.settings import get_settings, reveal
 
     settings = get_settings()
-    url = redis_url or settings.redis_url
+    url = redis_url or reveal(settings.redis_url)
     if not url:
         console.print("[red]--redis-url (or ALTO_REDIS_URL) is required[/red]")
         raise typer.Exit(2)
@@ -254,6 +254,8 @@ def _serve_settings(
     port: int | None,
 ) -> Any:
     """Settings from ALTO_* with the command line's flags on top."""
+    from pydantic import SecretStr
+
     from workers.settings import get_settings
 
     settings = get_settings()
@@ -261,7 +263,7 @@ def _serve_settings(
     if pipeline:
         update["pipelines"] = [str(p) for p in pipeline]
     if redis_url:
-        update["redis_url"] = redis_url
+        update["redis_url"] = SecretStr(redis_url)  # model_copy does not validate
     if engine:
         update["engine"] = engine
     if engine_opt:
@@ -306,8 +308,10 @@ def serve(
         raise typer.Exit(2) from None
     app = create_app(settings, specs)
     from workers.redact import redact_url
+    from workers.settings import reveal
 
-    mode = f"redis {redact_url(settings.redis_url)}" if settings.redis_url else "embedded"
+    url = reveal(settings.redis_url)
+    mode = f"redis {redact_url(url)}" if url else "embedded"
     console.print(
         f"[green]alto gateway[/green] http://{settings.host}:{settings.port} ({mode}; "
         f"pipelines: {', '.join(s.name for s in specs)})"

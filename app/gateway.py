@@ -41,6 +41,7 @@ from workers.client import follow_run, start_run
 from workers.router import PolicyRouter, Router, entry_router
 from workers.runtime import Runtime
 from workers.settings import Settings
+from workers.tracing import start_run_span
 
 log = logging.getLogger("alto.gateway")
 
@@ -78,6 +79,7 @@ class RunHandle:
     finished: bool = False
     outcome: str | None = None
     last_id: str | None = None
+    span: Any = None  # the run's OpenTelemetry span (workers/tracing.py), None when off
     _closed: bool = False
 
     async def events(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
@@ -119,6 +121,7 @@ class RunHandle:
             return
         self._closed = True
         self.slot.release()
+        self._end_span(grace_s)
         gw = self.gateway
         if self.finished:
             gw.metrics.runs.labels(self.spec.name, self.outcome or "completed").inc()
@@ -130,6 +133,23 @@ class RunHandle:
             return
         gw.metrics.runs.labels(self.spec.name, "cancelled").inc()
         await gw.cancel(self.run, "the client disconnected before the run finished")
+
+    def _end_span(self, grace_s: float) -> None:
+        """End the run span with the outcome `alto_runs_total` counts (a detached run may
+        still be resumed and complete: not an error)."""
+        if self.span is None:
+            return
+        try:
+            outcome = (self.outcome or "completed") if self.finished else (
+                "detached" if grace_s > 0 else "cancelled")
+            self.span.set_attribute("alto.outcome", outcome)
+            if outcome not in ("completed", "detached"):
+                from opentelemetry.trace import Status, StatusCode
+
+                self.span.set_status(Status(StatusCode.ERROR, outcome))
+            self.span.end()
+        except Exception:  # noqa: BLE001 - tracing must not break a request
+            log.exception("ending the run span failed")
 
 
 class Gateway:
@@ -150,6 +170,7 @@ class Gateway:
         self.engines = engines
         self.inflight = 0
         self.instance = uuid.uuid4().hex[:12]
+        self.tracer: Any = None  # set by app/main.py when OpenTelemetry is configured
         self._members_cache: dict[str, tuple[float, int]] = {}
         self.queues = QueueGuard(settings, transport, metrics)
         self._reapers: set[asyncio.Task[None]] = set()
@@ -225,6 +246,7 @@ class Gateway:
         handle when done. `owner`: the caller's key hash, recorded in the `run` event
         (only that key may read the run); `deadline_s`: default `run_deadline_s`."""
         deadline = self.settings.run_deadline_s if deadline_s is None else deadline_s
+        t_ns = time.time_ns()  # the run span starts at admission
         slot = self.admit()
         try:
             await self.require_workers(spec)
@@ -242,7 +264,11 @@ class Gateway:
             slot.release()
             raise
         self.metrics.runs_started.labels(spec.name).inc()
-        return RunHandle(self, spec, run, text, slot, deadline)
+        handle = RunHandle(self, spec, run, text, slot, deadline)
+        if self.tracer is not None:
+            handle.span = start_run_span(run, "run", self.tracer, start_time=t_ns,
+                                         pipeline=spec.name)
+        return handle
 
     async def entry_router(self, spec: PipelineSpec) -> Router:
         """The router entry messages are published with: the plain stream unless the entry

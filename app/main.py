@@ -41,10 +41,11 @@ from app.routes_openai import router as openai_router
 from app.routes_ops import router as ops_router
 from orchestrator.spec import EngineSpec, PipelineSpec, load_pipeline
 from orchestrator.transport import Transport
+from workers import tracing
 from workers.redact import redact_url
 from workers.runner import RunnerConfig
 from workers.runtime import Runtime
-from workers.settings import Settings, get_settings
+from workers.settings import Settings, get_settings, reveal
 
 log = logging.getLogger("alto.gateway")
 
@@ -85,8 +86,13 @@ def create_app(
     pipelines: Iterable[PipelineSpec] | None = None,
     transport: Transport | None = None,
     runtime: Runtime | None = None,
+    tracer: Any = None,
 ) -> FastAPI:
+    """`tracer`: an OpenTelemetry tracer for run spans (tests pass one); by default one only
+    when OTEL_EXPORTER_OTLP_ENDPOINT is set (workers/tracing.py), else tracing is off."""
     settings = settings or get_settings()
+    if tracer is None and tracing.configure("alto-gateway"):
+        tracer = tracing._tracer()
     specs = list(pipelines) if pipelines is not None else load_pipelines(settings.pipelines)
     by_name = {s.name: s for s in specs}
     metrics = Metrics()
@@ -97,15 +103,15 @@ def create_app(
         t = transport
         own_transport = t is None
         if t is None:
-            if settings.redis_url:
+            if redis_url := reveal(settings.redis_url):
                 from workers.redis_transport import RedisTransport
 
-                t = RedisTransport(settings.redis_url)
+                t = RedisTransport(redis_url)
                 try:  # say so at once (requests would answer 503 transport_unavailable)
                     await asyncio.wait_for(t.ping(), 5.0)  # a black-holed host: don't hang
                 except Exception as exc:  # noqa: BLE001 - any failure is reported alike
                     log.warning("cannot reach Redis at %s: %s: %s",
-                                redact_url(settings.redis_url), type(exc).__name__, exc)
+                                redact_url(redis_url), type(exc).__name__, exc)
             else:
                 from orchestrator.embedded import EmbeddedTransport
 
@@ -114,8 +120,11 @@ def create_app(
         own_runtime = False
         if rt is None and not settings.redis_url:
             config = RunnerConfig.from_settings(settings)
+            observer = metrics.observe
+            if tracer is not None:  # + a span per stage call, in the run's trace
+                observer = tracing.combine(observer, tracing.SpanRecorder(tracer).observe)
             rt = Runtime(
-                t, specs, config=config, observer=metrics.observe, engine_override=override,
+                t, specs, config=config, observer=observer, engine_override=override,
                 instances=settings.instances, concurrency=settings.concurrency,
                 policy=settings.policy,
             )
@@ -125,6 +134,7 @@ def create_app(
                 await t.heartbeat(r.group, r.instance, {"stage": r.stage.name},
                                   settings.heartbeat_ms * 5)
         gw = Gateway(settings, by_name, t, rt, metrics, EnginePool(by_name, rt, override))
+        gw.tracer = tracer
         app.state.gateway = gw
         try:
             yield
@@ -152,8 +162,9 @@ def create_app(
     if settings.rate_limit_rps > 0:
         limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
         app.add_middleware(RateLimitMiddleware, limiter=limiter)
-    key_digests(settings.api_keys)  # a malformed `sha256:` entry fails here, not at startup
-    app.add_middleware(AuthMiddleware, keys=list(settings.api_keys))
+    keys = [reveal(k) or "" for k in settings.api_keys]
+    key_digests(keys)  # a malformed `sha256:` entry fails here, not at startup
+    app.add_middleware(AuthMiddleware, keys=keys)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     return app

@@ -21,6 +21,7 @@ from orchestrator.embedded import NoGroupError
 from orchestrator.routing import stage_group, stage_streams
 from orchestrator.spec import PipelineSpec
 from orchestrator.transport import Transport
+from workers.metrics import record_call
 from workers.router import cluster_router_metrics
 
 log = logging.getLogger("alto.gateway")
@@ -110,15 +111,9 @@ class Metrics:
             return
         try:
             labels = (str(data.get("pipeline", "")), str(data.get("stage", "")))
-            self.stage_call_seconds.labels(*labels).observe(float(data.get("seconds") or 0.0))
-            if data.get("first_unit_s") is not None:
-                self.stage_first_unit_seconds.labels(*labels).observe(float(data["first_unit_s"]))
-            for kind in ("prompt", "completion", "cached"):
-                n = data.get(f"{kind}_tokens") or 0
-                if n:
-                    self.stage_tokens.labels(*labels, kind).inc(n)
-            if data.get("units"):
-                self.stage_units.labels(*labels).inc(int(data["units"]))
+            record_call(data, labels, seconds=self.stage_call_seconds,
+                        first_unit=self.stage_first_unit_seconds, tokens=self.stage_tokens,
+                        units=self.stage_units)
         except Exception:  # noqa: BLE001 - metrics must not break a runner
             log.exception("metrics observer failed")
 

@@ -19,7 +19,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from bench.procs import free_port, start_redis, stop_process
 from orchestrator.spec import PipelineSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -229,12 +229,6 @@ class CpuMeter:
 # ------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class RedisServer:
     url: str
@@ -245,41 +239,15 @@ class RedisServer:
 @contextlib.contextmanager
 def redis_server(timeout_s: float = 10.0) -> Iterator[RedisServer]:
     """A throw-away redis-server on a free loopback port, no persistence (as in the tests)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server not found on PATH (install Redis >= 7.0)")
-    import redis
-
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="alto-bench-redis-")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {proc.returncode}")
-            try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not answer within {timeout_s}s") from None
-                time.sleep(0.02)
-        client.close()
-        yield RedisServer(url, port, proc.pid)
-    finally:
-        proc.terminate()
+        proc = start_redis(port, workdir=workdir, timeout_s=timeout_s)
         try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            yield RedisServer(f"redis://127.0.0.1:{port}/0", port, proc.pid)
+        finally:
+            stop_process(proc)
+    finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 

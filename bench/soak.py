@@ -18,12 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -37,12 +33,12 @@ import yaml
 from bench.common import (
     REPO,
     fnum,
-    free_port,
     machine,
     summary,
     update_markdown,
     write_json,
 )
+from bench.procs import AofRedis, WorkerProcs
 from orchestrator.spec import PipelineSpec, parse_pipeline
 from orchestrator.template import StageContext
 
@@ -91,90 +87,6 @@ def inputs(n: int, seed: int) -> list[str]:
     topics = ["rivers", "bridges", "volcanoes", "libraries", "comets", "forests", "trains",
               "glaciers", "markets", "lighthouses", "deserts", "harbours"]
     return [f"{rng.choice(topics)} {rng.choice(topics)} #{i}" for i in range(n)]
-
-
-# ---- processes ----------------------------------------------------------------------------
-
-
-class Redis:
-    """redis-server with AOF and fsync on every write (as the Helm chart runs it), so it
-    can be killed and restarted on the same port without losing acknowledged writes."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="alto-soak-redis-")
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout_s: float = 20.0) -> None:
-        import redis
-
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server not found on PATH")
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with redis.Redis.from_url(self.url, socket_timeout=1) as c:
-                    if c.ping():
-                        return
-            except redis.exceptions.RedisError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not come up") from None
-                time.sleep(0.05)
-
-    def restart(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        self.start()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class Workers:
-    def __init__(self, url: str, spec_file: Path, env: dict[str, str]) -> None:
-        self.url, self.spec_file = url, spec_file
-        self.env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
-        self.procs: dict[str, list[subprocess.Popen[bytes]]] = {}
-
-    def _spawn(self, stage: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker", "--pipeline", str(self.spec_file),
-             "--stage", stage, "--redis-url", self.url],
-            cwd=REPO, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-
-    def start(self, stage: str, n: int) -> None:
-        self.procs[stage] = [self._spawn(stage) for _ in range(n)]
-
-    def kill(self, stage: str, i: int) -> None:
-        p = self.procs[stage][i]
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=10)
-        self.procs[stage][i] = self._spawn(stage)
-
-    def stop(self) -> None:
-        for ps in self.procs.values():
-            for p in ps:
-                if p.poll() is None:
-                    p.terminate()
-        for ps in self.procs.values():
-            for p in ps:
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
 
 
 # ---- driver -------------------------------------------------------------------------------
@@ -290,11 +202,11 @@ async def _soak(cfg: SoakConfig, log: Callable[[str], None]) -> dict[str, Any]:
     raw = spec.model_dump(mode="json", exclude_defaults=True)
     raw["name"] = spec.name
     spec_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-    server = Redis()
+    server = AofRedis(prefix="alto-soak-redis-")
     server.start()
     env = {"ALTO_CLAIM_IDLE_MS": str(cfg.claim_idle_ms), "ALTO_LEASE_TTL_MS": str(cfg.lease_ttl_ms),
            "ALTO_HEARTBEAT_MS": str(cfg.heartbeat_ms)}
-    workers = Workers(server.url, spec_file, env)
+    workers = WorkerProcs(server.url, spec_file, env)
     t = RedisTransport(server.url, max_connections=1024)
     outcomes: list[Outcome] = []
     faults: list[str] = []
@@ -378,7 +290,7 @@ async def _soak(cfg: SoakConfig, log: Callable[[str], None]) -> dict[str, Any]:
         for o in outcomes:
             o.raw = [ev for _, ev in await t.read_events(o.run, None, 100_000, 0)]
     finally:
-        workers.stop()
+        workers.stop(timeout_s=15)
         await t.close()
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)

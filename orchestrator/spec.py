@@ -65,7 +65,8 @@ class StageSpec(BaseModel):
     max_tokens: int = Field(default=256, ge=1, le=65536)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     partitions: int = Field(default=4, ge=1, le=1024)
-    concurrency: int = Field(default=8, ge=1, le=4096)
+    # runner slots per instance; unset = the engine's capacity (LM) or 8 (tools, reducers)
+    concurrency: int | None = Field(default=None, ge=1, le=4096)
     policy: Literal["pull", "round_robin", "least_loaded", "cache_aware", "prompt_aware"] = "pull"
     responder: str | None = None
     stop: list[str] | None = None

@@ -7,15 +7,13 @@ Rules (see /work/notes/TEAM.md): real parts, no mocks. Redis tests run against a
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
 
+from bench.procs import free_port, start_redis, stop_process
 from orchestrator.transport import Transport
 
 # ==========================================================================================
@@ -24,54 +22,25 @@ from orchestrator.transport import Transport
 
 REDIS_START_TIMEOUT_S = 10.0
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_free_port = free_port  # the name other test modules import
 
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[str]:
     """A throw-away redis-server for the whole session; yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server not found on PATH: install Redis >= 7.0 to run these tests")
     port = _free_port()
     workdir = tempfile.mkdtemp(prefix="alto-redis-")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
-        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-                pytest.fail(f"redis-server exited with {proc.returncode}:\n{out}")
-            try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"redis-server did not answer PING within "
-                                f"{REDIS_START_TIMEOUT_S}s on port {port}")
-                time.sleep(0.02)  # polling a process we cannot await; bounded by deadline
-        client.close()
-        yield url
-    finally:
-        proc.terminate()
         try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+            proc = start_redis(port, workdir=workdir, timeout_s=REDIS_START_TIMEOUT_S,
+                               capture=True)
+        except RuntimeError as e:
+            pytest.fail(str(e))
+        try:
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            stop_process(proc)
+    finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 

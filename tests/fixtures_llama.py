@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,16 +24,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.procs import free_port, stop_process
 from tests.waiting import eventually_sync
 
 SERVER_START_TIMEOUT_S = 90.0
 SERVER_API_KEY = "alto-test-key"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def require_local_extra() -> None:
@@ -128,12 +122,7 @@ def llama_server(
                 time.sleep(0.1)  # polling a process we cannot await; bounded by the deadline
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout_s=10)
         log.close()
 
 

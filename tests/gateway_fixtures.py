@@ -25,9 +25,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
+import openai
 import pytest
 import uvicorn
 
+from bench.procs import free_port
 from orchestrator.engine import GenParams
 from orchestrator.spec import PipelineSpec, load_pipeline
 from tests.waiting import eventually_sync
@@ -86,12 +89,6 @@ def echo_line(prompt: str, params: GenParams) -> str:
 # ------------------------------------------------------------------------------------------
 # the server
 # ------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -203,6 +200,34 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "
     """Poll a condition another thread makes true, up to `timeout` seconds."""
     if not eventually_sync(predicate, timeout):
         raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+
+
+def idle(server: LiveServer) -> None:
+    """Until no run holds an admission slot, so a test's limits start from zero."""
+    wait_for(lambda: server.gateway.inflight == 0, what="earlier runs to release their slots")
+
+
+# ------------------------------------------------------------------------------------------
+# clients and the error shape every /v1 failure has
+# ------------------------------------------------------------------------------------------
+
+
+def sdk(server: LiveServer, key: str = API_KEY) -> openai.OpenAI:
+    """The OpenAI SDK against `server`, without retries (a test sees the first answer)."""
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+
+
+def auth(key: str = API_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def assert_error_shape(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """The OpenAI error envelope, exactly its four fields, with `code` and a message."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == code and err["message"]
+    return err  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="session")

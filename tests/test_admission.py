@@ -6,7 +6,6 @@ the run status / cancel endpoints."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import openai
@@ -14,21 +13,17 @@ import pytest
 from httpx_sse import connect_sse
 
 from tests.gateway_fixtures import *  # noqa: F403
-from tests.gateway_fixtures import LiveServer, make_server, sim_engines, wait_for
+from tests.gateway_fixtures import (
+    LiveServer,
+    assert_error_shape,
+    idle,
+    make_server,
+    sdk,
+    sim_engines,
+    wait_for,
+)
 
 MAX_PROMPT = 64
-
-
-def sdk(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
-
-
-def error_of(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert err["code"] == code and err["message"]
-    return err  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +39,6 @@ def limits() -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
-
-
-def idle(server: LiveServer) -> None:
-    wait_for(lambda: server.gateway.inflight == 0, what="earlier runs to release their slots")
 
 
 # ------------------------------------------------------------------------------------------
@@ -69,7 +60,7 @@ def test_prompt_over_the_limit_is_400_naming_the_field(limits: LiveServer) -> No
                                        messages=[{"role": "user", "content": long}])
     assert info.value.param == "messages"
     r = httpx.post(f"{limits.url}/v1/pipelines/toy/runs", json={"input": long}, timeout=30)
-    err = error_of(r, 400, "context_length_exceeded")
+    err = assert_error_shape(r, 400, "context_length_exceeded")
     assert err["param"] == "input" and str(MAX_PROMPT) in err["message"]
     assert limits.gateway.inflight == 0  # refused before taking a slot
     fits = client.completions.create(model="toy", prompt="w " * (MAX_PROMPT // 2 - 1))
@@ -116,7 +107,7 @@ def test_native_deadline_is_recorded_and_enforced_on_resume(limits: LiveServer) 
 def test_bad_deadline_header_is_400(limits: LiveServer, value: str) -> None:
     r = httpx.post(f"{limits.url}/v1/pipelines/toy/runs", json={"input": "x"},
                    headers={"X-Alto-Deadline": value}, timeout=30)
-    err = error_of(r, 400, "invalid_value")
+    err = assert_error_shape(r, 400, "invalid_value")
     assert err["param"] == "X-Alto-Deadline"
     with pytest.raises(openai.BadRequestError) as info:
         sdk(limits).chat.completions.create(
@@ -164,7 +155,7 @@ def test_cancel_of_a_finished_run_keeps_its_outcome(limits: LiveServer) -> None:
         run = r.headers["x-alto-run"]
         assert http.post(f"/v1/runs/{run}/cancel").json()["status"] == "completed"
         assert http.get(f"/v1/runs/{run}").json()["status"] == "completed"
-        error_of(http.get("/v1/runs/run_00000000000000000000000000000000"), 404,
+        assert_error_shape(http.get("/v1/runs/run_00000000000000000000000000000000"), 404,
                  "run_not_found")
 
 
@@ -206,7 +197,7 @@ def test_stage_queue_bound_answers_429_with_retry_after(bounded: LiveServer) -> 
         assert info.value.code == "queue_full" and "draft" in info.value.message
         assert info.value.response.headers["retry-after"] == "3"
         r = http.post("/v1/pipelines/slow/runs", json={"input": "1"})
-        error_of(r, 429, "queue_full")
+        assert_error_shape(r, 429, "queue_full")
     # both clients left: their runs are cancelled, the queue drains, runs are admitted
     wait_for(lambda: bounded.call(lambda: gw.queues.backlog(spec, "draft")) == 0,
              timeout=20, what="draft's queue to drain")

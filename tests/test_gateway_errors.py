@@ -5,7 +5,6 @@ official SDK's matching exception class."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import openai
@@ -13,7 +12,16 @@ import pytest
 from httpx_sse import connect_sse
 
 from tests.gateway_fixtures import *  # noqa: F403
-from tests.gateway_fixtures import API_KEY, LiveServer, make_server, sim_engines, wait_for
+from tests.gateway_fixtures import (
+    API_KEY,
+    LiveServer,
+    assert_error_shape,
+    auth,
+    idle,
+    make_server,
+    sdk,
+    sim_engines,
+)
 
 LIMIT = 4096
 
@@ -31,26 +39,6 @@ def strict() -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
-
-
-def sdk(server: LiveServer, key: str = API_KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
-
-
-def auth(key: str = API_KEY) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def assert_error_shape(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert err["code"] == code and err["message"]
-    return err  # type: ignore[no-any-return]
-
-
-def idle(server: LiveServer) -> None:
-    wait_for(lambda: server.gateway.inflight == 0, what="the previous run to release its slot")
 
 
 def test_keys_are_required_on_v1(strict: LiveServer) -> None:

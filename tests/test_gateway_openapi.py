@@ -59,7 +59,7 @@ def test_factory_reads_its_settings_from_the_environment(
     monkeypatch.setenv("ALTO_PIPELINES", json.dumps([str(toy)]))
     monkeypatch.setenv("ALTO_API_KEYS", '["from-env"]')
     app = create_app()
-    assert app.state.settings.api_keys == ["from-env"]
+    assert [k.get_secret_value() for k in app.state.settings.api_keys] == ["from-env"]
     assert {"/v1/chat/completions", "/v1/pipelines/{name}/runs", "/metrics"} <= set(
         app.openapi()["paths"]
     )

@@ -543,7 +543,7 @@ def test_api_keys_live_in_a_secret_the_gateway_parses(monkeypatch: pytest.Monkey
     assert "value" not in env(gw)["ALTO_API_KEYS"]
     secret = by_kind(docs, "Secret")[ref["name"]]
     monkeypatch.setenv("ALTO_API_KEYS", base64.b64decode(secret["data"][ref["key"]]).decode())
-    assert Settings().api_keys == ["k1", "k-2"]
+    assert [k.get_secret_value() for k in Settings().api_keys] == ["k1", "k-2"]
     docs = render({"gateway": {"apiKeysSecret": "mine"}})
     gw = container(by_kind(docs, "Deployment")[f"{PREFIX}-gateway"])
     assert env(gw)["ALTO_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "mine"

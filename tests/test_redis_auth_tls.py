@@ -21,6 +21,7 @@ import httpx
 import pytest
 import redis
 
+from bench.procs import start_redis, stop_process
 from tests.gateway_fixtures import *  # noqa: F403
 from tests.gateway_fixtures import REPO, LiveServer, free_port, pipelines
 from tests.waiting import eventually_sync
@@ -47,51 +48,23 @@ class RedisServer:
         return f"rediss://:{password}@localhost:{self.port}/0{query}"
 
 
-def _start_redis(args: list[str], port: int, ping: redis.Redis) -> subprocess.Popen[bytes]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server not found on PATH")
-    proc = subprocess.Popen([binary, *args, "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            return True
-        try:
-            return bool(ping.ping())
-        except redis.ConnectionError:
-            return False
-
-    ok = eventually_sync(up, timeout=10, every=0.02)
-    if proc.poll() is not None or not ok:
-        proc.kill()
-        out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-        pytest.fail(f"redis-server {' '.join(args)} did not start:\n{out}")
-    return proc
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
+def _start_redis(port: int, args: list[str], ping: redis.Redis) -> subprocess.Popen[bytes]:
     try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    if proc.stdout:
-        proc.stdout.close()
+        return start_redis(port, args=args, client=ping, capture=True)
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")
 def password_redis() -> Iterator[RedisServer]:
     port = free_port()
     client = redis.Redis(port=port, password=PASSWORD, socket_timeout=1)
-    proc = _start_redis(["--port", str(port), "--requirepass", PASSWORD], port, client)
+    proc = _start_redis(port, ["--requirepass", PASSWORD], client)
     client.close()
     try:
         yield RedisServer(proc, port)
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def _redis_has_tls() -> bool:
@@ -122,16 +95,17 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]
     client = redis.Redis(host="localhost", port=port, password=PASSWORD, ssl=True,
                          ssl_ca_certs=str(d / "ca.crt"), socket_timeout=1)
     proc = _start_redis(
+        port,
         ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(d / "server.crt"),
          "--tls-key-file", str(d / "server.key"), "--tls-ca-cert-file", str(d / "ca.crt"),
          "--tls-auth-clients", "no", "--requirepass", PASSWORD],
-        port, client,
+        client,
     )
     client.close()
     try:
         yield RedisServer(proc, port, d / "ca.crt")
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def _worker(url: str) -> subprocess.Popen[str]:

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from bench.procs import WorkerProcs
 from orchestrator.embedded import EmbeddedTransport
 from orchestrator.routing import stage_group
 from orchestrator.spec import PipelineSpec, load_pipeline
 from tests.toy.oracle import evaluate
 from tests.waiting import eventually
+from tests.worker_procs import wait_for_members
 from workers.client import follow_run, run_to_completion, start_run
 from workers.redis_transport import RedisTransport
 from workers.runtime import Runtime
@@ -39,50 +41,9 @@ WORKER_ENV = {
 }
 
 
-class Workers:
-    def __init__(self, url: str):
-        self.url = url
-        self.procs: dict[str, list[subprocess.Popen[bytes]]] = {}
-
-    def start(self, stage: str, n: int = 2) -> None:
-        env = {**os.environ, **WORKER_ENV, "PYTHONPATH": str(ROOT)}
-        for _ in range(n):
-            p = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "worker", "--pipeline", str(PIPELINE),
-                 "--stage", stage, "--redis-url", self.url],
-                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            )
-            self.procs.setdefault(stage, []).append(p)
-
-    def stop(self) -> None:
-        for ps in self.procs.values():
-            for p in ps:
-                if p.poll() is None:
-                    p.terminate()
-        for ps in self.procs.values():
-            for p in ps:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-                if p.stderr:
-                    p.stderr.close()
-
-
-async def wait_for_members(t: RedisTransport, spec: PipelineSpec, n: int, timeout: float = 60) -> None:
-    async def ready() -> bool:
-        for s in spec.by_name:
-            if len(await t.members(stage_group(spec.name, s))) < n:
-                return False
-        return True
-
-    await eventually(ready, timeout, every=0.05)
-
-
 @pytest.fixture
-def workers(redis_url: str) -> Iterator[Workers]:
-    w = Workers(redis_url)
+def workers(redis_url: str) -> Iterator[WorkerProcs]:
+    w = WorkerProcs(redis_url, PIPELINE, WORKER_ENV)
     try:
         yield w
     finally:
@@ -107,7 +68,7 @@ async def embedded_result(spec: PipelineSpec, text: str) -> list[object]:
     return events[-1]["units"]
 
 
-async def test_worker_processes_match_embedded(workers: Workers, redis_t: RedisTransport) -> None:
+async def test_worker_processes_match_embedded(workers: WorkerProcs, redis_t: RedisTransport) -> None:
     spec = load_pipeline(PIPELINE)
     for stage in spec.by_name:
         workers.start(stage, 2)
@@ -123,7 +84,7 @@ async def test_worker_processes_match_embedded(workers: Workers, redis_t: RedisT
         assert sorted(done) == sorted(spec.by_name)
 
 
-async def test_killed_aggregator_worker_is_taken_over(workers: Workers, redis_t: RedisTransport) -> None:
+async def test_killed_aggregator_worker_is_taken_over(workers: WorkerProcs, redis_t: RedisTransport) -> None:
     spec = load_pipeline(PIPELINE)
     for stage in ("split", "expandx5", "final"):
         workers.start(stage, 1)
@@ -164,7 +125,7 @@ def test_worker_exits_nonzero_with_a_clear_message_when_redis_is_unreachable() -
     assert "cannot reach Redis" in proc.stderr
 
 
-async def test_sigterm_drains_and_leaves_the_registry(workers: Workers, redis_t: RedisTransport) -> None:
+async def test_sigterm_drains_and_leaves_the_registry(workers: WorkerProcs, redis_t: RedisTransport) -> None:
     spec = load_pipeline(PIPELINE)
     workers.start("split", 1)
     group = stage_group(spec.name, "split")

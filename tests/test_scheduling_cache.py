@@ -117,12 +117,13 @@ def test_property_refining_never_raises_the_peak_and_keeps_every_lane_owned(
         assert max(model.work(demand, refined, live).values()) <= peak * (1 + 1e-9)
 
 
-def test_planner_prices_misses_only_where_every_instance_announces_a_cache() -> None:
-    demand, rate, out, model = _situation()
-    planner = PromptAwarePlanner(SchedOptions(half_life_s=2.0))
+def _observe_constant_traffic(planner: PromptAwarePlanner, rate: dict[int, float],
+                              out: dict[int, float], model: CacheModel) -> float:
+    """Constant traffic at `rate` per lane for 8 s, observed every 0.5 s, every prompt
+    `model.prefix` shared tokens (all hits) plus 80 own ones; returns the last time."""
     t = 0.0
     counters: dict[str, float] = {}
-    while t < 8.0:  # constant traffic, observed every 0.5 s
+    while t < 8.0:
         t += 0.5
         for lane, r in rate.items():
             n = r * t
@@ -130,6 +131,13 @@ def test_planner_prices_misses_only_where_every_instance_announces_a_cache() -> 
             counters.update({f"{lane}.arr": n, f"{lane}.n": n, f"{lane}.out": n * out[lane],
                              f"{lane}.in": n * (prefix + 80.0), f"{lane}.hit": n * prefix})
         planner.observe(counters, t)
+    return t
+
+
+def test_planner_prices_misses_only_where_every_instance_announces_a_cache() -> None:
+    demand, rate, out, model = _situation()
+    planner = PromptAwarePlanner(SchedOptions(half_life_s=2.0))
+    t = _observe_constant_traffic(planner, rate, out, model)
     priced = planner.maybe_replan(FOUR, None, t, cache=CACHE)
     blind = planner.maybe_replan(FOUR, None, t, cache={"s0": 16384.0})  # the others: unknown
     assert priced is not None and blind is not None
@@ -145,16 +153,7 @@ def test_when_every_prefix_fits_every_cache_every_instance_reads_every_class() -
     _, rate, out, model = _situation()
     planner = PromptAwarePlanner(SchedOptions(half_life_s=2.0))
     few = {lane: rate[lane] for lane in range(4)}  # four classes: about 10k tokens
-    t = 0.0
-    counters: dict[str, float] = {}
-    while t < 8.0:
-        t += 0.5
-        for lane, r in few.items():
-            n = r * t
-            prefix = model.prefix[lane]
-            counters.update({f"{lane}.arr": n, f"{lane}.n": n, f"{lane}.out": n * out[lane],
-                             f"{lane}.in": n * (prefix + 80.0), f"{lane}.hit": n * prefix})
-        planner.observe(counters, t)
+    t = _observe_constant_traffic(planner, few, out, model)
     plan = planner.maybe_replan(FOUR, None, t, cache=CACHE)
     assert plan is not None
     assert all(set(owners) == set(FOUR) for owners in plan.owners.values())

@@ -24,28 +24,22 @@ from hypothesis import strategies as st
 from app.middleware import key_digests, key_hash
 from app.ratelimit import RateLimiter
 from tests.gateway_fixtures import *  # noqa: F403
-from tests.gateway_fixtures import CALLS, REPO, LiveServer, make_server, sim_engines, wait_for
+from tests.gateway_fixtures import (
+    CALLS,
+    REPO,
+    LiveServer,
+    assert_error_shape,
+    auth,
+    make_server,
+    sdk,
+    sim_engines,
+    wait_for,
+)
 from workers.client import new_run_id, start_run
 
 KEY_A = "sk-alto-owner-a"
 KEY_B = "sk-alto-owner-b"  # configured only as its hash: never stored in clear
 KEYS = [KEY_A, f"sha256:{hashlib.sha256(KEY_B.encode()).hexdigest()}"]
-
-
-def sdk(server: LiveServer, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def error_of(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert err["code"] == code and err["message"]
-    return err  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +66,7 @@ def test_plain_and_hashed_keys_authenticate(keyed: LiveServer) -> None:
     assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
     # nor is the hex digest alone, nor a prefix of a real key
     for wrong in (KEYS[1].removeprefix("sha256:"), KEY_A[:-1], KEY_A + "x"):
-        error_of(httpx.get(f"{keyed.url}/v1/models", headers=auth(wrong)), 401,
+        assert_error_shape(httpx.get(f"{keyed.url}/v1/models", headers=auth(wrong)), 401,
                  "invalid_api_key")
 
 
@@ -90,7 +84,7 @@ def test_missing_or_wrong_key_is_401_on_every_v1_endpoint(keyed: LiveServer) -> 
         for headers in ({}, auth("sk-wrong"), {"Authorization": f"Basic {KEY_A}"}):
             for method, path, body in calls:
                 r = http.request(method, path, json=body, headers=headers)
-                err = error_of(r, 401, "invalid_api_key")
+                err = assert_error_shape(r, 401, "invalid_api_key")
                 assert err["type"] == "authentication_error"
                 assert r.headers["www-authenticate"] == "Bearer"
                 assert KEY_A not in r.text
@@ -119,10 +113,10 @@ def test_a_run_is_visible_only_to_the_key_that_created_it(keyed: LiveServer) -> 
         for method, path in (("GET", "/v1/runs/{}"), ("GET", "/v1/runs/{}/events"),
                              ("POST", "/v1/runs/{}/cancel")):
             theirs = http.request(method, path.format(run), headers=auth(KEY_B))
-            err = error_of(theirs, 404, "run_not_found")
+            err = assert_error_shape(theirs, 404, "run_not_found")
             nobody = http.request(method, path.format(unknown), headers=auth(KEY_B))
             # the same answer as for a run that does not exist: existence is not revealed
-            assert err == {**error_of(nobody, 404, "run_not_found"),
+            assert err == {**assert_error_shape(nobody, 404, "run_not_found"),
                            "message": err["message"]}
             assert err["message"].replace(run, unknown) == nobody.json()["error"]["message"]
         status = http.get(f"/v1/runs/{run}", headers=auth(KEY_A)).json()
@@ -144,7 +138,7 @@ def test_runs_started_through_openai_endpoints_are_owned_too(keyed: LiveServer) 
     assert raw.parse().choices[0].message.content == "B OWNS THIS"
     run = raw.headers["x-alto-run"]
     with httpx.Client(base_url=keyed.url, timeout=30) as http:
-        error_of(http.get(f"/v1/runs/{run}", headers=auth(KEY_A)), 404, "run_not_found")
+        assert_error_shape(http.get(f"/v1/runs/{run}", headers=auth(KEY_A)), 404, "run_not_found")
         assert http.get(f"/v1/runs/{run}", headers=auth(KEY_B)).json()["status"] == "completed"
 
 
@@ -158,7 +152,7 @@ def test_another_keys_cancel_does_not_touch_the_run(keyed: LiveServer) -> None:
         assert next(events).event == "run"
         assert next(events).event == "partial"  # the engine is generating
         run = src.response.headers["x-alto-run"]
-        error_of(http.post(f"/v1/runs/{run}/cancel", headers=auth(KEY_B)), 404,
+        assert_error_shape(http.post(f"/v1/runs/{run}/cancel", headers=auth(KEY_B)), 404,
                  "run_not_found")
         assert http.get(f"/v1/runs/{run}").json()["status"] == "running"
         cancelled = http.post(f"/v1/runs/{run}/cancel").json()
@@ -204,11 +198,11 @@ def test_rate_limit_is_per_key_with_retry_after(limited: LiveServer) -> None:
     assert int(info.value.response.headers["retry-after"]) >= 1
     r = httpx.post(f"{limited.url}/v1/pipelines/toy/runs", json={"input": "x"},
                    headers=auth(KEY_A))
-    err = error_of(r, 429, "rate_limit_exceeded")
+    err = assert_error_shape(r, 429, "rate_limit_exceeded")
     assert err["type"] == "rate_limit_error" and int(r.headers["retry-after"]) >= 1
     # wrong keys get 401 (auth comes first) and spend nobody's tokens; B has its own bucket
     for _ in range(3):
-        error_of(httpx.get(f"{limited.url}/v1/models", headers=auth("sk-wrong")), 401,
+        assert_error_shape(httpx.get(f"{limited.url}/v1/models", headers=auth("sk-wrong")), 401,
                  "invalid_api_key")
     b = sdk(limited, KEY_B)
     assert b.models.list().data and b.models.list().data
@@ -301,7 +295,7 @@ def test_no_request_selects_a_file_or_callable(keyed: LiveServer, tmp_path: Path
         r = httpx.post(f"{keyed.url}/v1/pipelines/toy/runs", headers=auth(KEY_A),
                        json={"input": "x", "pipeline": str(marker),
                              "function": "os:system"})
-        assert error_of(r, 400, "invalid_value")["param"] in ("pipeline", "function")
+        assert assert_error_shape(r, 400, "invalid_value")["param"] in ("pipeline", "function")
         assert "evil" not in {m.id for m in a.models.list()}
     finally:
         _WATCH.clear()

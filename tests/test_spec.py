@@ -116,4 +116,4 @@ def test_settings_accept_json_or_comma_lists(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("ALTO_API_KEYS", "k1, k2")
     monkeypatch.setenv("ALTO_PIPELINES", '["a.yaml", "b.yaml"]')
     s = Settings()
-    assert s.api_keys == ["k1", "k2"] and s.pipelines == ["a.yaml", "b.yaml"]
+    assert [k.get_secret_value() for k in s.api_keys] == ["k1", "k2"] and s.pipelines == ["a.yaml", "b.yaml"]

@@ -44,6 +44,22 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _STAGE = ["pipeline", "stage"]
 
 
+def record_call(data: dict[str, Any], labels: tuple[str, str], *, seconds: Histogram,
+                first_unit: Histogram, tokens: Counter, units: Counter) -> None:
+    """One finished call (a runner's "call" event) into the per-call series. Shared with the
+    gateway (app/metrics.py) so a call counts the same whether its stage runs embedded or
+    in a worker."""
+    seconds.labels(*labels).observe(float(data.get("seconds") or 0.0))
+    if data.get("first_unit_s") is not None:
+        first_unit.labels(*labels).observe(float(data["first_unit_s"]))
+    for kind in ("prompt", "completion", "cached"):
+        n = data.get(f"{kind}_tokens") or 0
+        if n:
+            tokens.labels(*labels, kind).inc(n)
+    if data.get("units"):
+        units.labels(*labels).inc(int(data["units"]))
+
+
 class WorkerMetrics:
     """Collectors of one worker process, on their own registry (several can coexist)."""
 
@@ -92,15 +108,9 @@ class WorkerMetrics:
         try:
             labels = (str(data.get("pipeline", "")), str(data.get("stage", "")))
             if event == "call":
-                self.call_seconds.labels(*labels).observe(float(data.get("seconds") or 0.0))
-                if data.get("first_unit_s") is not None:
-                    self.first_unit_seconds.labels(*labels).observe(float(data["first_unit_s"]))
-                for kind in ("prompt", "completion", "cached"):
-                    n = data.get(f"{kind}_tokens") or 0
-                    if n:
-                        self.tokens.labels(*labels, kind).inc(n)
-                if data.get("units"):
-                    self.units.labels(*labels).inc(int(data["units"]))
+                record_call(data, labels, seconds=self.call_seconds,
+                            first_unit=self.first_unit_seconds, tokens=self.tokens,
+                            units=self.units)
             elif event == "error":
                 self.call_errors.labels(*labels).inc()
             elif event == "reclaimed":

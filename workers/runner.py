@@ -63,6 +63,7 @@ from workers.stagefn import CallStats, StageFunction
 log = logging.getLogger("alto.runner")
 
 Observer = Callable[[str, dict[str, Any]], None]
+DEFAULT_SLOTS = 8  # runner slots of a stage without an engine and no `concurrency`
 
 
 def dead_letter_stream(pipeline: str) -> str:
@@ -134,6 +135,11 @@ class _Group:
     firing: bool = False
 
 
+def _fires(g: _Group) -> str:
+    """The progress key counting a group's firing attempts (`_count_fire`)."""
+    return f"fires:{g.key}"
+
+
 class StageRunner:
     def __init__(
         self,
@@ -156,9 +162,13 @@ class StageRunner:
         self.instance = instance
         self.config = config or RunnerConfig()
         self.observer = observer
+        # slots: what the spec (or the caller) asks for, never more than the engine batches;
+        # unset on an LM stage = the engine's capacity (vLLM batches 256 sequences: a fixed
+        # default of 8 would leave most of the batch idle), unset elsewhere = DEFAULT_SLOTS
         cap = concurrency or self.stage.concurrency
         if function.engine is not None:
-            cap = min(cap, function.engine.capacity)
+            cap = min(cap or function.engine.capacity, function.engine.capacity)
+        cap = cap or DEFAULT_SLOTS
         self.capacity = max(1, cap)
         self.group = stage_group(spec.name, stage)
         self.streams = self.router.all_streams(stage)
@@ -520,12 +530,14 @@ class StageRunner:
             fence: Fence | None = None
             try:
                 fence = self._fence(g)
-                prog = (await self.transport.get_progress(first.run, [g.key]))[0]
+                prog, fires = await self.transport.get_progress(first.run, [g.key, _fires(g)])
                 if await self._is_cancelled(first.run):  # answered by the read above
                     await self._ack_group(g)
                     return
                 if prog is not None and prog.done:
                     await self._ack_group(g)
+                    return
+                if not await self._count_fire(g, first, fires, fence):
                     return
                 units = sorted(
                     (d.envelope for d in g.got.values() if d.envelope.kind == "unit"),
@@ -566,6 +578,27 @@ class StageRunner:
             except Exception as exc:
                 log.exception("stage %s failed on key %s", self.stage.name, g.key)
                 await self._fail(first, f"{type(exc).__name__}: {exc}", g)
+
+    async def _count_fire(
+        self, g: _Group, first: Envelope, fires: Progress | None, fence: Fence
+    ) -> bool:
+        """The delivery limit for a group: its entries' delivery counts grow with every
+        claim-back, so firings are counted instead, in a progress record written (fenced)
+        before each one. A group fired `max_deliveries` times without completing (each try
+        killed its worker) is dead-lettered whole instead of moving from owner to owner."""
+        n = fires.units if fires is not None else 0
+        if n >= self.config.max_deliveries:
+            await self._fail(
+                first,
+                f"group {g.key} fired {n} times without completing (max_deliveries="
+                f"{self.config.max_deliveries}): it keeps crashing or stalling its worker",
+                g, code="max_deliveries",
+            )
+            return False
+        await self.transport.commit(
+            Commit(progress=[(first.run, _fires(g), Progress(n + 1, False))], fence=fence)
+        )
+        return True
 
     async def _produce(
         self,

@@ -9,14 +9,27 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ALTO_", env_file=".env", extra="ignore")
+def reveal(value: SecretStr | str | None) -> str | None:
+    """The plain text of a secret setting, for the one place that must use it (a connection,
+    a key comparison). Also takes a plain str, since `model_copy(update=...)` skips validation."""
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
 
-    redis_url: str | None = None
+
+class Settings(BaseSettings):
+    """Secrets (`redis_url`, which may hold a password, `api_keys`, `openai_api_key`) are
+    `SecretStr`, so printing or logging the settings object, or a validation error about it,
+    shows `**********`; use sites call `reveal()`."""
+
+    # hide_input_in_errors: a malformed ALTO_API_KEYS would otherwise be echoed in the error
+    model_config = SettingsConfigDict(
+        env_prefix="ALTO_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
+
+    redis_url: SecretStr | None = None
     pipelines: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["examples/factool/pipeline.yaml"]
     )
@@ -37,7 +50,7 @@ class Settings(BaseSettings):
     policy: str | None = None
     run_ttl_s: int = 3_600
     run_deadline_s: float = 300.0
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     max_inflight_runs: int = 256
     max_body_bytes: int = 1_000_000
     retry_after_s: int = 1
@@ -71,7 +84,7 @@ class Settings(BaseSettings):
     sse_ping_s: float = 15.0  # SSE keep-alive comment interval
 
     openai_base_url: str | None = None
-    openai_api_key: str | None = None
+    openai_api_key: SecretStr | None = None
 
     @field_validator("pipelines", "api_keys", mode="before")
     @classmethod

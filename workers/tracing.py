@@ -94,6 +94,19 @@ def run_span(run: str, name: str, tracer: Any = None, **attributes: Any) -> Iter
         yield span
 
 
+def start_run_span(run: str, name: str, tracer: Any = None, start_time: int | None = None,
+                   **attributes: Any) -> Any:
+    """`run_span` for a run whose start and end are in different places (the gateway opens
+    it in `Gateway.start` and ends it in `RunHandle.close`, possibly in another task, where a
+    `with` block or an attached context cannot reach); the span is not made current. Returns
+    None when tracing is off; the caller must `end()` the span."""
+    t = _tracer(tracer)
+    if t is None:
+        return None
+    attrs = {"alto.run": run, **{f"alto.{k}": v for k, v in attributes.items() if v is not None}}
+    return t.start_span(name, context=run_context(run), attributes=attrs, start_time=start_time)
+
+
 class SpanRecorder:
     """A runner observer that writes one span per finished stage call into the run's trace
     (start and end from the call's own timing, a `first unit` event when it streamed) and

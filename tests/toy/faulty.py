@@ -22,3 +22,22 @@ def crash_on_poison(value: Any, ctx: StageContext) -> str:
     if value == "poison":
         os.kill(os.getpid(), signal.SIGKILL)
     return str(value)
+
+
+def crash_on_poison_group(items: list[Any], ctx: StageContext) -> str:
+    """A poison group: an aggregating stage whose firing kills its worker process every
+    time, whichever instance owns the group's partition."""
+    if "poison" in items:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return f"{ctx.stage}[{','.join(str(i) for i in items)}]"
+
+
+def crash_once_on_poison_group(items: list[Any], ctx: StageContext) -> str:
+    """Like `crash_on_poison_group`, but only the first firing dies: the file named by
+    ALTO_TEST_CRASH_MARKER records that it did (a crash the group survives)."""
+    marker = os.environ["ALTO_TEST_CRASH_MARKER"]
+    if "poison" in items and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(ctx.run)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return f"{ctx.stage}[{','.join(str(i) for i in items)}]"
