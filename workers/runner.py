@@ -630,7 +630,7 @@ class StageRunner:
                 stats.first_unit_s = time.perf_counter() - stats.started
             if n <= already:
                 continue  # published by an earlier attempt
-            if self.streaming:
+            if self.streaming and stats.incremental:  # else the end commit carries it
                 c = Commit(fence=fence)
                 self._emit(c, run, n, unit, credit, base_lineage, scope, context)
                 c.progress.append((run, cause, Progress(n, False)))

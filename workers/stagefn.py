@@ -45,6 +45,9 @@ class CallStats:
     cached_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
     first_unit_s: float | None = None
+    # whether the unit being yielded now came while the call still runs (publish it at once)
+    # or once it is over (it can share the call's final commit: one commit instead of two)
+    incremental: bool = False
 
 
 class StageFunction:
@@ -99,9 +102,11 @@ class StageFunction:
             result = await asyncio.to_thread(self.fn, arg, ctx)
         if inspect.isasyncgen(result):
             async for unit in result:
+                stats.incremental = True
                 for u in frame_value(self.stage.framing, unit):
                     yield u
             return
+        stats.incremental = False
         for u in frame_value(self.stage.framing, result):
             yield u
 
@@ -132,6 +137,7 @@ class StageFunction:
                     stats.completion_tokens = delta.completion_tokens
                 if delta.cached_tokens is not None:
                     stats.cached_tokens = delta.cached_tokens
+                stats.incremental = True
                 for unit in framer.feed(delta.text):
                     yield unit
                 now = time.monotonic()
@@ -143,5 +149,6 @@ class StageFunction:
             aclose = getattr(gen, "aclose", None)
             if aclose is not None:
                 await aclose()
+        stats.incremental = False
         for unit in framer.close():
             yield unit
