@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,23 +102,19 @@ def llama_server(
     )
     server = LlamaServer(f"http://127.0.0.1:{port}", SERVER_API_KEY, log_path, proc)
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         headers = {"Authorization": f"Bearer {SERVER_API_KEY}"}
         with httpx.Client(timeout=2.0) as client:
-            while True:
+            def ready() -> bool:  # a process we cannot await: poll it, bounded
                 if proc.poll() is not None:
                     pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{server.log()}")
                 try:
-                    if client.get(f"{server.base_url}/v1/models", headers=headers).is_success:
-                        break
+                    return client.get(f"{server.base_url}/v1/models", headers=headers).is_success
                 except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(
-                        f"llama_cpp.server not ready within {SERVER_START_TIMEOUT_S}s:\n"
-                        f"{server.log()[-4000:]}"
-                    )
-                time.sleep(0.1)  # polling a process we cannot await; bounded by the deadline
+                    return False
+
+            if not eventually_sync(ready, timeout=SERVER_START_TIMEOUT_S, every=0.1):
+                pytest.fail(f"llama_cpp.server not ready within {SERVER_START_TIMEOUT_S}s:\n"
+                            f"{server.log()[-4000:]}")
         yield server
     finally:
         stop_process(proc, timeout_s=10)

@@ -16,13 +16,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tests.gateway_fixtures import REPO, free_port
+from tests.waiting import eventually_sync
 
 README = REPO / "README.md"
 START_TIMEOUT_S = 60.0
@@ -58,19 +58,17 @@ def readme_server() -> Iterator[str]:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:  # a process we cannot await: poll its readiness, bounded
+        def ready() -> bool:  # a process we cannot await: poll its readiness, bounded
             if proc.poll() is not None:
                 out = proc.stdout.read() if proc.stdout else ""
                 pytest.fail(f"`alto serve` exited with {proc.returncode}:\n{out}")
             try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
+                return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
             except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"`alto serve` was not ready within {START_TIMEOUT_S} s")
-            time.sleep(0.1)
+                return False
+
+        if not eventually_sync(ready, timeout=START_TIMEOUT_S, every=0.1):
+            pytest.fail(f"`alto serve` was not ready within {START_TIMEOUT_S} s")
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the session started above: this server only
