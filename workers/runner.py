@@ -646,31 +646,7 @@ class StageRunner:
             self._emit(c, run, i, unit, credit, base_lineage, scope, context)
         total_units = max(n, already)
         rest = end_credit(credit, total_units)
-        for t in self.successors:
-            marker = Envelope(
-                run=run,
-                pipeline=self.spec.name,
-                stage=t,
-                lineage=base_lineage,
-                kind="end",
-                credit=rest / len(self.successors),
-                sender=self.stage.name,
-                scope=scope,
-                context=context,
-                id=end_id(cause, t),
-            )
-            c.messages.append((self.router.stream_for(marker), marker))
-        c.events.append(
-            (
-                run,
-                {
-                    "type": "credit",
-                    "mid": credit_mid,
-                    "stage": self.stage.name,
-                    "credit": credit_str(credit),
-                },
-            )
-        )
+        self._end_markers(c, run, base_lineage, rest, scope, context, cause, credit_mid, credit)
         c.progress.append((run, cause, Progress(total_units, True)))
         c.acks.extend((s, self.group, ids) for s, ids in acks)
         await self.transport.commit(c)
@@ -745,33 +721,42 @@ class StageRunner:
         """An end marker passes a stage that cannot key it: split it over the successors."""
         env = d.envelope
         c = Commit()
-        for t in self.successors:
-            out = Envelope(
-                run=env.run,
-                pipeline=env.pipeline,
-                stage=t,
-                lineage=env.lineage,
-                kind="end",
-                credit=env.credit / len(self.successors),
-                sender=self.stage.name,
-                scope=env.scope,
-                context=env.context,
-                id=end_id(env.id, t),
-            )
-            c.messages.append((self.router.stream_for(out), out))
-        c.events.append(
-            (
-                env.run,
-                {
-                    "type": "credit",
-                    "mid": f"credit:{env.id}",
-                    "stage": self.stage.name,
-                    "credit": credit_str(env.credit),
-                },
-            )
-        )
+        self._end_markers(c, env.run, env.lineage, env.credit, env.scope, env.context, env.id,
+                          f"credit:{env.id}", env.credit)
         c.acks.append((d.stream, self.group, [d.entry_id]))
         await self.transport.commit(c)
+
+    def _end_markers(
+        self,
+        c: Commit,
+        run: str,
+        lineage: Lineage,
+        rest: Fraction,
+        scope: dict[str, Fraction],
+        context: dict[str, Any],
+        cause: str,
+        credit_mid: str,
+        processed: Fraction,
+    ) -> None:
+        """Add to a commit the end markers that hand `rest` on (split over the successors,
+        ids derived from `cause`) and the `credit` event recording that this stage has
+        processed `processed` credit of the run."""
+        for t in self.successors:
+            marker = Envelope(
+                run=run,
+                pipeline=self.spec.name,
+                stage=t,
+                lineage=lineage,
+                kind="end",
+                credit=rest / len(self.successors),
+                sender=self.stage.name,
+                scope=scope,
+                context=context,
+                id=end_id(cause, t),
+            )
+            c.messages.append((self.router.stream_for(marker), marker))
+        c.events.append((run, {"type": "credit", "mid": credit_mid, "stage": self.stage.name,
+                               "credit": credit_str(processed)}))
 
     # ------------------------------------------------------------------ helpers
     def _group_acks(self, g: _Group) -> list[tuple[str, list[str]]]:
