@@ -19,13 +19,14 @@ from tests.worker_procs import (
     ROOT,
     RedisProc,
     WorkerPool,
+    dead_letters,
+    follow_restarting,
     follow_through_outages,
-    wait_exit,
     wait_for_members,
 )
 from workers.client import follow_run, run_to_completion, start_run
 from workers.redis_transport import RedisTransport
-from workers.runner import RunnerConfig, dead_letter_stream
+from workers.runner import RunnerConfig
 from workers.runtime import Runtime
 
 SPEC = parse_pipeline(
@@ -42,12 +43,6 @@ SPEC = parse_pipeline(
     }
 )
 CONFIG = RunnerConfig(claim_idle_ms=200, block_ms=20, lease_ttl_ms=300, heartbeat_ms=50)
-
-
-async def dead_letters(t: Transport, pipeline: str) -> list[dict[str, Any]]:
-    stream = dead_letter_stream(pipeline)
-    await t.ensure_group(stream, "inspect")
-    return [d.envelope.payload for d in await t.consume([stream], "inspect", "t", 100, 0)]
 
 
 async def pending_total(t: Transport, spec: Any) -> int:
@@ -112,25 +107,12 @@ async def test_poison_input_that_kills_its_worker_is_dead_lettered(
     worker goes on serving."""
     spec = load_pipeline(POISON)
     pool = WorkerPool(redis_url, POISON, {"ALTO_MAX_DELIVERIES": "2"})
-    crashes = 0
     try:
         for stage in spec.by_name:
             pool.start(stage)
         await wait_for_members(redis_t, spec, 1)
         run = await start_run(redis_t, spec, "a poison b")
-
-        async def supervise() -> None:  # what Kubernetes would do: restart the dead worker
-            nonlocal crashes
-            while True:
-                await wait_exit(pool.procs["crashy"][0])
-                crashes += 1
-                pool.restart_dead("crashy")
-
-        supervisor = asyncio.create_task(supervise())
-        try:
-            events = [ev async for _, ev in follow_run(redis_t, spec, run, deadline_s=60)]
-        finally:
-            supervisor.cancel()
+        events, crashes = await follow_restarting(pool, redis_t, spec, run, "crashy")
         _, after = await run_to_completion(redis_t, spec, "x y", deadline_s=60)
         dead = await dead_letters(redis_t, spec.name)
     finally:

@@ -5,29 +5,26 @@ event (code `max_deliveries`, naming the stage), and the stage goes on serving."
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from orchestrator.routing import stage_group, stage_streams
 from orchestrator.spec import load_pipeline
-from orchestrator.transport import Transport
-from tests.worker_procs import ROOT, WorkerPool, wait_exit, wait_for_members
+from tests.worker_procs import (
+    ROOT,
+    WorkerPool,
+    dead_letters,
+    follow_restarting,
+    wait_exit,
+    wait_for_members,
+)
 from workers.client import follow_run, run_to_completion, start_run
 from workers.redis_transport import RedisTransport
-from workers.runner import dead_letter_stream
 
 POISON_GROUP = ROOT / "tests" / "toy" / "poison_group.yaml"
 POISON_ONCE = ROOT / "tests" / "toy" / "poison_group_once.yaml"
-
-
-async def dead_letters(t: Transport, pipeline: str) -> list[dict[str, Any]]:
-    stream = dead_letter_stream(pipeline)
-    await t.ensure_group(stream, "inspect")
-    return [d.envelope.payload for d in await t.consume([stream], "inspect", "t", 100, 0)]
 
 
 @pytest.fixture
@@ -43,25 +40,12 @@ async def test_group_that_kills_its_worker_every_firing_is_dead_lettered(
 ) -> None:
     spec = load_pipeline(POISON_GROUP)
     pool = WorkerPool(redis_url, POISON_GROUP, {"ALTO_MAX_DELIVERIES": "2"})
-    crashes = 0
     try:
         for stage in spec.by_name:
             pool.start(stage)
         await wait_for_members(redis_t, spec, 1)
         run = await start_run(redis_t, spec, "a poison b")
-
-        async def supervise() -> None:  # what Kubernetes would do: restart the dead worker
-            nonlocal crashes
-            while True:
-                await wait_exit(pool.procs["group"][0])
-                crashes += 1
-                pool.restart_dead("group")
-
-        supervisor = asyncio.create_task(supervise())
-        try:
-            events = [ev async for _, ev in follow_run(redis_t, spec, run, deadline_s=60)]
-        finally:
-            supervisor.cancel()
+        events, crashes = await follow_restarting(pool, redis_t, spec, run, "group")
         # the healthy run after it is served by the same (restarted) worker
         _, after = await run_to_completion(redis_t, spec, "x y", deadline_s=60)
         dead = await dead_letters(redis_t, spec.name)

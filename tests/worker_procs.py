@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from bench.procs import AofRedis, WorkerProcs
 from orchestrator.routing import stage_group
 from orchestrator.spec import PipelineSpec
+from orchestrator.transport import Transport
 from tests.waiting import eventually
+from workers.client import follow_run
 from workers.redis_transport import RedisTransport
+from workers.runner import dead_letter_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +52,34 @@ async def wait_for_members(t: RedisTransport, spec: PipelineSpec, n: int,
 
 async def wait_exit(p: subprocess.Popen[bytes]) -> int:
     return await asyncio.to_thread(p.wait)
+
+
+async def dead_letters(t: Transport, pipeline: str) -> list[dict[str, Any]]:
+    """The dead-letter records of a pipeline, read through a group of their own."""
+    stream = dead_letter_stream(pipeline)
+    await t.ensure_group(stream, "inspect")
+    return [d.envelope.payload for d in await t.consume([stream], "inspect", "t", 100, 0)]
+
+
+async def follow_restarting(pool: WorkerPool, t: RedisTransport, spec: PipelineSpec, run: str,
+                            stage: str, deadline_s: float = 60) -> tuple[list[Any], int]:
+    """Follow a run while restarting `stage`'s first worker each time it dies, as
+    Kubernetes would: (the run's events, how many times that worker died)."""
+    crashes = 0
+
+    async def supervise() -> None:
+        nonlocal crashes
+        while True:
+            await wait_exit(pool.procs[stage][0])
+            crashes += 1
+            pool.restart_dead(stage)
+
+    supervisor = asyncio.create_task(supervise())
+    try:
+        events = [ev async for _, ev in follow_run(t, spec, run, deadline_s=deadline_s)]
+    finally:
+        supervisor.cancel()
+    return events, crashes
 
 
 RedisProc = AofRedis  # not the session server: AOF on, killed and restarted mid-test
