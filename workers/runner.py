@@ -2,7 +2,9 @@
 
 The runner is where the correctness contract of DESIGN.md is kept:
 * each unit is published the moment the framer completes it (barrier mode: all at the
-  end), together with a progress record, in one atomic commit;
+  end), together with a progress record, in one atomic commit; units that only exist once
+  the call is over (a plain function's result, `whole` framing, an LM's last unit) ride in
+  the call's final commit with the end marker, which is no later and one commit cheaper;
 * the input is acknowledged in the same commit as its end marker, never earlier, so a
   crash at any instruction leaves the input pending for another instance to claim;
 * a re-run of an input (after a crash, or a duplicate entry) reads the progress record:
