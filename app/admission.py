@@ -69,7 +69,7 @@ class QueueGuard:
                     f"stage {stage!r} of pipeline {spec.name!r} has {backlog} queued "
                     f"entries (its bound is {bound}); retry later",
                     code="queue_full",
-                    headers={"Retry-After": str(max(1, int(self.settings.retry_after_s)))},
+                    retry_after_s=self.settings.retry_after_s,
                 )
 
 

@@ -12,6 +12,7 @@ fix its request without reading server logs.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,7 +53,9 @@ class ApiError(Exception):
         param: str | None = None,
         type: str | None = None,  # noqa: A002 - OpenAI's field name
         headers: dict[str, str] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
+        """`retry_after_s`: for 429/503, the Retry-After header (whole seconds, at least 1)."""
         super().__init__(message)
         self.status = status
         self.message = message
@@ -60,7 +63,9 @@ class ApiError(Exception):
         self.param = param
         fallback = "server_error" if status >= 500 else "invalid_request_error"
         self.type = type or _TYPES.get(status, fallback)
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+        if retry_after_s is not None:
+            self.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -139,7 +144,7 @@ def install(app: FastAPI) -> None:
                     request.url.path, type(exc).__name__, exc)
         return ApiError(503, f"the message bus (Redis) is unavailable: {type(exc).__name__}",
                         code="transport_unavailable",
-                        headers={"Retry-After": "1"}).response()
+                        retry_after_s=1).response()
 
     for bus_error in (RedisConnectionError, RedisTimeoutError):
         app.add_exception_handler(bus_error, _bus_down)

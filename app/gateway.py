@@ -200,7 +200,7 @@ class Gateway:
                 429,
                 f"too many runs in flight ({self.settings.max_inflight_runs}); retry later",
                 code="too_many_runs",
-                headers={"Retry-After": str(max(1, int(self.settings.retry_after_s)))},
+                retry_after_s=self.settings.retry_after_s,
             )
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
@@ -234,7 +234,7 @@ class Gateway:
                 f"no worker serves stage(s) {missing} of pipeline {spec.name!r}; "
                 f"start them with `alto worker --pipeline FILE --stage NAME`",
                 code="no_workers",
-                headers={"Retry-After": str(max(1, int(self.settings.retry_after_s)))},
+                retry_after_s=self.settings.retry_after_s,
             )
 
     # ---- runs ------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 import re
 import time
 from collections.abc import Sequence
@@ -163,7 +162,7 @@ class RateLimitMiddleware:
                 ApiError(429, f"rate limit exceeded: {self.limiter.rate:g} requests/s with "
                               f"bursts of {self.limiter.burst:g} per API key; retry later",
                          code="rate_limit_exceeded",
-                         headers={"Retry-After": str(max(1, math.ceil(wait)))}),
+                         retry_after_s=wait),
             )
             return
         await self.app(scope, receive, send)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -78,6 +79,19 @@ async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
 
         url = request.getfixturevalue("redis_url")
         t = RedisTransport(url)
+    try:
+        yield t
+    finally:
+        await t.close()
+
+
+@pytest.fixture
+async def redis_t(redis_url: str) -> AsyncIterator[Any]:
+    """A Redis transport on this test's database, for tests that run real worker
+    processes against it (those are Redis-only, unlike the `transport` fixture)."""
+    from workers.redis_transport import RedisTransport
+
+    t = RedisTransport(redis_url)
     try:
         yield t
     finally:

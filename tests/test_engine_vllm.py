@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -14,7 +15,12 @@ from orchestrator.engine import Delta, GenParams
 from orchestrator.spec import EngineSpec
 from workers.engines import build_engine
 from workers.engines.common import EngineError
-from workers.engines.vllm_engine import DeltaTracker, split_options, vllm_available
+from workers.engines.vllm_engine import (
+    DeltaTracker,
+    kv_cache_tokens,
+    split_options,
+    vllm_available,
+)
 
 MODEL_ENV = "ALTO_VLLM_TEST_MODEL"
 
@@ -58,6 +64,19 @@ def test_delta_and_cumulative_outputs_give_the_same_stream(steps: list[tuple[str
     assert new_from_delta == new_from_cumulative
     assert delta.text == cumulative.text == text
     assert delta.completion_tokens == cumulative.completion_tokens == len(ids)
+
+
+def test_kv_cache_size_is_read_from_either_engine_generation() -> None:
+    """The planner's cache size comes from vLLM's CacheConfig, found where V1 (AsyncLLM)
+    and V0 (AsyncLLMEngine) keep it; an engine that has not profiled yet says nothing."""
+    cache = SimpleNamespace(num_gpu_blocks=27_000, block_size=16)
+    assert kv_cache_tokens(SimpleNamespace(vllm_config=SimpleNamespace(cache_config=cache))) \
+        == 432_000
+    assert kv_cache_tokens(SimpleNamespace(engine=SimpleNamespace(cache_config=cache))) == 432_000
+    unprofiled = SimpleNamespace(num_gpu_blocks=None, block_size=16)
+    assert kv_cache_tokens(SimpleNamespace(vllm_config=SimpleNamespace(cache_config=unprofiled))) \
+        is None
+    assert kv_cache_tokens(object()) is None
 
 
 def test_cumulative_output_that_rewrites_text_is_an_error() -> None:
@@ -107,5 +126,6 @@ async def test_real_vllm_streams_and_cancels() -> None:
         await stream.aclose()
         after = [d async for d in engine.generate("Say hi.", GenParams(max_tokens=4))]
         assert after[-1].finish_reason is not None
+        assert (engine.cache_tokens or 0) > 0  # what the prompt-aware planner is told
     finally:
         await engine.aclose()

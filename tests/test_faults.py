@@ -6,7 +6,6 @@ worker goes on; a failed run leaves nothing pending; the loop rides over a Redis
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -88,13 +87,6 @@ async def test_engine_error_dead_letters_the_input_and_the_worker_goes_on(
 # ---- real worker processes over Redis -----------------------------------------------------
 
 POISON = ROOT / "tests" / "toy" / "poison.yaml"
-
-
-@pytest.fixture
-async def redis_t(redis_url: str) -> AsyncIterator[RedisTransport]:
-    t = RedisTransport(redis_url)
-    yield t
-    await t.close()
 
 
 @pytest.mark.redis

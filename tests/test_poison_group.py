@@ -5,7 +5,6 @@ event (code `max_deliveries`, naming the stage), and the stage goes on serving."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,13 +24,6 @@ from workers.redis_transport import RedisTransport
 
 POISON_GROUP = ROOT / "tests" / "toy" / "poison_group.yaml"
 POISON_ONCE = ROOT / "tests" / "toy" / "poison_group_once.yaml"
-
-
-@pytest.fixture
-async def redis_t(redis_url: str) -> AsyncIterator[RedisTransport]:
-    t = RedisTransport(redis_url)
-    yield t
-    await t.close()
 
 
 @pytest.mark.redis

@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,13 +48,6 @@ def workers(redis_url: str) -> Iterator[WorkerProcs]:
         yield w
     finally:
         w.stop()
-
-
-@pytest.fixture
-async def redis_t(redis_url: str) -> AsyncIterator[RedisTransport]:
-    t = RedisTransport(redis_url)
-    yield t
-    await t.close()
 
 
 async def embedded_result(spec: PipelineSpec, text: str) -> list[object]:

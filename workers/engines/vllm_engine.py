@@ -90,6 +90,18 @@ def split_options(options: dict[str, Any], arg_fields: set[str]) -> tuple[dict, 
     return args, own
 
 
+def kv_cache_tokens(llm: Any) -> int | None:
+    """Tokens the KV cache of a started vLLM engine holds (num_gpu_blocks x block_size), as
+    its CacheConfig reports after profiling: `vllm_config.cache_config` on AsyncLLM (V1),
+    `engine.cache_config` on AsyncLLMEngine (V0). None where vLLM does not say."""
+    config = getattr(llm, "vllm_config", None) or getattr(llm, "engine", None)
+    cache = getattr(config, "cache_config", None)
+    blocks, size = getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
+    if isinstance(blocks, int) and isinstance(size, int) and blocks > 0 and size > 0:
+        return blocks * size
+    return None
+
+
 class VLLMEngine:
     """vLLM's AsyncLLM in this process."""
 
@@ -169,6 +181,12 @@ class VLLMEngine:
                 tokenizer = await tokenizer
             if getattr(tokenizer, "chat_template", None):
                 self._tokenizer = tokenizer
+
+    @property
+    def cache_tokens(self) -> int | None:
+        """The prefix-cache size the prompt-aware planner prices misses with
+        (workers/router.py announces it in the heartbeat)."""
+        return kv_cache_tokens(self._engine) if self._engine is not None else None
 
     async def aclose(self) -> None:
         engine, self._engine = self._engine, None
