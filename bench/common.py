@@ -1,5 +1,6 @@
-"""What every benchmark needs: a throw-away redis-server, `alto worker` subprocesses, CPU
-accounting from /proc, percentiles, and writing results (JSON + a section of BENCHMARKS.md).
+"""What every benchmark needs: a throw-away redis-server, pipeline files for `alto worker`
+subprocesses (the processes themselves: `bench.procs.WorkerProcs`), CPU accounting from
+/proc, percentiles, and writing results (JSON + a section of BENCHMARKS.md).
 
 Why subprocesses and /proc instead of in-process helpers: the benchmarks measure the real
 deployment shape (one OS process per stage instance, talking to a real Redis), and on a
@@ -9,7 +10,6 @@ small machine the first thing to check about any number is whether the CPUs were
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -18,9 +18,7 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -252,7 +250,7 @@ def redis_server(timeout_s: float = 10.0) -> Iterator[RedisServer]:
 
 
 # ------------------------------------------------------------------------------------------
-# alto worker subprocesses
+# pipeline files for alto worker subprocesses
 # ------------------------------------------------------------------------------------------
 
 
@@ -263,90 +261,3 @@ def write_spec(spec: PipelineSpec, path: Path) -> Path:
     raw["streaming"] = spec.streaming
     path.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
     return path
-
-
-@dataclass
-class Worker:
-    stage: str
-    pipeline: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def tail(self, n: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        return ""
-
-
-class WorkerPool:
-    """`alto worker` processes (the real CLI, `python -m app.cli worker`), stopped with
-    SIGTERM (drain) and killed only if they do not exit in time."""
-
-    def __init__(self, redis_url: str, logdir: Path, env: dict[str, str] | None = None):
-        self.redis_url = redis_url
-        self.logdir = logdir
-        self.env = {**os.environ, **(env or {})}
-        self.workers: list[Worker] = []
-
-    def start(self, spec_file: Path, pipeline: str, stage: str, *, concurrency: int | None = None,
-              engine: str | None = None, engine_opts: Sequence[str] = (),
-              prefix: Sequence[str] = ()) -> Worker:
-        cmd = [*prefix, sys.executable, "-m", "app.cli", "worker", "-p", str(spec_file),
-               "--stage", stage, "--redis-url", self.redis_url]
-        if concurrency is not None:
-            cmd += ["--concurrency", str(concurrency)]
-        if engine is not None:
-            cmd += ["--engine", engine]
-        for opt in engine_opts:
-            cmd += ["--engine-opt", opt]
-        log = self.logdir / f"worker-{pipeline}-{stage}-{len(self.workers)}.log"
-        fh = log.open("wb")
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=self.env)
-        fh.close()
-        w = Worker(stage, pipeline, proc, log)
-        self.workers.append(w)
-        return w
-
-    def check(self) -> None:
-        for w in self.workers:
-            if w.proc.poll() is not None:
-                raise RuntimeError(
-                    f"worker {w.pipeline}.{w.stage} exited with {w.proc.returncode}:\n{w.tail()}"
-                )
-
-    async def wait_ready(self, transport: Any, timeout_s: float = 60.0) -> None:
-        """Until every worker has announced itself in its stage group (heartbeat)."""
-        want: dict[str, int] = {}
-        for w in self.workers:
-            group = f"{w.pipeline}.{w.stage}"
-            want[group] = want.get(group, 0) + 1
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self.check()
-            have = {g: len(await transport.members(g)) for g in want}
-            if all(have[g] >= n for g, n in want.items()):
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"workers not ready after {timeout_s}s: have {have}, want {want}")
-            await asyncio.sleep(0.05)
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        for w in self.workers:
-            if w.proc.poll() is None:
-                w.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for w in self.workers:
-            left = max(0.1, deadline - time.monotonic())
-            try:
-                w.proc.wait(timeout=left)
-            except subprocess.TimeoutExpired:
-                w.proc.kill()
-                w.proc.wait()
-        self.workers.clear()
-
-    def pids(self) -> dict[str, int]:
-        return {f"worker{i}_{w.pipeline}.{w.stage}": w.pid for i, w in enumerate(self.workers)}

@@ -46,7 +46,6 @@ from bench.common import (
     RESULTS,
     CpuMeter,
     RedisServer,
-    WorkerPool,
     fnum,
     machine,
     median,
@@ -56,6 +55,8 @@ from bench.common import (
     write_json,
     write_spec,
 )
+from bench.floor import measure as measure_floor
+from bench.procs import WorkerProcs
 from orchestrator.envelope import Envelope
 from orchestrator.routing import stage_group, stage_streams
 from orchestrator.spec import PipelineSpec, parse_pipeline
@@ -124,7 +125,12 @@ async def wait_drained(transport: Any, spec: PipelineSpec, stage: str, expect: i
                        check: Callable[[], None] | None = None,
                        timeout_s: float = 600.0, poll_s: float = 0.002) -> tuple[float, float]:
     """(t_first_taken, t_all_acked) on perf_counter for a stage that will receive `expect`
-    entries in all, by polling its consumer group (lag = not yet delivered)."""
+    entries in all, by polling its consumer group: the drain is done once `expect` entries
+    have been delivered to the group (`entries_read`) and none is pending (all acknowledged).
+
+    Counted by what the group read, not by stream length, because the workers' trim janitor
+    drops acknowledged entries mid-run. `entries_read` is exact here: every benchmark
+    pipeline has a fresh name, so its streams and groups are new (see StreamStats)."""
     stream = stage_streams(spec, stage)[0]
     group = stage_group(spec.name, stage)
     t0: float | None = None
@@ -132,11 +138,13 @@ async def wait_drained(transport: Any, spec: PipelineSpec, stage: str, expect: i
     while True:
         st = await transport.stats(stream, group)
         now = time.perf_counter()
-        if t0 is None and (st.pending > 0 or st.length > st.lag):
+        if st.entries_read is None:
+            raise RuntimeError(f"{stream}: the transport cannot count entries read: {st}")
+        if t0 is None and st.entries_read > 0:
             t0 = now
             if on_start is not None:
                 on_start()
-        if t0 is not None and st.length >= expect and st.lag == 0 and st.pending == 0:
+        if t0 is not None and st.entries_read >= expect and st.pending == 0:
             return t0, now
         if check is not None:
             check()
@@ -185,15 +193,19 @@ async def command_stats(server: RedisServer) -> dict[str, int]:
 
 
 def round_trips(after: dict[str, int], before: dict[str, int], n: int) -> float:
-    """Client round trips per input: one per MULTI/EXEC block, one per other command
-    outside a transaction (commands inside MULTI are queued, not waited for), minus the
-    benchmark's own polling (XLEN + XINFO in one MULTI per poll)."""
+    """Client round trips per input: one per command the worker sends (a commit batch is
+    one EVALSHA of the commit script, a read batch one pipeline; the commands a script runs
+    are counted by Redis but cost no round trip), minus the benchmark's own polling (XLEN +
+    XINFO GROUPS in one MULTI per poll, and until the group's first read a second MULTI of
+    XINFO STREAM + XINFO GROUPS: see RedisTransport.stats)."""
     d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-    polls = d.get("xlen", 0)
+    polls = d.get("xlen", 0) + d.get("xinfo|stream", 0)
     execs = d.get("exec", 0) - polls
-    in_tx = {"xadd", "hset", "xack", "expire"}  # what RedisTransport.commit sends in MULTI
-    outside = sum(v for k, v in d.items() if k not in in_tx | {"multi", "exec", "xlen",
-                                                                "xinfo|groups", "info"})
+    in_script = {"xadd", "hset", "xack", "expire", "hget", "exists"}  # what _COMMIT runs
+    outside = sum(v for k, v in d.items() if k not in in_script | {
+        "multi", "exec", "xlen", "xinfo|groups", "xinfo|stream", "info"})
+    # the runner's progress/cancel reads (HMGET per run + EXISTS, one pipeline) count by
+    # their HMGETs: an upper bound, as concurrent reads share a pipeline
     return (execs + outside) / n
 
 
@@ -318,13 +330,13 @@ def top_functions(raw: str, limit: int = 60) -> dict[str, list[dict[str, Any]]]:
 # ------------------------------------------------------------------------------------------
 
 
-async def _one_worker_rate(server: RedisServer, transport: Any, pool: WorkerPool, tmp: Path,
+async def _one_worker_rate(server: RedisServer, transport: Any, pool: WorkerProcs, tmp: Path,
                            cfg: OverheadConfig, name: str, profile_to: Path | None,
                            log: Log) -> dict[str, Any]:
     spec = chain_spec(name, 2, cfg.concurrency, cfg.sync_tools)
     f = write_spec(spec, tmp / f"{name}.yaml")
     await preload(transport, spec, cfg.messages)
-    w = pool.start(f, spec.name, "s1")
+    (w,) = pool.start("s1", pipeline=f)
     meter = CpuMeter({"worker": w.pid, "redis": server.pid})
     spies: list[subprocess.Popen[bytes]] = []
 
@@ -343,7 +355,8 @@ async def _one_worker_rate(server: RedisServer, transport: Any, pool: WorkerPool
     after = await command_stats(server)
     per_input = {k: (after.get(k, 0) - before.get(k, 0)) / cfg.messages for k in after}
     per_input = {k: round(v, 3) for k, v in sorted(per_input.items(), key=lambda kv: -kv[1])
-                 if v >= 0.01 and k not in ("xinfo|groups", "xlen", "multi", "exec")}
+                 if v >= 0.01 and k not in ("xinfo|groups", "xinfo|stream", "xlen", "multi",
+                                               "exec")}
     for spy in spies:
         spy.send_signal(signal.SIGINT)
         try:
@@ -379,9 +392,7 @@ async def run_overhead(cfg: OverheadConfig, log: Log = print) -> dict[str, Any]:
         result["redis_benchmark"] = {"P1": rb1, "P16": rb16}
 
         transport = RedisTransport(server.url, max_connections=512)
-        # drains are counted by stream length, so the trim janitor (one XTRIM per stream
-        # every ALTO_TRIM_INTERVAL_MS; negligible cost) must not shorten them mid-run
-        pool = WorkerPool(server.url, tmp, env={"ALTO_TRIM_INTERVAL_MS": str(10**9)})
+        pool = WorkerProcs(server.url, logdir=tmp)
         try:
             # 2. one worker
             one = await _one_worker_rate(server, transport, pool, tmp, cfg, "ovh_single", None, log)
@@ -400,10 +411,10 @@ async def run_overhead(cfg: OverheadConfig, log: Log = print) -> dict[str, Any]:
             # 3. chain throughput
             chain = chain_spec("ovh_chain", k, cfg.concurrency, cfg.sync_tools)
             fchain = write_spec(chain, tmp / "ovh_chain.yaml")
-            workers = [pool.start(fchain, chain.name, f"s{i + 1}") for i in range(1, k)]
+            workers = [w for i in range(1, k) for w in pool.start(f"s{i + 1}", pipeline=fchain)]
             await pool.wait_ready(transport)
             await preload(transport, chain, cfg.chain_runs)
-            workers.insert(0, pool.start(fchain, chain.name, "s1"))
+            workers[:0] = pool.start("s1", pipeline=fchain)
             pids = {f"s{i + 1}": w.pid for i, w in enumerate(workers)} | {"redis": server.pid}
             meter = CpuMeter(pids)
             t0, _ = await wait_drained(transport, chain, "s1", cfg.chain_runs, on_start=meter.begin,
@@ -429,6 +440,10 @@ async def run_overhead(cfg: OverheadConfig, log: Log = print) -> dict[str, Any]:
             hops = hops_of(traces)
             lat: dict[str, Any] = {"unloaded": _hop_summary(hops)}
             log("unloaded hop latency (ms): " + _fmt_hops(lat["unloaded"]))
+            floor = sorted(await measure_floor(server.url, cfg.latency_runs))
+            lat["floor"] = summary(floor)
+            log(f"floor (XADD -> another process's blocked XREADGROUP): p50 "
+                f"{lat['floor']['p50']:.3f} p99 {lat['floor']['p99']:.3f} ms")
             if cfg.loaded_fraction > 0:
                 rate = cfg.loaded_fraction * runs_s
                 lmeter = CpuMeter(pids | {"driver": os.getpid()})
@@ -441,7 +456,7 @@ async def run_overhead(cfg: OverheadConfig, log: Log = print) -> dict[str, Any]:
 
             single = chain_spec("ovh_one", 1, cfg.concurrency, cfg.sync_tools)
             fone = write_spec(single, tmp / "ovh_one.yaml")
-            pool.start(fone, single.name, "s1")
+            pool.start("s1", pipeline=fone)
             await pool.wait_ready(transport)
             await sequential(transport, single, 20)
             one_tr = await sequential(transport, single, cfg.latency_runs)
@@ -474,6 +489,8 @@ async def run_overhead(cfg: OverheadConfig, log: Log = print) -> dict[str, Any]:
         "target_ratio": 0.30,
         "ratio_target_met": rate1 / p1 >= 0.30,
         "hop_p50_ms": un["p50"], "hop_p99_ms": un["p99"],
+        "floor_p50_ms": result["latency"]["floor"]["p50"],
+        "floor_p99_ms": result["latency"]["floor"]["p99"],
         "hop_target_met": un["p50"] <= 1.0 and un["p99"] <= 5.0,
     }
     stem = cfg.out_dir / f"{cfg.tag}.json"
@@ -525,6 +542,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{'yes' if h['hop_p50_ms'] <= 1 else '**no**'} |",
         f"| hop latency p99 (unloaded) | {fnum(h['hop_p99_ms'], 3)} ms | ≤ 5 ms | "
         f"{'yes' if h['hop_p99_ms'] <= 5 else '**no**'} |",
+        f"| floor: XADD to another process's blocked XREADGROUP, p50 / p99 | "
+        f"{fnum(h['floor_p50_ms'], 3)} / {fnum(h['floor_p99_ms'], 3)} ms | | |",
+        f"| alto's own share of a hop, p50 (hop - floor) | "
+        f"{fnum(h['hop_p50_ms'] - h['floor_p50_ms'], 3)} ms | | |",
         "",
         f"One worker: {one['inputs']:,} preloaded inputs drained in {one['seconds']:.2f} s, "
         f"using {one['cpu']['worker_cores']:.2f} cores (redis-server "
@@ -535,7 +556,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         "Redis commands per input (INFO commandstats): "
         + ", ".join(f"{k} {v:g}" for k, v in one["redis_commands_per_input"].items())
         + f"; {one['round_trips_per_input']:.2f} client round trips per input "
-        "(a MULTI/EXEC block counts once).",
+        "(a commit batch is one EVALSHA; the commands it runs cost no round trip).",
         "",
         f"Chain of {ch['stages']} workers: {ch['runs_per_s']:,.0f} runs/s = "
         f"{ch['envelopes_per_s']:,.0f} envelopes/s in total ({ch['envelopes_per_run']} envelopes "

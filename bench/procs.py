@@ -7,6 +7,8 @@ starts a real process and waits (bounded) until it answers.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -16,11 +18,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from orchestrator.routing import stage_group
+
 if TYPE_CHECKING:
     import redis
+
+    from orchestrator.transport import Transport
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,54 +142,156 @@ class AofRedis:
 # ------------------------------------------------------------------------------------------
 
 
-class WorkerProcs:
-    """`alto worker` processes (the production CLI) per stage of one pipeline file, so a
-    SIGKILL is a real crash: no drain, no lease release, entries left pending."""
+@dataclass
+class Worker:
+    """One `alto worker` process and what it takes to start it again."""
 
-    def __init__(self, url: str, pipeline: Path, env: dict[str, str] | None = None) -> None:
+    stage: str
+    pipeline: str  # the pipeline's name: the worker reads through stage_group(pipeline, stage)
+    cmd: list[str]
+    proc: subprocess.Popen[bytes]
+    log: Path | None  # its stdout and stderr; None: discarded
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def tail(self, n: int = 20) -> str:
+        if self.log is None:
+            return "(output discarded: give WorkerProcs a logdir to keep it)"
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        return ""
+
+
+class WorkerProcs:
+    """`alto worker` processes (the production CLI), so a SIGKILL is a real crash: no drain,
+    no lease release, entries left pending. One pool serves the tests' fault injection (start
+    per stage, kill, restart the dead) and the benchmarks (several pipeline files, options per
+    worker, logs whose tail explains a crash, waiting until workers have registered).
+
+    `pipeline` is the default pipeline file; `start(..., pipeline=...)` can name another.
+    `logdir` keeps each worker's output in a file there (else it is discarded)."""
+
+    def __init__(self, url: str, pipeline: Path | None = None, env: dict[str, str] | None = None,
+                 *, logdir: Path | None = None) -> None:
         self.url = url
         self.pipeline = pipeline
+        self.logdir = logdir
         self.env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}
-        self.procs: dict[str, list[subprocess.Popen[bytes]]] = {}
+        self.workers: list[Worker] = []
         self.kills = 0
+        self._names: dict[Path, str] = {}  # pipeline file -> pipeline name
+        self._spawned = 0  # numbers log files: a replacement gets a log of its own
 
-    def _spawn(self, stage: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker", "--pipeline", str(self.pipeline),
-             "--stage", stage, "--redis-url", self.url],
-            cwd=REPO, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+    @property
+    def procs(self) -> dict[str, list[subprocess.Popen[bytes]]]:
+        """Per stage, its workers' processes in start order (a replacement keeps its slot)."""
+        out: dict[str, list[subprocess.Popen[bytes]]] = {}
+        for w in self.workers:
+            out.setdefault(w.stage, []).append(w.proc)
+        return out
 
-    def start(self, stage: str, n: int = 1) -> None:
+    def _name(self, file: Path) -> str:
+        if file not in self._names:
+            import yaml
+
+            self._names[file] = str(yaml.safe_load(file.read_text())["name"])
+        return self._names[file]
+
+    def _popen(self, cmd: list[str], stage: str, pipeline: str) -> tuple[
+            subprocess.Popen[bytes], Path | None]:
+        if self.logdir is None:
+            return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL), None
+        self._spawned += 1
+        log = self.logdir / f"worker-{pipeline}-{stage}-{self._spawned}.log"
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=fh,
+                                    stderr=subprocess.STDOUT)
+        return proc, log
+
+    def start(self, stage: str, n: int = 1, *, pipeline: Path | None = None,
+              concurrency: int | None = None, engine: str | None = None,
+              engine_opts: Sequence[str] = (), prefix: Sequence[str] = ()) -> list[Worker]:
+        """`n` workers of `stage`; `prefix` goes before the interpreter (a profiler, taskset)."""
+        file = pipeline if pipeline is not None else self.pipeline
+        if file is None:
+            raise ValueError("no pipeline file: pass one to WorkerProcs or to start()")
+        cmd = [*prefix, sys.executable, "-m", "app.cli", "worker", "--pipeline", str(file),
+               "--stage", stage, "--redis-url", self.url]
+        if concurrency is not None:
+            cmd += ["--concurrency", str(concurrency)]
+        if engine is not None:
+            cmd += ["--engine", engine]
+        for opt in engine_opts:
+            cmd += ["--engine-opt", opt]
+        name = self._name(file)
+        started = []
         for _ in range(n):
-            self.procs.setdefault(stage, []).append(self._spawn(stage))
+            proc, log = self._popen(cmd, stage, name)
+            started.append(Worker(stage, name, cmd, proc, log))
+            self.workers.append(started[-1])
+        return started
+
+    def _of(self, stage: str) -> list[Worker]:
+        return [w for w in self.workers if w.stage == stage]
+
+    def _respawn(self, w: Worker) -> None:
+        w.proc, w.log = self._popen(w.cmd, w.stage, w.pipeline)
 
     def kill(self, stage: str, index: int) -> None:
         """SIGKILL one worker and start a fresh one in its place."""
-        p = self.procs[stage][index]
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=10)
+        w = self._of(stage)[index]
+        w.proc.send_signal(signal.SIGKILL)
+        w.proc.wait(timeout=10)
         self.kills += 1
-        self.procs[stage][index] = self._spawn(stage)
+        self._respawn(w)
 
     def restart_dead(self, stage: str) -> int:
         """Replace workers of `stage` that have exited; returns how many."""
-        n = 0
-        for i, p in enumerate(self.procs.get(stage, [])):
-            if p.poll() is not None:
-                self.procs[stage][i] = self._spawn(stage)
-                n += 1
-        return n
+        dead = [w for w in self._of(stage) if w.proc.poll() is not None]
+        for w in dead:
+            self._respawn(w)
+        return len(dead)
 
     def alive(self, stage: str) -> list[subprocess.Popen[bytes]]:
-        return [p for p in self.procs.get(stage, []) if p.poll() is None]
+        return [w.proc for w in self._of(stage) if w.proc.poll() is None]
+
+    def check(self) -> None:
+        """Raise if any worker has exited (a benchmark would otherwise wait for nothing)."""
+        for w in self.workers:
+            if w.proc.poll() is not None:
+                raise RuntimeError(f"worker {w.pipeline}.{w.stage} exited with "
+                                   f"{w.proc.returncode}:\n{w.tail()}")
+
+    async def wait_ready(self, transport: Transport, timeout_s: float = 60.0) -> None:
+        """Until every worker has announced itself in its stage group (heartbeat)."""
+        want: dict[str, int] = {}
+        for w in self.workers:
+            group = stage_group(w.pipeline, w.stage)
+            want[group] = want.get(group, 0) + 1
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.check()
+            have = {g: len(await transport.members(g)) for g in want}
+            if all(have[g] >= n for g, n in want.items()):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers not ready after {timeout_s}s: have {have}, "
+                                   f"want {want}")
+            await asyncio.sleep(0.05)  # registration has no event to await; bounded above
+
+    def pids(self) -> dict[str, int]:
+        return {f"worker{i}_{w.pipeline}.{w.stage}": w.pid for i, w in enumerate(self.workers)}
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM all first (they drain in parallel), then wait for each."""
-        for ps in self.procs.values():
-            for p in ps:
-                if p.poll() is None:
-                    p.terminate()
-        for ps in self.procs.values():
-            for p in ps:
-                stop_process(p, timeout_s)
+        """SIGTERM all first (they drain in parallel), then wait for each, SIGKILL what is
+        left after `timeout_s` in all. The pool is empty afterwards and can start again."""
+        for w in self.workers:
+            if w.proc.poll() is None:
+                w.proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for w in self.workers:
+            stop_process(w.proc, max(0.1, deadline - time.monotonic()))
+        self.workers.clear()

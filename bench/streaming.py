@@ -53,7 +53,6 @@ from bench.common import (
     REPO,
     RESULTS,
     CpuMeter,
-    WorkerPool,
     fnum,
     machine,
     median,
@@ -63,6 +62,7 @@ from bench.common import (
     write_json,
     write_spec,
 )
+from bench.procs import WorkerProcs
 from orchestrator.routing import stage_group, stage_streams
 from orchestrator.spec import EngineSpec, PipelineSpec, load_pipeline, with_streaming
 
@@ -347,7 +347,7 @@ class RedisDeployment(Deployment):
         self.time_scale = time_scale
         self.observed = []
         self._stack = contextlib.ExitStack()
-        self.pool: WorkerPool | None = None
+        self.pool: WorkerProcs | None = None
         self.server: Any = None
         self.transport: Any = None
 
@@ -358,7 +358,7 @@ class RedisDeployment(Deployment):
         self.server = self._stack.enter_context(redis_server())
         tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="alto-bench-")))
         env = {TIME_SCALE_ENV: str(self.time_scale)}
-        self.pool = WorkerPool(self.server.url, tmp, env=env)
+        self.pool = WorkerProcs(self.server.url, env=env, logdir=tmp)
         self.transport = RedisTransport(self.server.url, max_connections=8192)
         per_lm = self.cfg.instances or (self.override.instances if self.override else 1)
         for mode, spec in self.specs.items():
@@ -370,8 +370,7 @@ class RedisDeployment(Deployment):
             path = write_spec(PipelineSpec.model_validate(raw), tmp / f"{mode}.yaml")
             for stage in spec.topo_order:
                 n = per_lm if spec.stage(stage).kind == "lm" else self.cfg.tool_workers
-                for _ in range(n):
-                    self.pool.start(path, spec.name, stage, concurrency=self.cfg.concurrency)
+                self.pool.start(stage, n, pipeline=path, concurrency=self.cfg.concurrency)
         log(f"started {len(self.pool.workers)} `alto worker` processes; waiting for them")
         await self.pool.wait_ready(self.transport, timeout_s=180)
 

@@ -37,6 +37,7 @@ from orchestrator.transport import (
     Commit,
     Delivery,
     FencedError,
+    Guard,
     Progress,
     StreamStats,
     Transport,
@@ -166,7 +167,7 @@ class EmbeddedTransport(Transport):
             # "read from the start" = from the oldest entry still kept
             st.groups[group] = _Group(last_delivered=st.first - 1)
 
-    async def commit(self, commit: Commit) -> None:
+    async def commit(self, commit: Commit) -> bool:
         # Everything that can fail runs before the first mutation: all or nothing.
         events = [(run, json.dumps(ev, separators=(",", ":"), ensure_ascii=False))
                   for run, ev in commit.events]
@@ -182,6 +183,11 @@ class EmbeddedTransport(Transport):
                     f"lease {commit.fence.lease!r} no longer holds token {commit.fence.token}"
                 )
         self._sweep()
+        if commit.guard is not None and self._guarded_out(commit.guard):
+            commit, events = Commit(acks=commit.acks), []
+            applied = False
+        else:
+            applied = True
 
         woken: list[set[asyncio.Future[None]]] = []
         for stream, envelope in commit.messages:
@@ -217,6 +223,17 @@ class EmbeddedTransport(Transport):
                     g.pending.pop(seq, None)
         for waiters in woken:
             _wake(waiters)
+        return applied
+
+    def _guarded_out(self, guard: Guard) -> bool:
+        self._alive("cancel", guard.run)
+        if guard.run in self._cancelled:
+            return True
+        if guard.key is None:
+            return False
+        self._alive("progress", guard.run)
+        prog = self._progress.get(guard.run, {}).get(guard.key)
+        return prog is not None and prog.done
 
     async def consume(
         self, streams: Sequence[str], group: str, consumer: str, count: int, block_ms: int
@@ -298,6 +315,7 @@ class EmbeddedTransport(Transport):
             length=st.next - st.first,
             pending=len(g.pending),
             lag=st.next - 1 - g.last_delivered,
+            entries_read=g.last_delivered,  # sequence numbers count every entry ever added
         )
 
     async def trim(self, stream: str) -> int:

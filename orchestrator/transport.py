@@ -24,6 +24,12 @@ between them, so every semantic rule lives in this docstring:
   token, checked atomically with the commit; otherwise nothing applies and `commit`
   raises `FencedError`. So an owner that stalled past its lease cannot write once
   another owner may have taken over.
+* A commit may carry a `Guard(run, key)`: if the run is cancelled, or progress record
+  `key` of the run is done, only the commit's acks apply (its messages, events and
+  progress are dropped) and `commit` returns False. The check is atomic with the commit,
+  so a runner can skip its pre-call read (progress and cancel flag) for an entry it sees
+  for the first time: a duplicate of finished work, or work of a cancelled run, then
+  writes nothing but its ack.
 * Run keys (events, progress) never live forever: a write gives a key that has no
   expiry the `run_key_ttl_s` safety expiry; `expire_run` then shortens it. A late
   write after `expire_run` therefore cannot leak a key.
@@ -76,6 +82,15 @@ class Fence:
     token: int
 
 
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """Apply a commit's writes only while run `run` is not cancelled and its progress
+    record `key` (if any) is not done; the acks apply either way."""
+
+    run: str
+    key: str | None = None
+
+
 @dataclass(slots=True)
 class Commit:
     """One atomic step of a runner."""
@@ -87,6 +102,7 @@ class Commit:
         default_factory=list
     )  # (stream, group, entry ids)
     fence: Fence | None = None
+    guard: Guard | None = None
 
     def __bool__(self) -> bool:
         return bool(self.messages or self.events or self.progress or self.acks)
@@ -97,6 +113,15 @@ class StreamStats:
     length: int  # entries kept in the stream
     pending: int  # delivered to the group, not yet acknowledged
     lag: int  # entries not yet delivered to the group
+    # Entries the stream had received up to and including the group's last-delivered one
+    # (Redis' logical read counter, XINFO GROUPS `entries-read`). It only grows and
+    # trimming never lowers it, so "entries_read >= n and pending == 0" is a trim-proof
+    # "n entries consumed and acknowledged". Exactly the number of entries delivered to
+    # the group when the group was created before the stream's first entry was trimmed
+    # (ensure_group on a new stream); otherwise it also counts entries trimmed before the
+    # group's first read. None where Redis cannot tell: after XDEL of entries the group had
+    # not read (the runtime never XDELs), until the group catches up with the last entry.
+    entries_read: int | None = None
 
 
 class Transport(abc.ABC):
@@ -111,8 +136,8 @@ class Transport(abc.ABC):
         """Create the stream and the group (reading from the start) if missing."""
 
     @abc.abstractmethod
-    async def commit(self, commit: Commit) -> None:
-        """Apply a Commit atomically."""
+    async def commit(self, commit: Commit) -> bool:
+        """Apply a Commit atomically; False if its guard let only the acks apply."""
 
     async def publish(self, stream: str, envelope: Envelope) -> None:
         await self.commit(Commit(messages=[(stream, envelope)]))

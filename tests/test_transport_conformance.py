@@ -358,7 +358,7 @@ async def test_concurrent_commits_are_independent(transport: Transport) -> None:
                  progress=[("r", "bad", Progress(1, True))], acks=[("in", "g", [got[-1].entry_id])])
     results = await asyncio.gather(*(transport.commit(c) for c in [*good[:10], bad, *good[10:]]),
                                    return_exceptions=True)
-    assert [type(r) for r in results] == [type(None)] * 10 + [TypeError] + [type(None)] * 9
+    assert [r if r is True else type(r) for r in results] == [True] * 10 + [TypeError] + [True] * 9
     out = await transport.consume(["out"], "g", "w", 100, 0)  # concurrent: in any order
     assert sorted((d.envelope for d in out), key=lambda e: e.payload["i"]) == [
         env(100 + i) for i in range(19)]
@@ -601,6 +601,63 @@ async def test_fenced_commit_applies_only_under_its_token(transport: Transport) 
     assert (await transport.stats("s", "g")).pending == 1  # the stale ack did not apply
 
 
+def _guarded(run: str, key: str | None, i: int, entry: str) -> Commit:
+    from orchestrator.transport import Guard
+
+    return Commit(
+        messages=[("out", env(i, run=run))], events=[(run, {"mid": f"m{i}"})],
+        progress=[(run, f"w{i}", Progress(1, True))], acks=[("s", "g", [entry])],
+        guard=Guard(run, key),
+    )
+
+
+async def test_guarded_commit_applies_only_acks_once_done_or_cancelled(
+    transport: Transport,
+) -> None:
+    """A guard stops the writes (not the ack) of a commit whose run is cancelled or whose
+    progress record is done, atomically with the commit itself."""
+    await transport.ensure_group("s", "g")
+    await transport.ensure_group("out", "g")
+    await publish_n(transport, "s", 5)
+    got = [d.entry_id for d in await transport.consume(["s"], "g", "a", 5, 0)]
+    await transport.commit(Commit(progress=[("r", "done-key", Progress(3, True)),
+                                            ("r", "open-key", Progress(2, False))]))
+    await transport.cancel("gone", 60)
+    assert await transport.commit(_guarded("r", "open-key", 0, got[0])) is True
+    assert await transport.commit(_guarded("r", None, 1, got[1])) is True
+    assert await transport.commit(_guarded("r", "done-key", 2, got[2])) is False
+    assert await transport.commit(_guarded("gone", None, 3, got[3])) is False
+    assert await transport.commit(_guarded("gone", "open-key", 4, got[4])) is False
+    out = await transport.consume(["out"], "g", "c", 10, 0)
+    assert sorted(d.envelope.payload["i"] for d in out) == [0, 1]
+    assert [ev["mid"] for _, ev in await transport.read_events("r", None, 10, 0)] == ["m0", "m1"]
+    assert await transport.read_events("gone", None, 10, 0) == []
+    assert await transport.get_progress("r", ["w0", "w1", "w2"]) == [
+        Progress(1, True), Progress(1, True), None]
+    assert (await transport.stats("s", "g")).pending == 0  # every ack applied
+
+
+async def test_guard_and_fence_together(transport: Transport) -> None:
+    """A fence is checked first: a stale token refuses even a commit its guard would stop."""
+    from orchestrator.transport import Fence, FencedError
+
+    await transport.ensure_group("s", "g")
+    await transport.ensure_group("out", "g")
+    await publish_n(transport, "s", 2)
+    got = [d.entry_id for d in await transport.consume(["s"], "g", "a", 2, 0)]
+    token = await transport.acquire_fenced("p0", "a", 60_000)
+    assert token is not None
+    await transport.cancel("gone", 60)
+    stale = _guarded("gone", None, 0, got[0])
+    stale.fence = Fence("p0", token + 1)
+    with pytest.raises(FencedError):
+        await transport.commit(stale)
+    live = _guarded("gone", None, 1, got[1])
+    live.fence = Fence("p0", token)
+    assert await transport.commit(live) is False
+    assert (await transport.stats("s", "g")).pending == 1  # only the live commit's ack
+
+
 async def test_run_keys_written_after_expire_run_still_expire(transport: Transport) -> None:
     """A late write (a straggler's progress) after the run's keys were given their TTL must
     not create a key that lives forever: it gets the safety expiry."""
@@ -648,6 +705,29 @@ async def test_hincr_accumulates(transport: Transport) -> None:
 
 async def test_ping(transport: Transport) -> None:
     assert await transport.ping()
+
+
+async def test_entries_read_counts_consumption_through_trimming(transport: Transport) -> None:
+    """`entries_read` is what benchmarks count drains by: trimming must not lower it."""
+    await transport.ensure_group("s", "g")
+    assert (await transport.stats("s", "g")).entries_read == 0
+    await publish_n(transport, "s", 250)  # spans several Redis stream nodes (100 each)
+    assert (await transport.stats("s", "g")).entries_read == 0  # published is not read
+    got = await transport.consume(["s"], "g", "a", 230, 0)
+    await transport.ack("s", "g", [d.entry_id for d in got])
+    dropped = await transport.trim("s")
+    assert 100 <= dropped <= 230 if is_redis(transport) else dropped == 230
+    s = await transport.stats("s", "g")
+    assert (s.length, s.pending, s.entries_read) == (250 - dropped, 0, 230)
+    # a group created after the trim starts where the trimmed entries end
+    await transport.ensure_group("s", "h")
+    assert (await transport.stats("s", "h")).entries_read == dropped
+    rest = await transport.consume(["s"], "g", "a", 100, 0)
+    assert len(rest) == 20
+    await transport.ack("s", "g", [d.entry_id for d in rest])
+    await transport.trim("s")
+    s = await transport.stats("s", "g")
+    assert (s.pending, s.lag, s.entries_read) == (0, 0, 250)
 
 
 # ---- property: random interleavings lose nothing and duplicate nothing --------------------
@@ -809,19 +889,22 @@ async def _calls(client: Any, command: str) -> int:
 
 
 @pytest.mark.redis
-async def test_redis_concurrent_commits_share_one_transaction(redis_url: str) -> None:
-    """Commits issued together go out as ONE MULTI/EXEC, and every one of them applies."""
+async def test_redis_concurrent_commits_share_one_script_call(redis_url: str) -> None:
+    """Commits issued together go out as ONE call of the commit script, and every one of
+    them applies."""
     from workers.redis_transport import RedisTransport
 
     t = RedisTransport(redis_url)
     try:
         await t.ensure_group("out", "g")
         await t.ping()
-        multi = await _calls(t._r, "multi")
+        await t.commit(Commit(messages=[("out", env(-1))]))  # loads the script
+        calls = await _calls(t._r, "evalsha")
         await asyncio.gather(*(t.commit(Commit(messages=[("out", env(i))],
                                                progress=[("r", f"k{i}", Progress(1, True))]))
                                for i in range(50)))
-        assert await _calls(t._r, "multi") == multi + 1
+        assert await _calls(t._r, "evalsha") == calls + 1
+        await t.consume(["out"], "g", "c", 1, 0)
         got = await t.consume(["out"], "g", "c", 100, 0)
         assert sorted((d.envelope for d in got), key=lambda e: e.payload["i"]) == [
             env(i) for i in range(50)]
@@ -832,8 +915,8 @@ async def test_redis_concurrent_commits_share_one_transaction(redis_url: str) ->
 
 @pytest.mark.redis
 async def test_redis_error_inside_a_group_commit_fails_only_its_commit(redis_url: str) -> None:
-    """A command that fails inside EXEC (here: XADD to a key holding a string) fails its
-    own commit; the commits it shared the transaction with apply and succeed."""
+    """A command that fails inside the commit script (here: XADD to a key holding a
+    string) fails its own commit; the commits it shared the call with apply and succeed."""
     import redis.exceptions
 
     from workers.redis_transport import RedisTransport
@@ -842,15 +925,17 @@ async def test_redis_error_inside_a_group_commit_fails_only_its_commit(redis_url
     try:
         await t.ensure_group("out", "g")
         await t._r.set(t._stream_key("bad"), "not a stream")
-        multi = await _calls(t._r, "multi")
+        await t.commit(Commit(messages=[("out", env(-1))]))  # loads the script
+        await t.consume(["out"], "g", "c", 1, 0)
+        calls = await _calls(t._r, "evalsha")
         results = await asyncio.gather(
             t.commit(Commit(messages=[("out", env(0))])),
             t.commit(Commit(messages=[("bad", env(1))])),
             t.commit(Commit(messages=[("out", env(2))])),
             return_exceptions=True,
         )
-        assert await _calls(t._r, "multi") == multi + 1  # they did share one transaction
-        assert results[0] is None and results[2] is None
+        assert await _calls(t._r, "evalsha") == calls + 1  # they did share one call
+        assert results[0] is True and results[2] is True
         assert isinstance(results[1], redis.exceptions.ResponseError)
         assert "WRONGTYPE" in str(results[1])
         got = await t.consume(["out"], "g", "c", 10, 0)
@@ -861,8 +946,8 @@ async def test_redis_error_inside_a_group_commit_fails_only_its_commit(redis_url
 
 @pytest.mark.redis
 async def test_redis_refused_group_commit_fails_every_commit(redis_url: str) -> None:
-    """When Redis refuses the transaction as a whole (EXECABORT; here: out of memory),
-    nothing applies and every commit in the batch gets the error."""
+    """When Redis refuses the writes (here: out of memory), nothing applies and every
+    commit in the batch gets the error."""
     import redis.exceptions
 
     from workers.redis_transport import RedisTransport

@@ -20,14 +20,17 @@ with skewed clocks agree on who is alive.
 
 Connection errors are retried with exponential backoff (about 3 s in all: long enough to
 ride over a Redis restart), then surface to the caller, which re-runs its step later.
-A retried MULTI/EXEC whose reply was lost may apply twice: that is safe because every
+A retried commit whose reply was lost may apply twice: that is safe because every
 write is idempotent under the runtime's de-duplication (deterministic message ids,
 event `mid`s, progress records that are set, never incremented; XACK and lease
 renewal are idempotent).
 
 Leases are hashes {owner, token}; {p}fence:{name} is the lease's token counter (INCR on
-every new acquisition, never expires). A fenced commit runs as one Lua script that checks
-the token and then applies every write, inside the same group-commit MULTI/EXEC.
+every new acquisition, never expires). Commits go out as one Lua script per batch (the
+group commit, `_COMMIT`): it checks each fenced commit's token and applies each commit's
+writes in order. One script call instead of a MULTI/EXEC of ~10 commands per input is
+what keeps a worker's Redis client work (command packing, reply parsing) per batch rather
+than per command.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -56,6 +59,7 @@ from orchestrator.transport import (
     StreamStats,
     Transport,
 )
+from workers.redis_wire import use_hiredis_packing
 
 __all__ = ["RedisTransport"]
 
@@ -170,14 +174,48 @@ if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then return redis.call('DEL',
 return 0
 """
 
-# A fenced commit: apply the writes (ARGV[2], a JSON list of commands) only if lease
-# KEYS[1] still holds token ARGV[1]; otherwise write nothing and fail with FENCED.
-_FENCED_COMMIT = """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then
-  return redis.error_reply('FENCED lease ' .. KEYS[1] .. ' no longer holds token ' .. ARGV[1])
+# A batch of commits in one atomic script (the group commit). ARGV holds, per commit:
+# lease key ('' = unfenced), token, guard cancel key, guard progress key, guard field
+# ('' = none), number of commands, how many of them (at the end) are acks, then each
+# command as its argument count followed by its arguments. A fenced commit whose lease no
+# longer holds its token writes nothing; a guarded commit whose run is cancelled or whose
+# progress field is done applies only its acks; a command that fails stops its own commit
+# (the acks come last, so an input is never acknowledged without its outputs) and no
+# other. Returns one status per commit: '' = applied, 'GUARDED', else the error.
+_COMMIT = """
+local out = {}
+local i, c = 1, 0
+while i <= #ARGV do
+  c = c + 1
+  local lease, token = ARGV[i], ARGV[i + 1]
+  local cancel, prog, field = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local ncmd, nack = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
+  i = i + 7
+  local status, first = '', 1
+  if lease ~= '' and redis.call('HGET', lease, 'token') ~= token then
+    status = 'FENCED lease ' .. lease .. ' no longer holds token ' .. token
+  elseif cancel ~= '' then
+    local done = false
+    if field ~= '' then
+      local p = redis.call('HGET', prog, field)
+      done = p and string.sub(p, -5) == ':done'
+    end
+    if done or redis.call('EXISTS', cancel) == 1 then
+      first = ncmd - nack + 1
+    end
+  end
+  for k = 1, ncmd do
+    local n = tonumber(ARGV[i])
+    if status == '' and k >= first then
+      local r = redis.pcall(unpack(ARGV, i + 1, i + n))
+      if type(r) == 'table' and r.err then status = r.err end
+    end
+    i = i + n + 1
+  end
+  if status == '' and first > 1 then status = 'GUARDED' end
+  out[c] = status
 end
-for _, cmd in ipairs(cjson.decode(ARGV[2])) do redis.call(unpack(cmd)) end
-return 1
+return out
 """
 
 _NOW_MS = """
@@ -245,11 +283,12 @@ class RedisTransport(Transport):
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 6),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
+        use_hiredis_packing(self._pool)
         self._r = aioredis.Redis.from_pool(self._pool)
         self.prefix = prefix
         self.approximate_trim = approximate_trim
         self._minid: dict[str, str] = {}  # stream -> last safe MINID computed by trim()
-        self._commit_queue: list[tuple[list[Callable[[Any], None]], asyncio.Future[None]]] = []
+        self._commit_queue: list[tuple[list[str], asyncio.Future[bool]]] = []
         self._committing = False
         self._read_queue: list[tuple[str, list[str] | None, asyncio.Future[list[Any]]]] = []
         self._reading = False
@@ -263,6 +302,7 @@ class RedisTransport(Transport):
         self._release = self._r.register_script(_RELEASE)
         self._heartbeat = self._r.register_script(_HEARTBEAT)
         self._members = self._r.register_script(_MEMBERS)
+        self._commit = self._r.register_script(_COMMIT)
         self.transient_errors = (RedisConnectionError, RedisTimeoutError)
 
     # ---- keys ---------------------------------------------------------------------------
@@ -280,24 +320,24 @@ class RedisTransport(Transport):
             if not str(exc).startswith("BUSYGROUP"):
                 raise
 
-    async def commit(self, commit: Commit) -> None:
-        """Group commit: while one MULTI/EXEC is in flight, later commits queue and then go
-        out together in the next one (one round trip for many runners; each commit stays
-        atomic because the combined transaction is). No timers: an idle transport sends at
+    async def commit(self, commit: Commit) -> bool:
+        """Group commit: while one batch is in flight, later commits queue and then go out
+        together in the next one (one round trip and one script call for many runners; each
+        commit stays atomic because the script is). No timers: an idle transport sends at
         once, a busy one batches by itself."""
         if not commit:
-            return
-        ops = self._commit_ops(commit)  # serialise first: a bad value fails only this commit
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._commit_queue.append((ops, fut))
+            return True
+        args = self._commit_args(commit)  # serialise first: a bad value fails only this commit
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._commit_queue.append((args, fut))
         if not self._committing:
             self._committing = True
             asyncio.get_running_loop().create_task(self._flush_commits())
-        await fut
+        return await fut
 
     def _commit_commands(self, commit: Commit) -> list[list[str]]:
-        """The commit as raw Redis commands (what both the MULTI/EXEC path and the fenced
-        Lua path execute). Run keys get the safety expiry if they have none (EXPIRE NX)."""
+        """The commit as raw Redis commands, in the order they apply (acks last). Run keys
+        get the safety expiry if they have none (EXPIRE NX)."""
         cmds: list[list[str]] = []
         for s, e in commit.messages:
             key, text = self._stream_key(s), e.to_json()
@@ -328,26 +368,33 @@ class RedisTransport(Transport):
                 cmds.append(["XACK", self._stream_key(stream), group, *ids[i:i + 1000]])
         return cmds
 
-    def _commit_ops(self, commit: Commit) -> list[Callable[[Any], None]]:
+    def _commit_args(self, commit: Commit) -> list[str]:
+        """The commit's section of `_COMMIT`'s ARGV."""
         cmds = self._commit_commands(commit)
-        if commit.fence is None:
-            return [lambda p, c=c: p.execute_command(*c) for c in cmds]
-        lease = f"{self.prefix}lease:{commit.fence.lease}"
-        args = [str(commit.fence.token), json.dumps(cmds, ensure_ascii=False)]
-        # EVAL, not EVALSHA: no SCRIPT EXISTS round trip per pipeline, no NOSCRIPT after a
-        # Redis restart (the server caches the compiled script by its hash anyway)
-        return [lambda p: p.execute_command("EVAL", _FENCED_COMMIT, 1, lease, *args)]
+        fence, guard = commit.fence, commit.guard
+        nack = sum(1 for c in cmds if c[0] == "XACK")
+        args = [
+            f"{self.prefix}lease:{fence.lease}" if fence else "",
+            str(fence.token) if fence else "",
+            self._run_key(guard.run, "cancel") if guard else "",
+            self._run_key(guard.run, "progress") if guard else "",
+            (guard.key or "") if guard else "",
+            str(len(cmds)),
+            str(nack),
+        ]
+        for cmd in cmds:
+            args.append(str(len(cmd)))
+            args.extend(cmd)
+        return args
 
     async def _flush_commits(self) -> None:
         try:
             while self._commit_queue:
                 batch, self._commit_queue = self._commit_queue, []
                 try:
-                    async with self._r.pipeline(transaction=True) as pipe:
-                        for ops, _ in batch:
-                            for op in ops:
-                                op(pipe)
-                        results = await pipe.execute(raise_on_error=False)
+                    statuses = await self._commit(
+                        keys=[], args=[a for args, _ in batch for a in args]
+                    )
                 except BaseException as exc:  # lost connection etc.: every caller learns of it
                     for _, fut in batch:
                         if not fut.done():
@@ -355,20 +402,15 @@ class RedisTransport(Transport):
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                # a command that fails inside EXEC fails only the commit it belongs to
-                # (Redis applies the others: no rollback, as with a single commit)
-                i = 0
-                for ops, fut in batch:
-                    err = next((r for r in results[i:i + len(ops)] if isinstance(r, Exception)), None)
-                    i += len(ops)
+                for (_, fut), status in zip(batch, statuses, strict=True):
                     if fut.done():
                         continue
-                    if isinstance(err, ResponseError) and str(err).startswith("FENCED"):
-                        err = FencedError(str(err))
-                    if err is not None:
-                        fut.set_exception(err)
+                    if not status or status == "GUARDED":
+                        fut.set_result(not status)
+                    elif status.startswith("FENCED"):
+                        fut.set_exception(FencedError(status))
                     else:
-                        fut.set_result(None)
+                        fut.set_exception(ResponseError(status))
         finally:
             self._committing = False
             if self._commit_queue:  # arrived while we were failing out
@@ -463,6 +505,18 @@ class RedisTransport(Transport):
         if info is None:
             raise NoGroupError(f"no group {group!r} on stream {stream!r}")
         lag = info.get("lag")
+        read = info.get("entries-read")
+        if read is None and lag is not None:
+            # no counter yet (a group created at an id, before its first read), but Redis
+            # could place the group in the stream's history: that place is the count
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.xinfo_stream(key)
+                pipe.xinfo_groups(key)
+                stream_info, groups = await pipe.execute()
+            again = next(g for g in groups if g["name"] == group)
+            read, lag_now = again.get("entries-read"), again.get("lag")
+            if read is None and lag_now is not None:
+                read = int(stream_info["entries-added"]) - int(lag_now)
         if lag is None:
             # Redis reports no lag when it cannot compute it cheaply (e.g. after XDEL);
             # count what lies beyond the group's last-delivered id instead.
@@ -471,7 +525,8 @@ class RedisTransport(Transport):
         # the soak: lag in the thousands on an empty stream); what the group has not been
         # delivered can never exceed what the stream holds beyond the group's pending list
         lag = max(0, min(int(lag), int(length) - int(info["pending"])))
-        return StreamStats(length=int(length), pending=int(info["pending"]), lag=lag)
+        return StreamStats(length=int(length), pending=int(info["pending"]), lag=lag,
+                           entries_read=None if read is None else int(read))
 
     async def trim(self, stream: str) -> int:
         key = self._stream_key(stream)

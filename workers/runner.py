@@ -10,6 +10,10 @@ The runner is where the correctness contract of DESIGN.md is kept:
 * a re-run of an input (after a crash, or a duplicate entry) reads the progress record:
   it publishes nothing twice (ids are deterministic, and units already published are
   skipped) and gives its end marker exactly the credit not yet handed out;
+* an entry seen for the first time by a stage without an engine skips that read (one
+  round trip per hop): every commit for it carries a `Guard`, so if it turns out to be a
+  duplicate of finished work, or its run was cancelled, the transport applies only its
+  ack, atomically; an end marker is forwarded the same way;
 * an aggregating stage keeps each key's messages *unacknowledged* until the key fires,
   so its state lives in the stream's pending list and survives the instance: a new
   owner of the partition claims those entries and rebuilds the state;
@@ -58,7 +62,15 @@ from orchestrator.routing import (
 )
 from orchestrator.spec import PipelineSpec
 from orchestrator.template import StageContext
-from orchestrator.transport import Commit, Delivery, Fence, FencedError, Progress, Transport
+from orchestrator.transport import (
+    Commit,
+    Delivery,
+    Fence,
+    FencedError,
+    Guard,
+    Progress,
+    Transport,
+)
 from workers.router import Router
 from workers.stagefn import CallStats, StageFunction
 
@@ -181,6 +193,7 @@ class StageRunner:
         self.streaming = spec.streaming_for(stage)
         self._slots = asyncio.Semaphore(self.capacity)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._task_ended = asyncio.Event()
         self._groups: dict[str, _Group] = {}
         self._held: set[tuple[str, str]] = set()  # (stream, entry id) kept pending in groups
         self._running: set[tuple[str, str]] = set()  # (stream, entry id) being processed here
@@ -249,15 +262,16 @@ class StageRunner:
             await self._accept(d)
 
     async def _wait_slot(self, stop: asyncio.Event) -> None:
+        """Until a task ends (a slot may be free) or `block_ms` passes. An event set by
+        every task's done callback, not `asyncio.wait` over all tasks: that registers and
+        removes a callback on each of them per wait, on the path of every input."""
         if not self._tasks:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.block_ms / 1000)
             return
-        await asyncio.wait(
-            list(self._tasks),
-            timeout=self.config.block_ms / 1000,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        self._task_ended.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._task_ended.wait(), self.config.block_ms / 1000)
 
     async def _drain(self) -> None:
         """Let in-flight work finish (SIGTERM drain); what does not finish stays pending."""
@@ -283,6 +297,7 @@ class StageRunner:
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
             self.inflight -= 1
+            self._task_ended.set()
             if not t.cancelled() and t.exception() is not None:
                 log.error("stage %s task failed", self.stage.name, exc_info=t.exception())
 
@@ -498,19 +513,31 @@ class StageRunner:
             await self._fail(d.envelope, f"{type(exc).__name__}: {exc}", None, d)
 
     async def _end(self, d: Delivery) -> None:
-        if await self._is_cancelled(d.envelope.run):
+        if d.envelope.run in self._cancelled_runs:
             await self.transport.ack(d.stream, self.group, [d.entry_id])
             return
-        await self._forward_end(d)
+        await self._forward_end(d)  # guarded: a cancelled run's marker is only acknowledged
 
     async def _unit(self, d: Delivery) -> None:
         env = d.envelope
-        # progress first: the Redis transport reads the cancel flag along with it, so the
-        # check below costs no second round trip
-        prog = (await self.transport.get_progress(env.run, [env.id]))[0]
-        if await self._is_cancelled(env.run) or (prog is not None and prog.done):
-            await self.transport.ack(d.stream, self.group, [d.entry_id])
-            return
+        guard: Guard | None = None
+        if d.deliveries == 1 and self.function.engine is None:
+            # First sight of the entry at a stage without an engine: no read before the
+            # call (it was one round trip on every hop). Nothing can have been published
+            # for it unless it is a duplicate entry; the guard on every commit drops the
+            # writes of a duplicate of finished work, or of a cancelled run, atomically.
+            # An engine call is worth a round trip to avoid, so LM stages read first.
+            if env.run in self._cancelled_runs:
+                await self.transport.ack(d.stream, self.group, [d.entry_id])
+                return
+            prog, guard = None, Guard(env.run, env.id)
+        else:
+            # progress first: the Redis transport reads the cancel flag along with it, so
+            # the check below costs no second round trip
+            prog = (await self.transport.get_progress(env.run, [env.id]))[0]
+            if await self._is_cancelled(env.run) or (prog is not None and prog.done):
+                await self.transport.ack(d.stream, self.group, [d.entry_id])
+                return
         ctx = StageContext(env.run, env.pipeline, self.stage.name, env.lineage, env.context)
         await self._produce(
             cause=env.id,
@@ -524,6 +551,7 @@ class StageRunner:
             already=prog.units if prog else 0,
             acks=[(d.stream, [d.entry_id])],
             credit_mid=f"credit:{env.id}",
+            guard=guard,
         )
 
     async def _fire(self, g: _Group) -> None:
@@ -617,7 +645,10 @@ class StageRunner:
         acks: list[tuple[str, list[str]]],
         credit_mid: str,
         fence: Fence | None = None,
+        guard: Guard | None = None,
     ) -> None:
+        """Call the stage and publish its units. With a `guard`, no cancel or progress
+        check is made here: each commit carries the guard and the transport makes it."""
         stats = CallStats()
         run = ctx.run
         n = 0
@@ -633,17 +664,17 @@ class StageRunner:
             if n <= already:
                 continue  # published by an earlier attempt
             if self.streaming and stats.incremental:  # else the end commit carries it
-                c = Commit(fence=fence)
+                c = Commit(fence=fence, guard=guard)
                 self._emit(c, run, n, unit, credit, base_lineage, scope, context)
                 c.progress.append((run, cause, Progress(n, False)))
                 await self.transport.commit(c)
             else:
                 held.append((n, unit))
-        if await self._is_cancelled(run):
+        if guard is None and await self._is_cancelled(run):
             c = Commit(acks=[(s, self.group, ids) for s, ids in acks], fence=fence)
             await self.transport.commit(c)
             return
-        c = Commit(fence=fence)
+        c = Commit(fence=fence, guard=guard)
         for i, unit in held:
             self._emit(c, run, i, unit, credit, base_lineage, scope, context)
         total_units = max(n, already)
@@ -651,7 +682,8 @@ class StageRunner:
         self._end_markers(c, run, base_lineage, rest, scope, context, cause, credit_mid, credit)
         c.progress.append((run, cause, Progress(total_units, True)))
         c.acks.extend((s, self.group, ids) for s, ids in acks)
-        await self.transport.commit(c)
+        if not await self.transport.commit(c):
+            return  # the guard stopped it: a duplicate of finished work, or a cancelled run
         self.processed += 1
         call: dict[str, Any] = {
             "run": run,
@@ -722,7 +754,7 @@ class StageRunner:
     async def _forward_end(self, d: Delivery) -> None:
         """An end marker passes a stage that cannot key it: split it over the successors."""
         env = d.envelope
-        c = Commit()
+        c = Commit(guard=Guard(env.run))
         self._end_markers(c, env.run, env.lineage, env.credit, env.scope, env.context, env.id,
                           f"credit:{env.id}", env.credit)
         c.acks.append((d.stream, self.group, [d.entry_id]))
