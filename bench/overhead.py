@@ -9,7 +9,8 @@ What is measured, and why this way (see also BENCHMARKS.md, section "overhead"):
    them. Rate = N / (first input taken .. last input acknowledged), read from the stream's
    consumer-group state. Each input costs that worker a full runtime step: read,
    de-duplication (progress) and cancellation checks, the function, and the commits that
-   publish its unit and end marker downstream with events and progress (MULTI/EXEC).
+   publish its unit and end marker downstream with events and progress (one script call
+   per batch of commits).
 3. Chain rate: a k-stage chain (default 3), one worker per stage, N runs preloaded.
    A stage j receives j envelopes per run (the unit and j-1 end markers), so messages
    per run = k(k+1)/2 over all workers.
