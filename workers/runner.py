@@ -149,6 +149,29 @@ class _Group:
     firing: bool = False
 
 
+class _Slot:
+    """The runner slot one input's task holds. It is handed back as soon as the call is
+    over, before the final commit: the slot bounds calls (an engine's batch), and holding
+    it through the commit's round trip made a worker alternate between computing and
+    waiting for Redis instead of overlapping the two. From then on the task counts as
+    `committing`, not `inflight` (the load routers see, and what decides how many new
+    entries the runner reads)."""
+
+    __slots__ = ("runner", "released")
+
+    def __init__(self, runner: StageRunner) -> None:
+        self.runner = runner
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.runner.inflight -= 1  # what routers and heartbeats report as load
+            self.runner.committing += 1
+            self.runner._slots.release()
+            self.runner._slot_freed.set()
+
+
 def _fires(g: _Group) -> str:
     """The progress key counting a group's firing attempts (`_count_fire`)."""
     return f"fires:{g.key}"
@@ -193,7 +216,7 @@ class StageRunner:
         self.streaming = spec.streaming_for(stage)
         self._slots = asyncio.Semaphore(self.capacity)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._task_ended = asyncio.Event()
+        self._slot_freed = asyncio.Event()
         self._groups: dict[str, _Group] = {}
         self._held: set[tuple[str, str]] = set()  # (stream, entry id) kept pending in groups
         self._running: set[tuple[str, str]] = set()  # (stream, entry id) being processed here
@@ -205,6 +228,7 @@ class StageRunner:
         self._cancelled_runs: OrderedDict[str, None] = OrderedDict()
         self.processed = 0
         self.inflight = 0
+        self.committing = 0  # tasks past their call, in their final commit (not in inflight)
 
     # ------------------------------------------------------------------ main loop
     async def run(self, stop: asyncio.Event) -> None:
@@ -269,9 +293,9 @@ class StageRunner:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.block_ms / 1000)
             return
-        self._task_ended.clear()
+        self._slot_freed.clear()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._task_ended.wait(), self.config.block_ms / 1000)
+            await asyncio.wait_for(self._slot_freed.wait(), self.config.block_ms / 1000)
 
     async def _drain(self) -> None:
         """Let in-flight work finish (SIGTERM drain); what does not finish stays pending."""
@@ -297,7 +321,7 @@ class StageRunner:
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
             self.inflight -= 1
-            self._task_ended.set()
+            self._slot_freed.set()
             if not t.cancelled() and t.exception() is not None:
                 log.error("stage %s task failed", self.stage.name, exc_info=t.exception())
 
@@ -490,8 +514,16 @@ class StageRunner:
             if d.envelope.kind == "end":
                 await self._guarded(d, self._end)
                 return
-            async with self._slots:
-                await self._guarded(d, self._unit)
+            slot = _Slot(self)
+            await self._slots.acquire()
+            try:
+                await self._guarded(d, lambda d: self._unit(d, slot))
+            finally:
+                if slot.released:
+                    self.committing -= 1
+                    self.inflight += 1  # the task's done callback takes it off again
+                else:
+                    self._slots.release()
         finally:
             ref = (d.stream, d.entry_id)
             self._running.discard(ref)
@@ -518,7 +550,7 @@ class StageRunner:
             return
         await self._forward_end(d)  # guarded: a cancelled run's marker is only acknowledged
 
-    async def _unit(self, d: Delivery) -> None:
+    async def _unit(self, d: Delivery, slot: _Slot | None = None) -> None:
         env = d.envelope
         guard: Guard | None = None
         if d.deliveries == 1 and self.function.engine is None:
@@ -552,6 +584,7 @@ class StageRunner:
             acks=[(d.stream, [d.entry_id])],
             credit_mid=f"credit:{env.id}",
             guard=guard,
+            slot=slot,
         )
 
     async def _fire(self, g: _Group) -> None:
@@ -646,9 +679,11 @@ class StageRunner:
         credit_mid: str,
         fence: Fence | None = None,
         guard: Guard | None = None,
+        slot: _Slot | None = None,
     ) -> None:
         """Call the stage and publish its units. With a `guard`, no cancel or progress
-        check is made here: each commit carries the guard and the transport makes it."""
+        check is made here: each commit carries the guard and the transport makes it.
+        A `slot` is handed back once the call is over, before the final commit."""
         stats = CallStats()
         run = ctx.run
         n = 0
@@ -670,6 +705,8 @@ class StageRunner:
                 await self.transport.commit(c)
             else:
                 held.append((n, unit))
+        if slot is not None:
+            slot.release()
         if guard is None and await self._is_cancelled(run):
             c = Commit(acks=[(s, self.group, ids) for s, ids in acks], fence=fence)
             await self.transport.commit(c)
