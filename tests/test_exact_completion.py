@@ -13,6 +13,7 @@ in streaming and barrier mode alike.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import uuid
 from collections.abc import Sequence
@@ -47,13 +48,14 @@ class ChaosTransport(EmbeddedTransport):
         self.duplicated = 0
         self.dropped = 0
 
-    async def commit(self, commit: Commit) -> None:
+    async def commit(self, commit: Commit) -> bool:
         msgs = list(commit.messages)
         extra = [m for m in msgs if self.rng.random() < self.dup]
         self.duplicated += len(extra)
         msgs += extra
         self.rng.shuffle(msgs)
-        await super().commit(Commit(msgs, commit.events, commit.progress, commit.acks))
+        # the same commit (fence and guard included) with its messages duplicated/reordered
+        return await super().commit(dataclasses.replace(commit, messages=msgs))
 
     async def consume(
         self, streams: Sequence[str], group: str, consumer: str, count: int, block_ms: int
