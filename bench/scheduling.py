@@ -35,11 +35,13 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import random
 import re
+import statistics
 import time
 import uuid
 from collections.abc import Sequence
@@ -121,6 +123,10 @@ class RunConfig:
     stop_after: int = 2  # stop a staircase after this many SLO misses in a row
     heartbeat_ms: int = 250  # runner heartbeat = router refresh cadence (all policies)
     gateway_refresh_ms: int = 50  # producer-side refresh of loads (directed policies)
+    # repetitions of every staircase; repetition k draws its own arrivals (seed k), the
+    # same for every policy, so the spread shows both machine noise and the luck of one
+    # arrival sequence (a rare class's burst), which one run cannot tell apart
+    reps: int = 1
 
 
 @dataclass
@@ -165,6 +171,7 @@ class RunResult:
     wall_s: float
     duplicates: int
     slo_s: float = math.nan
+    rep: int = 0  # repetition (its arrival seed); absent in older results files: 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -223,11 +230,14 @@ def _out_tokens(rng: random.Random, c: ClassDef) -> int:
 
 def arrivals(
     w: Workload, classes: list[ClassDef], rate: float, start: float, warm: float, measure: float,
-    step: int, first_id: int,
+    step: int, first_id: int, rep: int = 0,
 ) -> list[Request]:
-    """Poisson arrivals of one step; the same (workload, step, rate) always gives the same
-    list, so every policy sees identical requests at identical times."""
-    rng = random.Random(f"{w.name}|{w.seed}|{step}|{rate}")
+    """Poisson arrivals of one step; the same (workload, step, rate, rep) always gives the
+    same list, so every policy sees identical requests at identical times. Repetition 0
+    keeps the seed string of single-run results (comparable with them); repetition k > 0
+    draws another sequence of the same classes."""
+    seed = f"{w.name}|{w.seed}|{step}|{rate}" + (f"|rep{rep}" if rep else "")
+    rng = random.Random(seed)
     cum: list[float] = []
     acc = 0.0
     for c in classes:
@@ -349,6 +359,7 @@ async def run_staircase(
     slo: float,
     redis_url: str | None = None,
     log: Any = print,
+    rep: int = 0,
 ) -> list[RunResult]:
     """One runtime serving the rates in turn; one RunResult per step that ran."""
     spec = pipeline(engine)
@@ -359,7 +370,9 @@ async def run_staircase(
     for k, rate in enumerate(rates):
         warm = run.first_warmup_s if k == 0 else run.warmup_s
         first = sum(len(x) for x in steps)
-        steps.append(arrivals(workload, classes, rate, start, warm, run.measure_s, k, first))
+        steps.append(
+            arrivals(workload, classes, rate, start, warm, run.measure_s, k, first, rep)
+        )
         start += warm + run.measure_s
     reqs = [r for step in steps for r in step]
     index = {r.text: i for i, r in enumerate(reqs)}
@@ -480,10 +493,11 @@ async def run_staircase(
         r = _step_result(workload, policy, rates[k], redis_url, step, reqs, measured[k], done_at,
                          calls, samples, t0, mstart, mend, ts, run)
         r.slo_s = slo
+        r.rep = rep
         results.append(r)
         ok = r.p99_s <= slo and r.completed == r.measured
         log(
-            f"{workload.name:10s} {policy:13s} {r.transport[:5]} rate {rates[k]:6.1f}  "
+            f"{workload.name:10s} r{rep} {policy:13s} {r.transport[:5]} rate {rates[k]:6.1f}  "
             f"thr {r.throughput:6.1f}  p50 {r.p50_s:6.2f}  p99 {r.p99_s:7.2f}  "
             f"hit {r.prefix_hit_rate:5.3f}  imb {r.imbalance:5.2f}  stolen {r.stolen:4d}  "
             f"replans {r.replans:2d}  lag {r.extra['loop_lag_ms_mean']:4.1f} ms  "
@@ -595,14 +609,18 @@ async def sweep(
     *,
     log: Any = print,
 ) -> list[RunResult]:
+    """Every (workload, repetition, policy) staircase. Repetitions are the middle loop so
+    that each one runs its policies back to back: a slow spell of the shared machine then
+    hits one repetition's policies alike, not one policy's repetitions."""
     results: list[RunResult] = []
     for w in workloads:
         classes = make_classes(w)
         slo = slo_for(w, classes, engine, run.slo_factor)
-        for policy in policies:
-            results += await run_staircase(
-                w, classes, policy, w.rates, engine, run, slo=slo, log=log
-            )
+        for rep in range(max(1, run.reps)):
+            for policy in policies:
+                results += await run_staircase(
+                    w, classes, policy, w.rates, engine, run, slo=slo, log=log, rep=rep
+                )
     return results
 
 
@@ -610,63 +628,126 @@ def _ok(r: RunResult) -> bool:
     return r.p99_s <= r.slo_s and r.completed == r.measured
 
 
+def summarize_rep(rows: Sequence[RunResult], w: Workload) -> dict[str, Any]:
+    """One repetition of one workload: per policy its throughput at the SLO and the step
+    at its highest passing rate; the verdict against the baselines of this repetition."""
+    slo = rows[0].slo_s
+    per: dict[str, Any] = {}
+    for policy in sorted({r.policy for r in rows}, key=POLICIES.index):
+        mine = [r for r in rows if r.policy == policy]
+        best, interp = slo_throughput(mine, slo)
+        passing = [r for r in mine if _ok(r)]
+        at = max(passing, key=lambda r: r.rate) if passing else None
+        per[policy] = {
+            "throughput_at_slo": best,
+            "rate_at_slo_interpolated": interp,
+            "at_rate": at.rate if at else None,
+            "p50_s": at.p50_s if at else None,
+            "p99_s": at.p99_s if at else None,
+            "prefix_hit_rate": at.prefix_hit_rate if at else None,
+            "imbalance": at.imbalance if at else None,
+        }
+    verdict: dict[str, Any] = {}
+    pa = per.get(PROMPT_AWARE)
+    baselines = {p: v for p, v in per.items() if p != PROMPT_AWARE}
+    if pa and baselines:
+        best_base = max(baselines, key=lambda p: (baselines[p]["throughput_at_slo"],
+                                                  baselines[p]["rate_at_slo_interpolated"]))
+        b = baselines[best_base]["throughput_at_slo"]
+        bi = baselines[best_base]["rate_at_slo_interpolated"]
+        verdict["best_baseline"] = best_base
+        verdict["speedup_vs_best_baseline"] = pa["throughput_at_slo"] / b if b else math.inf
+        verdict["speedup_interpolated"] = pa["rate_at_slo_interpolated"] / bi if bi else math.inf
+    if pa and LEAST_LOADED in per:
+        ll = per[LEAST_LOADED]["throughput_at_slo"]
+        verdict["vs_least_loaded"] = pa["throughput_at_slo"] / ll if ll else math.inf
+    if pa and CACHE_AWARE in per:
+        # hit rates compared at one rate: the highest both served within the SLO (else
+        # the lowest rate, which both ran)
+        by = {(r.policy, r.rate): r for r in rows}
+        both = [x for x in w.rates if (PROMPT_AWARE, x) in by and (CACHE_AWARE, x) in by]
+        passing = [x for x in both if _ok(by[(PROMPT_AWARE, x)]) and _ok(by[(CACHE_AWARE, x)])]
+        x = max(passing) if passing else (min(both) if both else None)
+        if x is not None:
+            verdict["hit_rate_at"] = x
+            verdict["hit_rate_prompt_aware"] = by[(PROMPT_AWARE, x)].prefix_hit_rate
+            verdict["hit_rate_cache_aware"] = by[(CACHE_AWARE, x)].prefix_hit_rate
+    return {"policies": per, "verdict": verdict}
+
+
+@functools.lru_cache(maxsize=32)
+def _ideal(w: Workload, engine: EngineConfig) -> float:
+    """`ideal_throughput` of a workload's own classes, once per (workload, engine): it
+    draws and tokenizes a thousand prompts, and every summary (and re-render) asks."""
+    return ideal_throughput(w, make_classes(w), engine)
+
+
+def _median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else math.nan
+
+
 def summarize(
     results: Sequence[RunResult], workloads: Sequence[Workload], engine: EngineConfig | None = None
 ) -> dict[str, Any]:
+    """Per workload, over its repetitions: per policy the median throughput at the SLO
+    and its min-max, with the step details of the repetition nearest the median; the
+    ratio prompt_aware / best baseline taken within each repetition (same arrivals, so
+    the ratio cancels what the arrivals did to both), then its median and min-max.
+    With one repetition every median is that repetition's number."""
     out: dict[str, Any] = {}
     for w in workloads:
         rows = [r for r in results if r.workload == w.name and r.transport == "embedded"]
         if not rows:
             continue
-        slo = rows[0].slo_s
+        reps = sorted({r.rep for r in rows})
+        each = [summarize_rep([r for r in rows if r.rep == k], w) for k in reps]
         per: dict[str, Any] = {}
         for policy in sorted({r.policy for r in rows}, key=POLICIES.index):
-            mine = [r for r in rows if r.policy == policy]
-            best, interp = slo_throughput(mine, slo)
-            passing = [r for r in mine if _ok(r)]
-            at = max(passing, key=lambda r: r.rate) if passing else None
+            got = [(k, e["policies"][policy]) for k, e in zip(reps, each, strict=True)
+                   if policy in e["policies"]]
+            thr = [v["throughput_at_slo"] for _, v in got]
+            med = _median(thr)
+            k_mid, mid = min(got, key=lambda kv: abs(kv[1]["throughput_at_slo"] - med))
             per[policy] = {
-                "throughput_at_slo": best,
-                "rate_at_slo_interpolated": interp,
-                "at_rate": at.rate if at else None,
-                "p50_s": at.p50_s if at else None,
-                "p99_s": at.p99_s if at else None,
-                "prefix_hit_rate": at.prefix_hit_rate if at else None,
-                "imbalance": at.imbalance if at else None,
+                **mid,
+                "throughput_at_slo": med,
+                "rate_at_slo_interpolated": _median(
+                    [v["rate_at_slo_interpolated"] for _, v in got]),
+                "throughput_at_slo_min": min(thr),
+                "throughput_at_slo_max": max(thr),
+                "throughput_at_slo_reps": thr,
+                "details_rep": k_mid,
             }
         verdict: dict[str, Any] = {
-            "slo_s": slo,
-            "ideal_throughput": ideal_throughput(w, make_classes(w), engine or EngineConfig()),
+            "slo_s": rows[0].slo_s,
+            "ideal_throughput": _ideal(w, engine or EngineConfig()),
+            "reps": len(reps),
         }
-        pa = per.get(PROMPT_AWARE)
-        baselines = {p: v for p, v in per.items() if p != PROMPT_AWARE}
-        if pa and baselines:
+        vs = [e["verdict"] for e in each]
+        sp = [v["speedup_vs_best_baseline"] for v in vs if "speedup_vs_best_baseline" in v]
+        if sp:
+            baselines = {p: v for p, v in per.items() if p != PROMPT_AWARE}
             best_base = max(baselines, key=lambda p: (baselines[p]["throughput_at_slo"],
                                                       baselines[p]["rate_at_slo_interpolated"]))
-            b = baselines[best_base]["throughput_at_slo"]
-            bi = baselines[best_base]["rate_at_slo_interpolated"]
-            verdict["best_baseline"] = best_base
-            verdict["speedup_vs_best_baseline"] = pa["throughput_at_slo"] / b if b else math.inf
-            verdict["speedup_interpolated"] = (
-                pa["rate_at_slo_interpolated"] / bi if bi else math.inf
-            )
+            verdict["best_baseline"] = best_base  # by median throughput
+            verdict["best_baseline_per_rep"] = [v["best_baseline"] for v in vs
+                                                if "best_baseline" in v]
+            verdict["speedup_vs_best_baseline"] = _median(sp)
+            verdict["speedup_min"], verdict["speedup_max"] = min(sp), max(sp)
+            verdict["speedup_per_rep"] = sp
+            verdict["speedup_interpolated"] = _median(
+                [v["speedup_interpolated"] for v in vs if "speedup_interpolated" in v])
             # how close 1.3x the best baseline is to what no policy can exceed
-            verdict["target_vs_ideal"] = 1.3 * b / verdict["ideal_throughput"]
-        if pa and LEAST_LOADED in per:
-            ll = per[LEAST_LOADED]["throughput_at_slo"]
-            verdict["vs_least_loaded"] = pa["throughput_at_slo"] / ll if ll else math.inf
-        if pa and CACHE_AWARE in per:
-            # hit rates compared at one rate: the highest both served within the SLO (else
-            # the lowest rate, which both ran)
-            by = {(r.policy, r.rate): r for r in rows}
-            both = [x for x in w.rates
-                    if (PROMPT_AWARE, x) in by and (CACHE_AWARE, x) in by]
-            passing = [x for x in both if _ok(by[(PROMPT_AWARE, x)]) and _ok(by[(CACHE_AWARE, x)])]
-            x = max(passing) if passing else (min(both) if both else None)
-            if x is not None:
-                verdict["hit_rate_at"] = x
-                verdict["hit_rate_prompt_aware"] = by[(PROMPT_AWARE, x)].prefix_hit_rate
-                verdict["hit_rate_cache_aware"] = by[(CACHE_AWARE, x)].prefix_hit_rate
+            verdict["target_vs_ideal"] = (1.3 * baselines[best_base]["throughput_at_slo"]
+                                          / verdict["ideal_throughput"])
+        ll = [v["vs_least_loaded"] for v in vs if "vs_least_loaded" in v]
+        if ll:
+            verdict["vs_least_loaded"] = _median(ll)
+        hits = [v for v in vs if "hit_rate_at" in v]
+        if hits:
+            verdict["hit_rate_at"] = statistics.median_low([v["hit_rate_at"] for v in hits])
+            for key in ("hit_rate_prompt_aware", "hit_rate_cache_aware"):
+                verdict[key] = _median([v[key] for v in hits])
         out[w.name] = {"policies": per, "verdict": verdict}
     return out
 
@@ -687,18 +768,16 @@ def plot(results: Sequence[RunResult], workloads: Sequence[Workload], path: Path
     for k, w in enumerate(shown):
         ax, ax2 = axes[0][k], axes[1][k]
         slo = next(r.slo_s for r in results if r.workload == w.name)
-        for policy in POLICIES:
-            rows = sorted(
-                (r for r in results
-                 if r.workload == w.name and r.policy == policy and r.transport == "embedded"),
-                key=lambda r: r.rate,
-            )
-            if not rows:
-                continue
-            ax.plot([r.rate for r in rows], [min(r.p99_s, 10 * slo) for r in rows],
-                    marker="o", label=policy)
-            ax2.plot([r.rate for r in rows], [r.prefix_hit_rate for r in rows], marker="o",
-                     label=policy)
+        for n, policy in enumerate(POLICIES):
+            mine = [r for r in results
+                    if r.workload == w.name and r.policy == policy and r.transport == "embedded"]
+            for rep in sorted({r.rep for r in mine}):  # one line per repetition
+                rows = sorted((r for r in mine if r.rep == rep), key=lambda r: r.rate)
+                style: dict[str, Any] = {"marker": "o", "color": f"C{n}",
+                                         "alpha": 1.0 if rep == 0 else 0.45,
+                                         "label": policy if rep == 0 else None}
+                ax.plot([r.rate for r in rows], [min(r.p99_s, 10 * slo) for r in rows], **style)
+                ax2.plot([r.rate for r in rows], [r.prefix_hit_rate for r in rows], **style)
         ax.axhline(slo, color="grey", linestyle="--", linewidth=1)
         ax.set_yscale("log")
         ax.set_title(f"{w.name} (SLO {slo:.1f} s)")
@@ -738,6 +817,7 @@ def markdown(
     elapsed_s: float,
 ) -> str:
     shown = [w for w in workloads if w.name in summary]
+    nrep = len({r.rep for r in results}) or 1
     cpu = max((r.cpu_share for r in results), default=math.nan)
     loads = [float(r.extra.get(k, math.nan)) for r in results
              for k in ("loadavg_1m_start", "loadavg_1m_end")]
@@ -756,11 +836,15 @@ def markdown(
         f"lengths); Zipf(1.0) class popularity; Poisson arrivals, identical for every "
         f"policy. Each (workload, policy) is one runtime serving a staircase of rates "
         f"({run.first_warmup_s:g} s warm-up, then per rate {run.warmup_s:g} s unmeasured + "
-        f"{run.measure_s:g} s measured), stopped after {run.stop_after} SLO misses in a row. "
-        f"SLO: p99 <= {run.slo_factor:g}x the p99 of an ideal uncontended service (each "
+        f"{run.measure_s:g} s measured), stopped after {run.stop_after} SLO misses in a row; "
+        + (f"every staircase ran {nrep} times (repetition k: its own Poisson arrival seed, "
+           f"identical for every policy within it). " if nrep > 1 else
+           "one repetition (one arrival sequence). ")
+        + f"SLO: p99 <= {run.slo_factor:g}x the p99 of an ideal uncontended service (each "
         f"request alone in a full batch), with every measured request done. Throughput at SLO "
-        f"= highest measured throughput among the rates meeting it (in brackets: the "
-        f"SLO-crossing rate interpolated in p99); ideal = what no policy can exceed (every "
+        f"= highest measured throughput among the rates meeting it (in brackets: "
+        + ("the SLO-crossing rate interpolated in p99" if nrep == 1 else
+           "min–max over the repetitions") + "); ideal = what no policy can exceed (every "
         f"batch full, every class prefix cached, perfect balance). Imbalance = max/mean of the instances' "
         f"time-averaged requests in service. {info.get('cpus', '?')} CPUs; harness CPU share "
         f"<= {_f(cpu)} of one core; machine load average (1 min) at the start and end of each "
@@ -768,10 +852,12 @@ def markdown(
         f"(other processes share the CPUs: near the SLO boundary a step can flip between "
         f"runs); whole run {elapsed_s / 60:.1f} min.",
         "",
-        "Throughput at the SLO (req/s):",
+        "Throughput at the SLO (req/s), "
+        + (f"median over {nrep} repetitions (min–max across them; the ratio is taken within "
+           f"each repetition, then its median):" if nrep > 1 else "1 repetition:"),
         "",
         "| workload | SLO (s) | ideal | " + " | ".join(POLICIES)
-        + " | prompt_aware / best baseline |",
+        + f" | prompt_aware / best baseline{f' ({nrep} reps)' if nrep > 1 else ''} |",
         "|---|---|---|" + "---|" * (len(POLICIES) + 1),
     ]
     for w in shown:
@@ -782,24 +868,35 @@ def markdown(
             v = per.get(p)
             if not v:
                 cells.append("—")
-            elif not v["throughput_at_slo"]:
+            elif not v.get("throughput_at_slo_max", v["throughput_at_slo"]):
                 cells.append(f"none (< {min(w.rates):g})")  # missed it at the lowest rate
+            elif nrep > 1:
+                cells.append(f"{_f(v['throughput_at_slo'], 1)} ({_f(v['throughput_at_slo_min'], 1)}"
+                             f"–{_f(v['throughput_at_slo_max'], 1)})")
             else:
                 cells.append(
                     f"{_f(v['throughput_at_slo'], 1)} ({_f(v['rate_at_slo_interpolated'], 0)})"
                 )
         verdict = s["verdict"]
+        if nrep > 1 and "speedup_per_rep" in verdict:
+            bases = ", ".join(dict.fromkeys(verdict["best_baseline_per_rep"]))
+            ratio = (f"{_f(verdict['speedup_vs_best_baseline'])}x "
+                     f"({_f(verdict['speedup_min'])}–{_f(verdict['speedup_max'])}) vs {bases} "
+                     f"({_f(verdict.get('speedup_interpolated'))}x interpolated)")
+        else:
+            ratio = (f"{_f(verdict.get('speedup_vs_best_baseline'))}x vs "
+                     f"{verdict.get('best_baseline', '—')} "
+                     f"({_f(verdict.get('speedup_interpolated'))}x interpolated)")
         lines.append(
             f"| {w.name} | {_f(verdict.get('slo_s'), 1)} | "
-            f"{_f(verdict.get('ideal_throughput'), 0)} | " + " | ".join(cells)
-            + f" | {_f(verdict.get('speedup_vs_best_baseline'))}x vs "
-            f"{verdict.get('best_baseline', '—')} "
-            f"({_f(verdict.get('speedup_interpolated'))}x interpolated) |"
+            f"{_f(verdict.get('ideal_throughput'), 0)} | " + " | ".join(cells) + f" | {ratio} |"
         )
     lines += [
         "",
         "At each policy's highest rate within the SLO: p50 / p99 latency (s), prefix-cache "
-        "hit rate, load imbalance.",
+        "hit rate, load imbalance"
+        + (" (of the repetition whose throughput at the SLO is nearest the median)."
+           if nrep > 1 else "."),
         "",
         "| workload | policy | rate | p50 | p99 | hit rate | imbalance |",
         "|---|---|---|---|---|---|---|",
@@ -813,12 +910,14 @@ def markdown(
                     f"| {w.name} | {p} | {_f(v['at_rate'], 0)} | {_f(v['p50_s'])} | "
                     f"{_f(v['p99_s'])} | {_f(v['prefix_hit_rate'], 3)} | {_f(v['imbalance'])} |"
                 )
+    rep_head, rep_rule = ("rep | ", "---|") if nrep > 1 else ("", "")
     lines += ["", "Every step (rate) that ran:", "",
-              "| workload | policy | rate | throughput | p50 | p99 | hit rate | imbalance | "
-              "stolen | re-plans |", "|---|---|---|---|---|---|---|---|---|---|"]
+              f"| workload | {rep_head}policy | rate | throughput | p50 | p99 | hit rate | "
+              "imbalance | stolen | re-plans |", f"|---|{rep_rule}---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        rep_cell = f"{r.rep} | " if nrep > 1 else ""
         lines.append(
-            f"| {r.workload} | {r.policy} | {_f(r.rate, 0)} | {_f(r.throughput, 1)} | "
+            f"| {r.workload} | {rep_cell}{r.policy} | {_f(r.rate, 0)} | {_f(r.throughput, 1)} | "
             f"{_f(r.p50_s)} | {_f(r.p99_s)}{'' if _ok(r) else ' ✗'} | "
             f"{_f(r.prefix_hit_rate, 3)} | {_f(r.imbalance)} | {r.stolen} | {r.replans} |"
         )
@@ -839,9 +938,11 @@ def markdown(
         if w.classes > 1:
             sp = v.get("speedup_vs_best_baseline")
             hp, hc = v.get("hit_rate_prompt_aware"), v.get("hit_rate_cache_aware")
+            spread = (f", median of {nrep} repetitions, {_f(v['speedup_min'])}–"
+                      f"{_f(v['speedup_max'])}" if nrep > 1 and "speedup_min" in v else "")
             lines.append(
                 f"- {w.name}: prompt_aware throughput at SLO = {_f(sp, 4)}x the best baseline "
-                f"({v.get('best_baseline', '—')}); target >= 1.3x: "
+                f"({v.get('best_baseline', '—')}{spread}); target >= 1.3x: "
                 f"{_met(None if sp is None else sp >= 1.3)}. Prefix-hit rate at "
                 f"{_f(v.get('hit_rate_at'), 0)} req/s: {_f(hp, 3)} vs cache_aware "
                 f"{_f(hc, 3)}; target >=: {_met(None if hp is None or hc is None else hp >= hc)}."
@@ -871,7 +972,8 @@ def _contrast(results: Sequence[RunResult], shown: Sequence[Workload]) -> list[s
     for w in shown:
         if w.classes == 1:
             continue
-        by = {(r.policy, r.rate): r for r in results if r.workload == w.name}
+        # repetition 0 (a contrast is one pair of steps on the same arrivals)
+        by = {(r.policy, r.rate): r for r in results if r.workload == w.name and r.rep == 0}
         for x in w.rates:
             ca, pa = by.get((CACHE_AWARE, x)), by.get((PROMPT_AWARE, x))
             if ca is None or pa is None or _ok(ca) == _ok(pa):
@@ -903,6 +1005,7 @@ def _reading(
                 f"{_f(100 * v['target_vs_ideal'], 0)} % of the ideal"
             )
     cache = engine.cache_blocks * engine.block_size
+    nrep = len({r.rep for r in results}) or 1
     return [
         "How to read this.",
         "",
@@ -943,10 +1046,15 @@ def _reading(
         "for its prefill); the plan is the cheapest of the packed plan refined by moves, a "
         "cache-priced greedy placement refined, and every instance reading every lane "
         "(pull: chosen when all prefixes fit every cache, as on skew-K4 and uniform-K1). "
-        "Re-planned on drift (> 25 % over the fair share, at most every 2 s); an idle "
-        "instance steals from any lane.",
-        f"- **Noise.** One staircase per (workload, policy), {run.measure_s:g} s measured per "
-        "rate; the "
+        "Re-planned (at most every 2 s) on drift: an instance > 25 % over its fair share "
+        f"by more than {SchedOptions().drift_z:g} standard errors of its estimated load "
+        "(the class rates are Poisson counts: at low rates much of an apparent imbalance "
+        "is noise), and then only if the new plan is >= 5 % better; a new class forces a "
+        f"re-plan once its rate rests on >= {SchedOptions().min_class_arrivals:g} "
+        "(decayed) arrivals. An idle instance steals from any lane.",
+        f"- **Noise.** {nrep} staircase{'s' if nrep > 1 else ''} per (workload, policy)"
+        + (" (one per arrival seed)" if nrep > 1 else "")
+        + f", {run.measure_s:g} s measured per rate; the "
         "machine is shared, so the loop lag (reported per step in the raw results) and "
         "with it p99 vary between runs: near the SLO a step can flip, and a difference of "
         "one grid step is not a result.",
@@ -987,9 +1095,9 @@ WORKLOADS = (
 )
 
 
-def render(path: Path) -> None:
-    """Rewrite the BENCHMARKS.md section and the plot from a results file (no run)."""
-    data = json.loads(path.read_text())
+def load_results(data: dict[str, Any]) -> tuple[list[RunResult], list[Workload]]:
+    """Rows and workloads of a results file. Files written before repetitions existed have
+    no `rep` per row: they read as repetition 0 (one repetition)."""
 
     def num(x: Any) -> Any:
         return float(x) if x in ("inf", "-inf", "nan") else x
@@ -1000,6 +1108,13 @@ def render(path: Path) -> None:
                              "prefix_tokens": tuple(w["prefix_tokens"]),
                              "suffix_tokens": tuple(w["suffix_tokens"]),
                              "out_mean": tuple(w["out_mean"])}) for w in data["workloads"]]
+    return rows, workloads
+
+
+def render(path: Path) -> None:
+    """Rewrite the BENCHMARKS.md section and the plot from a results file (no run)."""
+    data = json.loads(path.read_text())
+    rows, workloads = load_results(data)
     embedded = [r for r in rows if r.transport == "embedded"]
     redis_rows = [r for r in rows if r.transport == "redis"]
     summary = summarize(embedded, workloads, EngineConfig(**data["engine"]))
@@ -1015,7 +1130,7 @@ async def amain(args: argparse.Namespace) -> int:
         print(f"updated {BENCHMARKS_MD} from {args.render}")
         return 0
     engine = EngineConfig(time_scale=args.time_scale)
-    run = RunConfig()
+    run = RunConfig(reps=args.reps)
     workloads = list(WORKLOADS)
     if args.workloads:
         wanted = set(args.workloads.split(","))
@@ -1023,7 +1138,7 @@ async def amain(args: argparse.Namespace) -> int:
     if args.quick:
         workloads = [Workload(w.name, w.classes, w.zipf_s, w.rates[:2], out_mean=w.out_mean)
                      for w in workloads[:2]]
-        run = RunConfig(first_warmup_s=2.0, warmup_s=0.5, measure_s=2.0)
+        run = RunConfig(first_warmup_s=2.0, warmup_s=0.5, measure_s=2.0, reps=args.reps)
     policies = args.policies.split(",") if args.policies else list(POLICIES)
     t0 = time.perf_counter()
     results = await sweep(workloads, policies, engine, run)
@@ -1076,6 +1191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workloads", default="", help="comma-separated workload names")
     ap.add_argument("--policies", default="", help="comma-separated policies (default all)")
     ap.add_argument("--time-scale", type=float, default=1.0)
+    ap.add_argument("--reps", type=int, default=1,
+                    help="repetitions of every staircase, each on its own arrival seed "
+                    "(the summary reports medians and min-max)")
     ap.add_argument("--no-markdown", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "scheduling.json"))
     ap.add_argument("--render", metavar="JSON", default="",

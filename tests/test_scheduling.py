@@ -337,6 +337,93 @@ def test_planner_replans_when_instances_change() -> None:
     assert all(set(v) <= set(three) for v in new.owners.values())
 
 
+def _skewed_after_plan(per_lane: float, hot: float) -> tuple[PromptAwarePlanner, Placement,
+                                                              float]:
+    """Twelve equal classes planned three per instance, then lane 1 runs at `hot` x the
+    others' rate for 6 s: (planner, plan, now). Same shape at every rate, so the planned
+    imbalance it shows is the same; only the evidence behind it differs."""
+    opts = SchedOptions(drift=0.25, min_replan_s=2.0, half_life_s=2.0)
+    planner = PromptAwarePlanner(opts)
+    lanes = range(1, 13)
+    out = dict.fromkeys(lanes, 50.0)
+    counters = _feed(planner, dict.fromkeys(lanes, per_lane), out, 0.0, 8.0)
+    plan = planner.maybe_replan(FOUR, None, 8.0)
+    assert plan is not None and all(len(o) == 1 for o in plan.owners.values())
+    rates = {lane: per_lane * (hot if lane == 1 else 1.0) for lane in lanes}
+    _feed(planner, rates, out, 8.0, 14.0, counters)
+    return planner, plan, 14.0
+
+
+def test_planner_ignores_an_imbalance_within_the_noise_of_few_arrivals() -> None:
+    """The same apparent drift (lane 1 at 3x: its instance at ~1.4x its fair share)
+    re-plans when it rests on a thousand arrivals, not when on a handful (0.4 req/s
+    per class: about one arrival per class per half-life, where a Poisson count of one
+    is as likely to read 2 as 0)."""
+    for per_lane, expect in ((0.4, False), (200.0, True)):
+        planner, plan, now = _skewed_after_plan(per_lane, 3.0)
+        ratio = imbalance(planned_load(planner.demand(), plan.owners, list(FOUR)))
+        assert ratio > 1.3  # over the plain drift bound either way
+        new = planner.maybe_replan(FOUR, plan, now)
+        assert (new is not None) is expect, (per_lane, ratio)
+        if new is not None:
+            assert new.reason.startswith("drift")
+    # without the noise margin (drift_z = 0) the few arrivals re-plan too: the margin,
+    # not some other rule, is what kept the plan
+    planner, plan, now = _skewed_after_plan(0.4, 3.0)
+    planner.opts = SchedOptions(drift=0.25, min_replan_s=2.0, half_life_s=2.0, drift_z=0.0)
+    assert planner.maybe_replan(FOUR, plan, now) is not None
+
+
+def test_planner_follows_a_real_shift_even_at_low_rates() -> None:
+    """A class twenty times hotter is far outside the noise of the same few arrivals."""
+    planner, plan, now = _skewed_after_plan(0.4, 20.0)
+    new = planner.maybe_replan(FOUR, plan, now)
+    assert new is not None and new.reason.startswith("drift")
+    before = imbalance(planned_load(planner.demand(), plan.owners, list(FOUR)))
+    after = imbalance(planned_load(planner.demand(), new.owners, list(FOUR)))
+    assert after < before
+
+
+def test_a_new_class_forces_a_re_plan_only_once_its_rate_rests_on_a_few_arrivals() -> None:
+    """A class seen once (a long-output one: a large share of the estimated demand) waits
+    on its default owner; after a few more arrivals it is planned."""
+    opts = SchedOptions(min_replan_s=2.0, half_life_s=2.0)
+    planner = PromptAwarePlanner(opts)
+    lanes = dict.fromkeys(range(1, 5), 2.0)
+    out = {**dict.fromkeys(range(1, 5), 20.0), 9: 400.0}
+    counters = _feed(planner, lanes, out, 0.0, 6.0)
+    plan = planner.maybe_replan(FOUR, None, 6.0)
+    assert plan is not None and 9 not in plan.owners
+    # one arrival of class 9, finished by the next heartbeat
+    one = {**counters, "9.arr": 1.0, "9.n": 1.0, "9.out": 400.0, "9.in": 1000.0,
+           "9.hit": 0.0, "9.sec": 4.0}
+    planner.observe(one, 9.0)
+    share = planner.demand()[9] / sum(planner.demand().values())
+    assert share > opts.new_lane_share and planner.evidence(9) < opts.min_class_arrivals
+    assert planner.maybe_replan(FOUR, plan, 9.0) is None
+    # four more arrivals of it
+    more = {**one, "9.arr": 5.0, "9.n": 5.0, "9.out": 2000.0, "9.in": 5000.0, "9.sec": 20.0}
+    planner.observe(more, 9.5)
+    assert planner.evidence(9) >= opts.min_class_arrivals
+    new = planner.maybe_replan(FOUR, plan, 9.5)
+    assert new is not None and new.reason == "new classes" and 9 in new.owners
+
+
+def test_evidence_is_the_effective_number_of_arrivals() -> None:
+    """Kish's effective sample size of the decayed counts: n for n arrivals at once, and
+    bounded by the arrivals a steady rate brings per decay time however long it ran."""
+    planner = PromptAwarePlanner(SchedOptions(half_life_s=2.0))
+    planner.observe({"1.arr": 0.0}, 0.0)
+    planner.observe({"1.arr": 5.0}, 0.5)
+    assert planner.evidence(1) == pytest.approx(5.0)
+    assert planner.evidence(2) == 0.0
+    steady = PromptAwarePlanner(SchedOptions(half_life_s=2.0))
+    _feed(steady, {1: 10.0}, {1: 10.0}, 0.0, 60.0)
+    # weights halve every 2 s: sum w ~ r / lambda, sum w^2 ~ r / (2 lambda) -> n ~ 2 r / lambda
+    lam = math.log(2) / 2.0
+    assert steady.evidence(1) == pytest.approx(2 * 10.0 / lam, rel=0.1)
+
+
 def test_placement_round_trips_through_json() -> None:
     p = Placement(epoch=3, owners={7: ("s0", "s2")}, planned={"s0": 1.5}, demand={7: 3.0},
                   members=("s0", "s2"), reason="x")
