@@ -153,6 +153,8 @@ def scheduling(
     policies: Annotated[str, typer.Option(help="comma-separated policies (default all)")] = "",
     time_scale: Annotated[float, typer.Option(help="sim: wall seconds per simulated second")]
     = 1.0,
+    reps: Annotated[int, typer.Option(help="repetitions of every staircase, each on its own "
+                                      "arrival seed (medians and min-max reported)")] = 1,
     no_markdown: Annotated[bool, typer.Option("--no-markdown", help="do not touch it")] = False,
     out: Annotated[Path, typer.Option(help="results file")] = Path(
         "bench/results/scheduling.json"),
@@ -164,7 +166,7 @@ def scheduling(
     from bench.scheduling import main
 
     argv = ["--workloads", workloads, "--policies", policies, "--time-scale", str(time_scale),
-            "--out", str(out)]
+            "--reps", str(reps), "--out", str(out)]
     argv += ["--quick"] * quick + ["--redis"] * redis + ["--no-markdown"] * no_markdown
     if render_only is not None:
         argv += ["--render", str(render_only)]
