@@ -286,9 +286,9 @@ class StageRunner:
             await self._accept(d)
 
     async def _wait_slot(self, stop: asyncio.Event) -> None:
-        """Until a task ends (a slot may be free) or `block_ms` passes. An event set by
-        every task's done callback, not `asyncio.wait` over all tasks: that registers and
-        removes a callback on each of them per wait, on the path of every input."""
+        """Until a slot may be free (a task ended, or handed its slot back) or `block_ms`
+        passes. An event, not `asyncio.wait` over all tasks: that registers and removes a
+        callback on each of them per wait, on the path of every input."""
         if not self._tasks:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.block_ms / 1000)
