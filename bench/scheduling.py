@@ -1046,12 +1046,13 @@ def _reading(
         "for its prefill); the plan is the cheapest of the packed plan refined by moves, a "
         "cache-priced greedy placement refined, and every instance reading every lane "
         "(pull: chosen when all prefixes fit every cache, as on skew-K4 and uniform-K1). "
-        "Re-planned (at most every 2 s) on drift: an instance > 25 % over its fair share "
-        f"by more than {SchedOptions().drift_z:g} standard errors of its estimated load "
-        "(the class rates are Poisson counts: at low rates much of an apparent imbalance "
-        "is noise), and then only if the new plan is >= 5 % better; a new class forces a "
-        f"re-plan once its rate rests on >= {SchedOptions().min_class_arrivals:g} "
-        "(decayed) arrivals. An idle instance steals from any lane.",
+        "Re-planned (at most every 2 s) on drift: an instance > 25 % over its fair share"
+        + (f" by more than {SchedOptions().drift_z:g} standard errors of its estimated load"
+           " (capped)" if SchedOptions().drift_z > 0 else "")
+        + ", and then only if the new plan is >= 5 % better; and when new classes appear"
+        + (f" (once a class's rate rests on >= {SchedOptions().min_class_arrivals:g} "
+           "decayed arrivals)" if SchedOptions().min_class_arrivals > 0 else "")
+        + ". An idle instance steals from any lane.",
         f"- **Noise.** {nrep} staircase{'s' if nrep > 1 else ''} per (workload, policy)"
         + (" (one per arrival seed)" if nrep > 1 else "")
         + f", {run.measure_s:g} s measured per rate; the "

@@ -342,7 +342,7 @@ def _skewed_after_plan(per_lane: float, hot: float) -> tuple[PromptAwarePlanner,
     """Twelve equal classes planned three per instance, then lane 1 runs at `hot` x the
     others' rate for 6 s: (planner, plan, now). Same shape at every rate, so the planned
     imbalance it shows is the same; only the evidence behind it differs."""
-    opts = SchedOptions(drift=0.25, min_replan_s=2.0, half_life_s=2.0)
+    opts = SchedOptions(drift=0.25, min_replan_s=2.0, half_life_s=2.0, drift_z=1.5)
     planner = PromptAwarePlanner(opts)
     lanes = range(1, 13)
     out = dict.fromkeys(lanes, 50.0)
@@ -384,10 +384,30 @@ def test_planner_follows_a_real_shift_even_at_low_rates() -> None:
     assert after < before
 
 
+def test_a_large_drift_re_plans_even_where_the_noise_margin_would_cover_it() -> None:
+    """Lane 1 at 6x on few arrivals: its instance at ~1.8x its fair share, the cold-start
+    case seen in the K16 benchmark (1.86x kept for 20 s). The noise margin alone (1.5
+    standard errors, ~0.55 of the bound here) would keep the plan; the margin's cap
+    (`drift` x the bound) makes it re-plan."""
+    planner, plan, now = _skewed_after_plan(0.4, 6.0)
+    demand = planner.demand()
+    work = planned_load(demand, plan.owners, list(FOUR))
+    noise = planner.load_noise(demand, plan.owners, list(FOUR))
+    hot = max(work, key=work.__getitem__)
+    bound = (1 + planner.opts.drift) * sum(work.values()) / len(FOUR)
+    assert imbalance(work) > 1.7
+    assert work[hot] < bound + planner.opts.drift_z * noise[hot] * work[hot]  # inside it
+    assert work[hot] > bound * (1 + planner.opts.drift)  # beyond the cap
+    new = planner.maybe_replan(FOUR, plan, now)
+    assert new is not None and new.reason.startswith("drift")
+
+
 def test_a_new_class_forces_a_re_plan_only_once_its_rate_rests_on_a_few_arrivals() -> None:
     """A class seen once (a long-output one: a large share of the estimated demand) waits
-    on its default owner; after a few more arrivals it is planned."""
-    opts = SchedOptions(min_replan_s=2.0, half_life_s=2.0)
+    on its default owner; after a few more arrivals it is planned. (Drift is switched off
+    here: the newcomer's default owner is far over its share, which the capped drift
+    margin would answer with a re-plan of its own; this test is about the new-class rule.)"""
+    opts = SchedOptions(min_replan_s=2.0, half_life_s=2.0, drift=10.0, min_class_arrivals=4.0)
     planner = PromptAwarePlanner(opts)
     lanes = dict.fromkeys(range(1, 5), 2.0)
     out = {**dict.fromkeys(range(1, 5), 20.0), 9: 400.0}
