@@ -172,6 +172,16 @@ class _Slot:
             self.runner._slot_freed.set()
 
 
+async def _wait_event(event: asyncio.Event, timeout_s: float) -> None:
+    """Until `event` is set or `timeout_s` passes. `asyncio.timeout`, not `wait_for`: on
+    Python 3.11, `wait_for` returns normally if the event is set in the same loop turn as
+    the caller is cancelled, swallowing the cancellation (a runner told to stop while its
+    tasks were ending kept running forever: a test hung in CI)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+
+
 def _fires(g: _Group) -> str:
     """The progress key counting a group's firing attempts (`_count_fire`)."""
     return f"fires:{g.key}"
@@ -246,8 +256,7 @@ class StageRunner:
                     backoff = min(max(2 * backoff, 0.05), 2.0)
                     log.warning("stage %s: transport unavailable (%s); retrying in %.2fs",
                                 self.stage.name, exc, backoff)
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(stop.wait(), backoff)
+                    await _wait_event(stop, backoff)
                 except NoGroupError:  # the bus lost its state (no persistence): recreate
                     log.warning("stage %s: consumer group missing; recreating", self.stage.name)
                     await self._ensure_groups()
@@ -290,12 +299,10 @@ class StageRunner:
         passes. An event, not `asyncio.wait` over all tasks: that registers and removes a
         callback on each of them per wait, on the path of every input."""
         if not self._tasks:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.block_ms / 1000)
+            await _wait_event(stop, self.config.block_ms / 1000)
             return
         self._slot_freed.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._slot_freed.wait(), self.config.block_ms / 1000)
+        await _wait_event(self._slot_freed, self.config.block_ms / 1000)
 
     async def _drain(self) -> None:
         """Let in-flight work finish (SIGTERM drain); what does not finish stays pending."""
