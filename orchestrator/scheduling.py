@@ -1302,7 +1302,8 @@ class PromptAwarePlanner:
                 reason = "new classes"
             elif not recent:
                 work = loads(cur.owners)
-                noise = self.load_noise(demand, cur.owners, live)
+                noise = (self.load_noise(demand, cur.owners, live)
+                         if self.opts.drift_z > 0 else {})  # off by default: no margin
                 if self._drifted(work, capacity, noise):
                     reason = f"drift {imbalance(work, capacity):.2f}"
         if not reason:

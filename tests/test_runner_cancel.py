@@ -14,18 +14,16 @@ from workers.runner import _wait_event
 
 async def test_cancel_in_the_turn_the_event_is_set_is_not_swallowed() -> None:
     event = asyncio.Event()
-    rounds = 0
+    waiting = asyncio.Event()
 
     async def loop() -> None:  # the shape of StageRunner.run around _wait_slot
-        nonlocal rounds
         while True:
-            rounds += 1
+            waiting.set()
             await _wait_event(event, 0.5)
             event.clear()
 
     task = asyncio.create_task(loop())
-    while rounds == 0:  # let it reach its first wait
-        await asyncio.sleep(0)
+    await waiting.wait()  # it has reached its wait
     event.set()
     task.cancel()  # same turn as the event
     with pytest.raises(asyncio.CancelledError):

@@ -85,6 +85,16 @@ async def follow_restarting(pool: WorkerPool, t: RedisTransport, spec: PipelineS
 RedisProc = AofRedis  # not the session server: AOF on, killed and restarted mid-test
 
 
+async def _reachable(t: RedisTransport) -> bool:
+    """Redis answers again (a restart is over): the condition to resume following on."""
+    import redis.exceptions
+
+    try:
+        return bool(await t.ping())
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        return False
+
+
 async def follow_through_outages(t: RedisTransport, spec: PipelineSpec, run: str,
                                  deadline_s: float) -> list[dict[str, object]]:
     """A run's events, resuming after the last one seen whenever Redis is unreachable
@@ -108,4 +118,4 @@ async def follow_through_outages(t: RedisTransport, spec: PipelineSpec, run: str
                 events.append(ev)
             return events
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-            await asyncio.sleep(0.1)  # back off before reconnecting; not a synchronisation
+            await eventually(lambda: _reachable(t), max(0.1, end - time.monotonic()))

@@ -153,9 +153,9 @@ class _Slot:
     """The runner slot one input's task holds. It is handed back as soon as the call is
     over, before the final commit: the slot bounds calls (an engine's batch), and holding
     it through the commit's round trip made a worker alternate between computing and
-    waiting for Redis instead of overlapping the two. From then on the task counts as
-    `committing`, not `inflight` (the load routers see, and what decides how many new
-    entries the runner reads)."""
+    waiting for Redis instead of overlapping the two. From then on the task no longer
+    counts in `inflight` (the load routers see, and what decides how many new entries the
+    runner reads)."""
 
     __slots__ = ("runner", "released")
 
@@ -167,7 +167,6 @@ class _Slot:
         if not self.released:
             self.released = True
             self.runner.inflight -= 1  # what routers and heartbeats report as load
-            self.runner.committing += 1
             self.runner._slots.release()
             self.runner._slot_freed.set()
 
@@ -238,7 +237,6 @@ class StageRunner:
         self._cancelled_runs: OrderedDict[str, None] = OrderedDict()
         self.processed = 0
         self.inflight = 0
-        self.committing = 0  # tasks past their call, in their final commit (not in inflight)
 
     # ------------------------------------------------------------------ main loop
     async def run(self, stop: asyncio.Event) -> None:
@@ -527,7 +525,6 @@ class StageRunner:
                 await self._guarded(d, lambda d: self._unit(d, slot))
             finally:
                 if slot.released:
-                    self.committing -= 1
                     self.inflight += 1  # the task's done callback takes it off again
                 else:
                     self._slots.release()
