@@ -38,6 +38,7 @@ from orchestrator.transport import (
     Delivery,
     FencedError,
     Guard,
+    PendingEntry,
     Progress,
     StreamStats,
     Transport,
@@ -307,6 +308,49 @@ class EmbeddedTransport(Transport):
                 out.append(Delivery(stream, _eid(seq), st.entries[seq], p.deliveries))
                 if len(out) >= count:
                     break
+        return out
+
+    async def pending_consumers(self, stream: str, group: str) -> dict[str, int]:
+        _, g = self._group(stream, group)
+        out: dict[str, int] = {}
+        for p in g.pending.values():
+            out[p.consumer] = out.get(p.consumer, 0) + 1
+        return out
+
+    async def pending(
+        self, stream: str, group: str, count: int, *, min_idle_ms: int = 0,
+        consumer: str | None = None,
+    ) -> list[PendingEntry]:
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        _, g = self._group(stream, group)
+        now = time.monotonic()
+        out: list[PendingEntry] = []
+        for seq, p in g.pending.items():
+            idle_ms = int((now - p.delivered_at) * 1000)
+            if idle_ms < min_idle_ms or (consumer is not None and p.consumer != consumer):
+                continue
+            out.append(PendingEntry(_eid(seq), p.consumer, idle_ms, p.deliveries))
+            if len(out) >= count:
+                break
+        return out
+
+    async def claim(
+        self, stream: str, group: str, consumer: str, entry_ids: Sequence[str],
+        min_idle_ms: int,
+    ) -> list[Delivery]:
+        st, g = self._group(stream, group)
+        now = time.monotonic()
+        oldest = now - min_idle_ms / 1000
+        out: list[Delivery] = []
+        for seq in sorted({_seq(e) for e in entry_ids}):
+            p = g.pending.get(seq)
+            if p is None or p.delivered_at > oldest:
+                continue
+            p.consumer = consumer
+            p.delivered_at = now
+            p.deliveries += 1
+            out.append(Delivery(stream, _eid(seq), st.entries[seq], p.deliveries))
         return out
 
     async def stats(self, stream: str, group: str) -> StreamStats:

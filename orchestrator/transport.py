@@ -64,6 +64,18 @@ class Delivery:
     deliveries: int = 1
 
 
+@dataclass(frozen=True, slots=True)
+class PendingEntry:
+    """An entry delivered to a group and not yet acknowledged: who holds it, for how long,
+    and how often it has been delivered (a claim raises that by one). What a runner needs
+    to take over a dead consumer's work without charging innocent entries for a crash."""
+
+    entry_id: str
+    consumer: str
+    idle_ms: int
+    deliveries: int
+
+
 @dataclass(slots=True)
 class Progress:
     units: int = 0
@@ -158,6 +170,28 @@ class Transport(abc.ABC):
     ) -> list[Delivery]:
         """Take over entries pending (unacknowledged) for at least `min_idle_ms` in this
         group, whoever holds them; `min_idle_ms=0` takes all of them."""
+
+    @abc.abstractmethod
+    async def pending_consumers(self, stream: str, group: str) -> dict[str, int]:
+        """How many entries each consumer of `group` holds pending (consumers holding
+        none may be missing)."""
+
+    @abc.abstractmethod
+    async def pending(
+        self, stream: str, group: str, count: int, *, min_idle_ms: int = 0,
+        consumer: str | None = None,
+    ) -> list[PendingEntry]:
+        """Up to `count` pending entries, oldest first, idle for at least `min_idle_ms`
+        (and held by `consumer`, if given). Reads only: nothing changes hands."""
+
+    @abc.abstractmethod
+    async def claim(
+        self, stream: str, group: str, consumer: str, entry_ids: Sequence[str],
+        min_idle_ms: int,
+    ) -> list[Delivery]:
+        """Take over exactly these entries, each only if it is still pending and idle for
+        at least `min_idle_ms` (a claim resets idle time, so of two consumers racing for
+        one entry only the first gets it). Oldest first; the rest are skipped."""
 
     @abc.abstractmethod
     async def stats(self, stream: str, group: str) -> StreamStats: ...

@@ -90,15 +90,19 @@ POISON = ROOT / "tests" / "toy" / "poison.yaml"
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("max_deliveries", [2, 3])
 async def test_poison_input_that_kills_its_worker_is_dead_lettered(
-    redis_url: str, redis_t: RedisTransport
+    redis_url: str, redis_t: RedisTransport, max_deliveries: int
 ) -> None:
     """The word "poison" SIGKILLs whichever worker processes it. It is claimed again after
     each crash (its delivery count growing) until it exceeds ALTO_MAX_DELIVERIES; then it
     is dead-lettered without running, the run fails naming the stage, and the (restarted)
-    worker goes on serving."""
+    worker goes on serving. The words next to it may share its crashes: with 3 deliveries
+    allowed, the crashed worker's entries are first retried together (the poison crashes
+    them all once more), then each alone; with 2, each alone at once. Either way only
+    the poison is dead-lettered."""
     spec = load_pipeline(POISON)
-    pool = WorkerPool(redis_url, POISON, {"ALTO_MAX_DELIVERIES": "2"})
+    pool = WorkerPool(redis_url, POISON, {"ALTO_MAX_DELIVERIES": str(max_deliveries)})
     try:
         for stage in spec.by_name:
             pool.start(stage)
@@ -112,10 +116,11 @@ async def test_poison_input_that_kills_its_worker_is_dead_lettered(
     err = events[-1]
     assert err["type"] == "error", err
     assert err["stage"] == "crashy" and err["code"] == "max_deliveries"
-    assert crashes == 2  # delivered twice (both crashed); the third delivery never ran
+    # every delivery allowed crashed; the one past the limit never ran
+    assert crashes == max_deliveries
     assert len(dead) == 1 and dead[0]["stage"] == "crashy"
     assert dead[0]["envelope"]["x"] == "poison"
-    assert dead[0]["entries"][0]["deliveries"] == 3
+    assert dead[0]["entries"][0]["deliveries"] == max_deliveries + 1
     assert after[-1]["type"] == "result" and after[-1]["units"] == ["final[x,y]"]
 
 

@@ -237,6 +237,48 @@ async def test_pending_entries_reclaimed_only_when_idle(transport: Transport) ->
     assert (await transport.stats("s", "g")).pending == 3
 
 
+async def test_pending_lists_holders_without_changing_hands(transport: Transport) -> None:
+    await transport.ensure_group("s", "g")
+    assert await transport.pending_consumers("s", "g") == {}
+    assert await transport.pending("s", "g", 10) == []
+    await publish_n(transport, "s", 5)
+    a = await transport.consume(["s"], "g", "a", 2, 0)
+    b = await transport.consume(["s"], "g", "b", 3, 0)
+    await transport.ack("s", "g", [b[1].entry_id])
+    assert await transport.pending_consumers("s", "g") == {"a": 2, "b": 2}
+    listed = await transport.pending("s", "g", 10)
+    assert [p.entry_id for p in listed] == [a[0].entry_id, a[1].entry_id, b[0].entry_id,
+                                             b[2].entry_id]  # oldest first, acked gone
+    assert [p.consumer for p in listed] == ["a", "a", "b", "b"]
+    assert all(p.deliveries == 1 and p.idle_ms >= 0 for p in listed)
+    assert [p.entry_id for p in await transport.pending("s", "g", 1, consumer="b")] == [
+        b[0].entry_id]
+    assert await transport.pending("s", "g", 10, min_idle_ms=BIG_IDLE_MS) == []
+    # listing is a read: the entries are still held by the same consumers, counts unchanged
+    again = await transport.pending("s", "g", 10)
+    assert [(p.consumer, p.deliveries) for p in again] == [(p.consumer, 1) for p in listed]
+
+
+async def test_claim_by_id_takes_only_idle_pending_entries(transport: Transport) -> None:
+    await transport.ensure_group("s", "g")
+    envs = await publish_n(transport, "s", 4)
+    got = await transport.consume(["s"], "g", "a", 4, 0)
+    await transport.ack("s", "g", [got[2].entry_id])
+    ids = [d.entry_id for d in got]
+    # not idle enough: nothing changes hands
+    assert await transport.claim("s", "g", "b", ids, BIG_IDLE_MS) == []
+    # exactly the ids asked for (in stream order), minus the acknowledged one
+    taken = await transport.claim("s", "g", "b", [ids[3], ids[2], ids[0]], 0)
+    assert [d.entry_id for d in taken] == [ids[0], ids[3]]
+    assert [d.envelope for d in taken] == [envs[0], envs[3]]
+    assert [d.deliveries for d in taken] == [2, 2]
+    assert await transport.pending_consumers("s", "g") == {"a": 1, "b": 2}
+    # a claim resets idle time: a second claimer racing for the same entries gets none
+    assert await transport.claim("s", "g", "c", ids, 60_000) == []
+    held = {p.entry_id: (p.consumer, p.deliveries) for p in await transport.pending("s", "g", 9)}
+    assert held == {ids[0]: ("b", 2), ids[1]: ("a", 1), ids[3]: ("b", 2)}
+
+
 async def test_ack_removes_from_pending(transport: Transport) -> None:
     await transport.ensure_group("s", "g")
     await publish_n(transport, "s", 4)

@@ -55,6 +55,7 @@ from orchestrator.transport import (
     Commit,
     Delivery,
     FencedError,
+    PendingEntry,
     Progress,
     StreamStats,
     Transport,
@@ -62,6 +63,12 @@ from orchestrator.transport import (
 from workers.redis_wire import use_hiredis_packing
 
 __all__ = ["RedisTransport"]
+
+
+def _id_order(entry_id: str) -> tuple[int, int]:
+    """Stream ids sort as (milliseconds, sequence), not as strings."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 # Non-blocking read of up to ARGV[3] new entries across KEYS, in KEYS order. When nothing
 # is new, also returns each stream's last entry id: an XREAD BLOCK from there wakes on the
@@ -118,6 +125,24 @@ repeat
     end
   end
 until cursor == '0-0' or got >= want
+return out
+"""
+
+# XCLAIM exactly these ids (each only if still pending and idle >= ARGV[3]), each with its
+# delivery count read in the same atomic step; ids no longer pending are skipped.
+_CLAIM_IDS = """
+local out = {}
+local res = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(ARGV, 4))
+for _, entry in ipairs(res) do
+  if type(entry) == 'table' and type(entry[2]) == 'table' then
+    local fields, e = entry[2], false
+    for j = 1, #fields, 2 do if fields[j] == 'e' then e = fields[j + 1] end end
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
+    out[#out + 1] = entry[1]
+    out[#out + 1] = e
+    out[#out + 1] = p[1][4]
+  end
+end
 return out
 """
 
@@ -297,6 +322,7 @@ class RedisTransport(Transport):
         self._rr = 0  # rotates multi-stream reads for fairness
         self._consume = self._r.register_script(_CONSUME)
         self._claim = self._r.register_script(_CLAIM)
+        self._claim_ids = self._r.register_script(_CLAIM_IDS)
         self._trim = self._r.register_script(_TRIM)
         self._acquire = self._r.register_script(_ACQUIRE)
         self._release = self._r.register_script(_RELEASE)
@@ -489,6 +515,58 @@ class RedisTransport(Transport):
             Delivery(stream, flat[i], Envelope.from_json(flat[i + 1]), int(flat[i + 2]))
             for i in range(0, len(flat), 3)
         ]
+
+    async def pending_consumers(self, stream: str, group: str) -> dict[str, int]:
+        try:
+            summary = await self._r.xpending(self._stream_key(stream), group)
+        except ResponseError as exc:
+            if _no_group(exc):
+                raise NoGroupError(f"no group {group!r} on stream {stream!r}") from exc
+            raise
+        return {c["name"]: int(c["pending"]) for c in summary.get("consumers") or []}
+
+    async def pending(
+        self, stream: str, group: str, count: int, *, min_idle_ms: int = 0,
+        consumer: str | None = None,
+    ) -> list[PendingEntry]:
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        try:
+            rows = await self._r.xpending_range(
+                self._stream_key(stream), group, "-", "+", count,
+                consumername=consumer, idle=min_idle_ms if min_idle_ms > 0 else None,
+            )
+        except ResponseError as exc:
+            if _no_group(exc):
+                raise NoGroupError(f"no group {group!r} on stream {stream!r}") from exc
+            raise
+        return [
+            PendingEntry(r["message_id"], r["consumer"], int(r["time_since_delivered"]),
+                         int(r["times_delivered"]))
+            for r in rows
+        ]
+
+    async def claim(
+        self, stream: str, group: str, consumer: str, entry_ids: Sequence[str],
+        min_idle_ms: int,
+    ) -> list[Delivery]:
+        ids = sorted(set(entry_ids), key=_id_order)
+        out: list[Delivery] = []
+        for i in range(0, len(ids), 1000):  # Lua's unpack has a stack limit
+            try:
+                flat = await self._claim_ids(
+                    keys=[self._stream_key(stream)],
+                    args=[group, consumer, max(0, min_idle_ms), *ids[i:i + 1000]],
+                )
+            except ResponseError as exc:
+                if _no_group(exc):
+                    raise NoGroupError(f"no group {group!r} on stream {stream!r}") from exc
+                raise
+            out.extend(
+                Delivery(stream, flat[j], Envelope.from_json(flat[j + 1]), int(flat[j + 2]))
+                for j in range(0, len(flat), 3)
+            )
+        return out
 
     async def stats(self, stream: str, group: str) -> StreamStats:
         key = self._stream_key(stream)

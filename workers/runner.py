@@ -68,6 +68,7 @@ from orchestrator.transport import (
     Fence,
     FencedError,
     Guard,
+    PendingEntry,
     Progress,
     Transport,
 )
@@ -78,6 +79,7 @@ log = logging.getLogger("alto.runner")
 
 Observer = Callable[[str, dict[str, Any]], None]
 DEFAULT_SLOTS = 8  # runner slots of a stage without an engine and no `concurrency`
+_SCAN = 1_000  # pending entries listed per holder when looking for abandoned work
 
 
 def dead_letter_stream(pipeline: str) -> str:
@@ -121,6 +123,12 @@ class RunnerConfig:
     max_deliveries: int = 5  # an input delivered more often than this is dead-lettered
     trim_interval_ms: int = 5_000  # how often the runner trims the streams it reads
     cancel_ttl_s: int = 3_600  # how long a failed run's cancel flag lives
+
+    @property
+    def member_ttl_ms(self) -> int:
+        """How long an instance stays a member without a heartbeat; a consumer that is not
+        a member is dead, and its pending entries are taken over once this idle."""
+        return self.heartbeat_ms * 5
 
     @classmethod
     def from_settings(cls, settings: Any) -> RunnerConfig:
@@ -272,6 +280,8 @@ class StageRunner:
             if self.stage.aggregates:
                 await self._rebalance()
                 await self._drop_cancelled_groups()
+            else:
+                await self._recover(sweep=False)
             await self.router.refresh(self)
             self._next_beat = now + self.config.heartbeat_ms / 1000
         if now >= self._next_claim:
@@ -341,36 +351,93 @@ class StageRunner:
             "processed": self.processed,
             "engine": getattr(self.function.engine, "name", None),
         }
-        await self.transport.heartbeat(
-            self.group, self.instance, info, self.config.heartbeat_ms * 5
-        )
+        await self.transport.heartbeat(self.group, self.instance, info, self.config.member_ttl_ms)
 
     async def _claim_abandoned(self) -> None:
-        # an aggregator holds its groups' entries pending on purpose; claiming them back is
-        # a no-op, so it must look at all of them or a lost one could hide behind them.
-        # A stateless stage takes abandoned entries one at a time and runs each alone
-        # ("isolation"): a claim counts a delivery, so claiming a crashed worker's whole
-        # batch at once would charge every innocent entry for each crash a poison input
-        # causes, and dead-letter them with it.
-        if not self.stage.aggregates and self._suspect is not None:
+        """The idle sweep: entries pending longer than `claim_idle_ms`, whoever holds them
+        (a consumer that heartbeats but stalls, or our own entry that a transient error
+        left pending)."""
+        if not self.stage.aggregates:
+            await self._recover(sweep=True)
             return
-        count = 100_000 if self.stage.aggregates else 1
+        # an aggregator holds its groups' entries pending on purpose; claiming them back is
+        # a no-op, so it must look at all of them or a lost one could hide behind them
         for s in self.owned:
             got = await self.transport.claim_abandoned(
-                s, self.group, self.instance, self.config.claim_idle_ms, count
+                s, self.group, self.instance, self.config.claim_idle_ms, 100_000
             )
-            if got and self.observer is not None:  # entries we hold already are not news
-                fresh = sum((d.stream, d.entry_id) not in self._held for d in got)
-                self.observer("reclaimed", {"pipeline": self.spec.name, "stage": self.stage.name,
-                                            "instance": self.instance, "count": fresh})
+            self._report_reclaimed(got)
             for d in got:
                 await self._accept(d)
-                if self.stage.aggregates:
+
+    def _report_reclaimed(self, got: list[Delivery]) -> None:
+        if got and self.observer is not None:  # entries we hold already are not news
+            fresh = sum((d.stream, d.entry_id) not in self._held for d in got)
+            self.observer("reclaimed", {"pipeline": self.spec.name, "stage": self.stage.name,
+                                        "instance": self.instance, "count": fresh})
+
+    async def _recover(self, *, sweep: bool) -> None:
+        """A stateless stage takes over abandoned entries: those of consumers whose
+        heartbeat has expired (checked every heartbeat, so a crashed worker's backlog moves
+        within about one member TTL, not `claim_idle_ms`), and with `sweep` those idle past
+        `claim_idle_ms`.
+
+        A claim counts a delivery, and a crash charges every entry its worker held. An
+        entry delivered once was near at most one crash: such entries are claimed
+        together, up to the free slots, and run in parallel (before, a crashed LM worker's
+        256 calls were re-run one after another). An entry delivered more often has been
+        near two crashes: it is claimed alone, and the next such one only after it ends
+        ("isolation"), so a poison input goes on crashing workers by itself until it is
+        dead-lettered. An innocent entry is thus charged for at most two crashes it did not
+        cause (its worker's, and one shared retry) before it runs alone; with
+        `max_deliveries` below 3 that would dead-letter it, so every entry is isolated."""
+        live: set[str] | None = None
+        dead_idle = self.config.member_ttl_ms
+        for s in self.owned:
+            found: dict[str, tuple[PendingEntry, int]] = {}  # entry id -> (entry, idle bound)
+            if sweep:
+                idle = self.config.claim_idle_ms
+                for p in await self.transport.pending(s, self.group, _SCAN, min_idle_ms=idle):
+                    found[p.entry_id] = (p, idle)
+            for holder in await self.transport.pending_consumers(s, self.group):
+                if holder == self.instance:
                     continue
+                if live is None:
+                    live = set(await self.transport.members(self.group))
+                if holder in live:
+                    continue
+                for p in await self.transport.pending(
+                    s, self.group, _SCAN, min_idle_ms=dead_idle, consumer=holder
+                ):
+                    found.setdefault(p.entry_id, (p, dead_idle))
+            if found and await self._take_over(s, list(found.values())):
+                return
+
+    async def _take_over(self, stream: str, found: list[tuple[PendingEntry, int]]) -> bool:
+        """Claim what `_recover` found on one stream; True once a suspect runs alone."""
+        found = [(p, idle) for p, idle in found if (stream, p.entry_id) not in self._running]
+        shared = self.config.max_deliveries >= 3  # room for a shared retry (_recover)
+        once = [(p, idle) for p, idle in found if p.deliveries <= 1 and shared]
+        batch = once[: max(1, self.capacity - self.inflight)]
+        if len(batch) < len(once):
+            self._next_claim = 0.0  # more than we had room for: come back next tick
+        if not batch and self._suspect is None:
+            batch = [(p, idle) for p, idle in found if p.deliveries > 1 or not shared][:1]
+        by_idle: dict[int, list[str]] = {}
+        for p, idle in batch:
+            by_idle.setdefault(idle, []).append(p.entry_id)
+        got: list[Delivery] = []
+        for idle, ids in by_idle.items():
+            got.extend(await self.transport.claim(stream, self.group, self.instance, ids, idle))
+        self._report_reclaimed(got)
+        for d in got:
+            await self._accept(d)
+            if d.deliveries > 2 or not shared:  # claimed alone
                 if (d.stream, d.entry_id) in self._running:
                     self._suspect = (d.stream, d.entry_id)
-                    return
+                    return True
                 self._next_claim = 0.0  # settled at once (dead-lettered): take the next
+        return False
 
     async def _rebalance(self) -> None:
         """Own the partitions balanced rendezvous hashing gives this instance among live

@@ -1,0 +1,51 @@
+"""Taking over a dead worker's backlog: at once (its heartbeat expired, no need to wait
+for `claim_idle_ms`) and in parallel (its entries were delivered once: they are retried
+together, not one after another). The isolation of inputs that keep crashing workers is
+tested with real processes in tests/test_faults.py."""
+
+from __future__ import annotations
+
+from orchestrator.routing import stage_group, stage_streams
+from orchestrator.spec import parse_pipeline
+from orchestrator.transport import Transport
+from tests.toy.rendezvous import RENDEZVOUS
+from workers.client import follow_run, start_run
+from workers.runner import RunnerConfig
+from workers.runtime import Runtime
+
+SPEC = parse_pipeline(
+    {"name": "recovery",
+     "stages": [{"name": "work", "kind": "tool", "function": "tests.toy.rendezvous:meet"}]}
+)
+N = 6  # within the stage's default slots (8)
+# the idle sweep would take an hour: only the dead-consumer path can recover the entries
+CONFIG = RunnerConfig(claim_idle_ms=3_600_000, block_ms=20, lease_ttl_ms=300, heartbeat_ms=50)
+
+
+async def test_dead_workers_backlog_is_taken_over_at_once_and_in_parallel(
+    transport: Transport,
+) -> None:
+    RENDEZVOUS.reset(target=N, patience_s=10)
+    (stream,) = stage_streams(SPEC, "work")
+    group = stage_group(SPEC.name, "work")
+    await transport.ensure_group(stream, group)
+    runs = [await start_run(transport, SPEC, f"w{i}") for i in range(N)]
+    # a worker that read them and died: it never heartbeats, so it is not a member
+    held = await transport.consume([stream], group, "ghost", N, 0)
+    assert len(held) == N
+    assert await transport.pending_consumers(stream, group) == {"ghost": N}
+    rt = Runtime(transport, [SPEC], config=CONFIG)
+    await rt.start()
+    try:
+        last = {}
+        for run in runs:
+            async for _, ev in follow_run(transport, SPEC, run, deadline_s=30):
+                last[run] = ev
+        pending = await transport.pending_consumers(stream, group)
+    finally:
+        await rt.stop()
+    assert [last[r]["type"] for r in runs] == ["result"] * N, last
+    assert sorted(last[r]["units"][0] for r in runs) == sorted(f"met:w{i}" for i in range(N))
+    assert RENDEZVOUS.calls == N  # each once: nothing re-run
+    assert RENDEZVOUS.peak == N  # all together, not one after another
+    assert pending == {}

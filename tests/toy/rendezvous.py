@@ -1,0 +1,43 @@
+"""A stage that shows how many of its calls run at once (a real stage, not a mock): each
+call waits until `target` calls are in progress together, or `patience_s` passes, so the
+peak it records is exactly how much parallelism the runtime gave it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from orchestrator.template import StageContext
+
+
+class Rendezvous:
+    def __init__(self) -> None:
+        self.reset(1, 0.0)
+
+    def reset(self, target: int, patience_s: float) -> None:
+        self.target = target
+        self.patience_s = patience_s
+        self.active = 0
+        self.peak = 0
+        self.calls = 0
+        self.together = asyncio.Event()
+
+
+RENDEZVOUS = Rendezvous()
+
+
+async def meet(value: Any, ctx: StageContext) -> str:
+    r = RENDEZVOUS
+    r.calls += 1
+    r.active += 1
+    r.peak = max(r.peak, r.active)
+    if r.active >= r.target:
+        r.together.set()
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(r.patience_s):
+                await r.together.wait()
+    finally:
+        r.active -= 1
+    return f"met:{value}"
