@@ -310,11 +310,15 @@ class EmbeddedTransport(Transport):
                     break
         return out
 
-    async def pending_consumers(self, stream: str, group: str) -> dict[str, int]:
-        _, g = self._group(stream, group)
-        out: dict[str, int] = {}
-        for p in g.pending.values():
-            out[p.consumer] = out.get(p.consumer, 0) + 1
+    async def pending_consumers(
+        self, streams: Sequence[str], group: str
+    ) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for stream in streams:
+            _, g = self._group(stream, group)
+            for p in g.pending.values():
+                held = out.setdefault(stream, {})
+                held[p.consumer] = held.get(p.consumer, 0) + 1
         return out
 
     async def pending(

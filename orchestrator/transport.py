@@ -172,9 +172,12 @@ class Transport(abc.ABC):
         group, whoever holds them; `min_idle_ms=0` takes all of them."""
 
     @abc.abstractmethod
-    async def pending_consumers(self, stream: str, group: str) -> dict[str, int]:
-        """How many entries each consumer of `group` holds pending (consumers holding
-        none may be missing)."""
+    async def pending_consumers(
+        self, streams: Sequence[str], group: str
+    ) -> dict[str, dict[str, int]]:
+        """Per stream with entries pending in `group`, how many each consumer holds (one
+        call for all of a stage's streams: a prompt-aware stage reads ~128 lanes, and
+        runners ask at every heartbeat whether a dead consumer holds any)."""
 
     @abc.abstractmethod
     async def pending(

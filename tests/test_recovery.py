@@ -33,7 +33,7 @@ async def test_dead_workers_backlog_is_taken_over_at_once_and_in_parallel(
     # a worker that read them and died: it never heartbeats, so it is not a member
     held = await transport.consume([stream], group, "ghost", N, 0)
     assert len(held) == N
-    assert await transport.pending_consumers(stream, group) == {"ghost": N}
+    assert await transport.pending_consumers([stream], group) == {stream: {"ghost": N}}
     rt = Runtime(transport, [SPEC], config=CONFIG)
     await rt.start()
     try:
@@ -41,7 +41,7 @@ async def test_dead_workers_backlog_is_taken_over_at_once_and_in_parallel(
         for run in runs:
             async for _, ev in follow_run(transport, SPEC, run, deadline_s=30):
                 last[run] = ev
-        pending = await transport.pending_consumers(stream, group)
+        pending = await transport.pending_consumers([stream], group)
     finally:
         await rt.stop()
     assert [last[r]["type"] for r in runs] == ["result"] * N, last

@@ -239,13 +239,18 @@ async def test_pending_entries_reclaimed_only_when_idle(transport: Transport) ->
 
 async def test_pending_lists_holders_without_changing_hands(transport: Transport) -> None:
     await transport.ensure_group("s", "g")
-    assert await transport.pending_consumers("s", "g") == {}
+    await transport.ensure_group("t", "g")
+    assert await transport.pending_consumers(["s", "t"], "g") == {}
     assert await transport.pending("s", "g", 10) == []
     await publish_n(transport, "s", 5)
     a = await transport.consume(["s"], "g", "a", 2, 0)
     b = await transport.consume(["s"], "g", "b", 3, 0)
     await transport.ack("s", "g", [b[1].entry_id])
-    assert await transport.pending_consumers("s", "g") == {"a": 2, "b": 2}
+    await transport.publish("t", env(9))
+    assert len(await transport.consume(["t"], "g", "c", 1, 0)) == 1
+    assert await transport.pending_consumers(["s", "t"], "g") == {
+        "s": {"a": 2, "b": 2}, "t": {"c": 1}}
+    assert await transport.pending_consumers(["t"], "g") == {"t": {"c": 1}}
     listed = await transport.pending("s", "g", 10)
     assert [p.entry_id for p in listed] == [a[0].entry_id, a[1].entry_id, b[0].entry_id,
                                              b[2].entry_id]  # oldest first, acked gone
@@ -272,7 +277,7 @@ async def test_claim_by_id_takes_only_idle_pending_entries(transport: Transport)
     assert [d.entry_id for d in taken] == [ids[0], ids[3]]
     assert [d.envelope for d in taken] == [envs[0], envs[3]]
     assert [d.deliveries for d in taken] == [2, 2]
-    assert await transport.pending_consumers("s", "g") == {"a": 1, "b": 2}
+    assert await transport.pending_consumers(["s"], "g") == {"s": {"a": 1, "b": 2}}
     # a claim resets idle time: a second claimer racing for the same entries gets none
     assert await transport.claim("s", "g", "c", ids, 60_000) == []
     held = {p.entry_id: (p.consumer, p.deliveries) for p in await transport.pending("s", "g", 9)}

@@ -128,6 +128,22 @@ until cursor == '0-0' or got >= want
 return out
 """
 
+# Per key with entries pending in group ARGV[1]: {key index, consumer, count} triples.
+_HOLDERS = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local summary = redis.call('XPENDING', key, ARGV[1])
+  if summary[4] then
+    for _, c in ipairs(summary[4]) do
+      out[#out + 1] = i
+      out[#out + 1] = c[1]
+      out[#out + 1] = tonumber(c[2])
+    end
+  end
+end
+return out
+"""
+
 # XCLAIM exactly these ids (each only if still pending and idle >= ARGV[3]), each with its
 # delivery count read in the same atomic step; ids no longer pending are skipped.
 _CLAIM_IDS = """
@@ -323,6 +339,7 @@ class RedisTransport(Transport):
         self._consume = self._r.register_script(_CONSUME)
         self._claim = self._r.register_script(_CLAIM)
         self._claim_ids = self._r.register_script(_CLAIM_IDS)
+        self._holders = self._r.register_script(_HOLDERS)
         self._trim = self._r.register_script(_TRIM)
         self._acquire = self._r.register_script(_ACQUIRE)
         self._release = self._r.register_script(_RELEASE)
@@ -516,14 +533,22 @@ class RedisTransport(Transport):
             for i in range(0, len(flat), 3)
         ]
 
-    async def pending_consumers(self, stream: str, group: str) -> dict[str, int]:
+    async def pending_consumers(
+        self, streams: Sequence[str], group: str
+    ) -> dict[str, dict[str, int]]:
+        if not streams:
+            return {}
         try:
-            summary = await self._r.xpending(self._stream_key(stream), group)
+            flat = await self._holders(keys=[self._stream_key(s) for s in streams],
+                                       args=[group])
         except ResponseError as exc:
             if _no_group(exc):
-                raise NoGroupError(f"no group {group!r} on stream {stream!r}") from exc
+                raise NoGroupError(f"no group {group!r} on {list(streams)!r}") from exc
             raise
-        return {c["name"]: int(c["pending"]) for c in summary.get("consumers") or []}
+        out: dict[str, dict[str, int]] = {}
+        for i in range(0, len(flat), 3):
+            out.setdefault(streams[int(flat[i]) - 1], {})[flat[i + 1]] = int(flat[i + 2])
+        return out
 
     async def pending(
         self, stream: str, group: str, count: int, *, min_idle_ms: int = 0,

@@ -391,15 +391,20 @@ class StageRunner:
         dead-lettered. An innocent entry is thus charged for at most two crashes it did not
         cause (its worker's, and one shared retry) before it runs alone; with
         `max_deliveries` below 3 that would dead-letter it, so every entry is isolated."""
+        if not self.owned:
+            return
+        held = await self.transport.pending_consumers(self.owned, self.group)
+        if not held:
+            return
         live: set[str] | None = None
         dead_idle = self.config.member_ttl_ms
-        for s in self.owned:
+        for s, holders in held.items():
             found: dict[str, tuple[PendingEntry, int]] = {}  # entry id -> (entry, idle bound)
             if sweep:
                 idle = self.config.claim_idle_ms
                 for p in await self.transport.pending(s, self.group, _SCAN, min_idle_ms=idle):
                     found[p.entry_id] = (p, idle)
-            for holder in await self.transport.pending_consumers(s, self.group):
+            for holder in holders:
                 if holder == self.instance:
                     continue
                 if live is None:
