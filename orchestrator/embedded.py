@@ -357,6 +357,19 @@ class EmbeddedTransport(Transport):
             out.append(Delivery(stream, _eid(seq), st.entries[seq], p.deliveries))
         return out
 
+    async def touch(
+        self, stream: str, group: str, consumer: str, entry_ids: Sequence[str]
+    ) -> int:
+        _, g = self._group(stream, group)
+        now = time.monotonic()
+        n = 0
+        for seq in {_seq(e) for e in entry_ids}:
+            p = g.pending.get(seq)
+            if p is not None and p.consumer == consumer:
+                p.delivered_at = now
+                n += 1
+        return n
+
     async def stats(self, stream: str, group: str) -> StreamStats:
         st, g = self._group(stream, group)
         return StreamStats(

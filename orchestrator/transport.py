@@ -197,6 +197,16 @@ class Transport(abc.ABC):
         one entry only the first gets it). Oldest first; the rest are skipped."""
 
     @abc.abstractmethod
+    async def touch(
+        self, stream: str, group: str, consumer: str, entry_ids: Sequence[str]
+    ) -> int:
+        """Reset the idle time of those of `entry_ids` that `consumer` still holds, without
+        counting a delivery (XCLAIM JUSTID); returns how many. A live worker's long call
+        (a long generation) must not look abandoned: claimed by others after
+        `claim_idle_ms`, it was re-run beside the original and, claimed often enough,
+        dead-lettered while it was still running."""
+
+    @abc.abstractmethod
     async def stats(self, stream: str, group: str) -> StreamStats: ...
 
     @abc.abstractmethod

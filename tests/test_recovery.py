@@ -1,7 +1,7 @@
 """Taking over a dead worker's backlog: at once (its heartbeat expired, no need to wait
 for `claim_idle_ms`) and in parallel (its entries were delivered once: they are retried
-together, not one after another). The isolation of inputs that keep crashing workers is
-tested with real processes in tests/test_faults.py."""
+together, not one after another); and never a live worker's long call. The isolation of
+inputs that keep crashing workers is tested with real processes in tests/test_faults.py."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from orchestrator.routing import stage_group, stage_streams
 from orchestrator.spec import parse_pipeline
 from orchestrator.transport import Transport
 from tests.toy.rendezvous import RENDEZVOUS
+from tests.waiting import eventually
 from workers.client import follow_run, start_run
 from workers.runner import RunnerConfig
 from workers.runtime import Runtime
@@ -20,6 +21,7 @@ SPEC = parse_pipeline(
 N = 6  # within the stage's default slots (8)
 # the idle sweep would take an hour: only the dead-consumer path can recover the entries
 CONFIG = RunnerConfig(claim_idle_ms=3_600_000, block_ms=20, lease_ttl_ms=300, heartbeat_ms=50)
+CONFIG_SHORT = RunnerConfig(claim_idle_ms=200, block_ms=20, lease_ttl_ms=300, heartbeat_ms=50)
 
 
 async def test_dead_workers_backlog_is_taken_over_at_once_and_in_parallel(
@@ -49,3 +51,42 @@ async def test_dead_workers_backlog_is_taken_over_at_once_and_in_parallel(
     assert RENDEZVOUS.calls == N  # each once: nothing re-run
     assert RENDEZVOUS.peak == N  # all together, not one after another
     assert pending == {}
+
+
+HOLD = parse_pipeline(
+    {"name": "long",
+     "stages": [{"name": "work", "kind": "tool", "function": "tests.toy.rendezvous:hold"}]}
+)
+
+
+async def test_a_live_workers_long_call_is_not_taken_over(transport: Transport) -> None:
+    """A call that lasts many times `claim_idle_ms` on a live worker: its runner keeps the
+    entry fresh, so the other instance's idle sweeps leave it alone (before, it was claimed
+    and re-run beside the original, and claimed often enough, dead-lettered)."""
+    RENDEZVOUS.reset(target=1, patience_s=30)
+    (stream,) = stage_streams(HOLD, "work")
+    group = stage_group(HOLD.name, "work")
+    rts = [Runtime(transport, [HOLD], config=CONFIG_SHORT) for _ in range(2)]  # 2 workers
+    for rt in rts:
+        await rt.start()
+    try:
+        runners = [r for rt in rts for r in rt.runners]
+        assert len(runners) == 2
+        run = await start_run(transport, HOLD, "slow")
+        await eventually(lambda: RENDEZVOUS.active == 1, 10)
+        # both instances sweep for idle entries every 100 ms; wait until each has swept
+        # well past the 200 ms after which an untouched entry would be claimed
+        base = [r.sweeps for r in runners]
+        await eventually(lambda: all(r.sweeps >= b + 6 for r, b in zip(runners, base,
+                                                                        strict=True)), 10)
+        held = await transport.pending(stream, group, 10)
+        calls_while_held = RENDEZVOUS.calls
+        RENDEZVOUS.release.set()
+        events = [ev async for _, ev in follow_run(transport, HOLD, run, deadline_s=30)]
+    finally:
+        for rt in rts:
+            await rt.stop()
+    assert calls_while_held == 1  # nobody re-ran it
+    assert [p.deliveries for p in held] == [1]  # nor claimed it
+    assert events[-1]["type"] == "result" and events[-1]["units"] == ["held:slow"]
+    assert RENDEZVOUS.calls == 1

@@ -284,6 +284,29 @@ async def test_claim_by_id_takes_only_idle_pending_entries(transport: Transport)
     assert held == {ids[0]: ("b", 2), ids[1]: ("a", 1), ids[3]: ("b", 2)}
 
 
+async def test_touch_keeps_a_held_entry_from_looking_idle(transport: Transport) -> None:
+    await transport.ensure_group("s", "g")
+    await publish_n(transport, "s", 3)
+    got = await transport.consume(["s"], "g", "a", 3, 0)
+    ids = [d.entry_id for d in got]
+    taken = await transport.claim("s", "g", "b", [ids[2]], 0)
+    assert len(taken) == 1
+
+    async def idle_a_while() -> bool:  # idle time has a clock: wait until it moved on
+        return all(p.idle_ms >= 300 for p in await transport.pending("s", "g", 10))
+
+    await eventually(idle_a_while, "entries idle 300 ms")
+    # only what "a" still holds is touched; ids[2] is b's now and stays b's, untouched
+    assert await transport.touch("s", "g", "a", ids) == 2
+    after = {p.entry_id: p for p in await transport.pending("s", "g", 10)}
+    assert [after[i].consumer for i in ids] == ["a", "a", "b"]
+    assert [after[i].deliveries for i in ids] == [1, 1, 2]  # a touch is not a delivery
+    assert after[ids[0]].idle_ms < 300 and after[ids[1]].idle_ms < 300
+    assert after[ids[2]].idle_ms >= 300
+    # what was touched is not idle enough for a claim that needs the time it had
+    assert await transport.claim("s", "g", "c", ids[:2], 300) == []
+
+
 async def test_ack_removes_from_pending(transport: Transport) -> None:
     await transport.ensure_group("s", "g")
     await publish_n(transport, "s", 4)

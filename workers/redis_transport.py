@@ -128,6 +128,20 @@ until cursor == '0-0' or got >= want
 return out
 """
 
+# Reset the idle time of the ids (ARGV[3..]) that consumer ARGV[2] still holds in group
+# ARGV[1], without counting a delivery (JUSTID); an id another consumer took is left alone.
+_TOUCH = """
+local n = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+"""
+
 # Per key with entries pending in group ARGV[1]: {key index, consumer, count} triples.
 _HOLDERS = """
 local out = {}
@@ -340,6 +354,7 @@ class RedisTransport(Transport):
         self._claim = self._r.register_script(_CLAIM)
         self._claim_ids = self._r.register_script(_CLAIM_IDS)
         self._holders = self._r.register_script(_HOLDERS)
+        self._touch = self._r.register_script(_TOUCH)
         self._trim = self._r.register_script(_TRIM)
         self._acquire = self._r.register_script(_ACQUIRE)
         self._release = self._r.register_script(_RELEASE)
@@ -592,6 +607,21 @@ class RedisTransport(Transport):
                 for j in range(0, len(flat), 3)
             )
         return out
+
+    async def touch(
+        self, stream: str, group: str, consumer: str, entry_ids: Sequence[str]
+    ) -> int:
+        ids = list(dict.fromkeys(entry_ids))
+        n = 0
+        for i in range(0, len(ids), 1000):  # Lua's unpack/argument limits
+            try:
+                n += int(await self._touch(keys=[self._stream_key(stream)],
+                                           args=[group, consumer, *ids[i:i + 1000]]))
+            except ResponseError as exc:
+                if _no_group(exc):
+                    raise NoGroupError(f"no group {group!r} on stream {stream!r}") from exc
+                raise
+        return n
 
     async def stats(self, stream: str, group: str) -> StreamStats:
         key = self._stream_key(stream)

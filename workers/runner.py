@@ -240,11 +240,12 @@ class StageRunner:
         self._suspect: tuple[str, str] | None = None  # the claimed entry running in isolation
         self._tokens: dict[str, int] = {}  # owned partition stream -> its lease's fencing token
         self._leases = {s: f"{self.group}:p{i}" for i, s in enumerate(self.streams)}
-        self._next_beat = self._next_claim = self._next_trim = 0.0
+        self._next_beat = self._next_claim = self._next_trim = self._next_touch = 0.0
         self._fired: OrderedDict[str, None] = OrderedDict()
         self._cancelled_runs: OrderedDict[str, None] = OrderedDict()
         self.processed = 0
         self.inflight = 0
+        self.sweeps = 0  # idle sweeps made (a stat: tests wait on it)
 
     # ------------------------------------------------------------------ main loop
     async def run(self, stop: asyncio.Event) -> None:
@@ -284,6 +285,10 @@ class StageRunner:
                 await self._recover(sweep=False)
             await self.router.refresh(self)
             self._next_beat = now + self.config.heartbeat_ms / 1000
+        if now >= self._next_touch and not self.stage.aggregates:
+            # a long call (a long generation) must not look abandoned to the idle sweeps
+            self._next_touch = now + self.config.claim_idle_ms / 3000
+            await self._touch_running()
         if now >= self._next_claim:
             self._next_claim = now + self.config.claim_idle_ms / 2000
             await self._claim_abandoned()
@@ -354,10 +359,11 @@ class StageRunner:
         await self.transport.heartbeat(self.group, self.instance, info, self.config.member_ttl_ms)
 
     async def _claim_abandoned(self) -> None:
-        """The idle sweep: entries pending longer than `claim_idle_ms`, whoever holds them
-        (a consumer that heartbeats but stalls, or our own entry that a transient error
-        left pending)."""
+        """The idle sweep: entries pending longer than `claim_idle_ms`, whoever holds them.
+        Running entries are kept fresh (`_touch_running`), so this finds entries nobody
+        runs: a transient error left one pending, or its worker's loop stalled."""
         if not self.stage.aggregates:
+            self.sweeps += 1
             await self._recover(sweep=True)
             return
         # an aggregator holds its groups' entries pending on purpose; claiming them back is
@@ -369,6 +375,17 @@ class StageRunner:
             self._report_reclaimed(got)
             for d in got:
                 await self._accept(d)
+
+    async def _touch_running(self) -> None:
+        """Reset the idle time of the entries running here (not a delivery), every
+        `claim_idle_ms` / 3: an entry idle past `claim_idle_ms` then means a worker whose
+        loop stalled (or an entry a transient error left pending), never a long call. An
+        aggregator's held entries need none: only the partition's owner sweeps them."""
+        by: dict[str, list[str]] = {}
+        for stream, entry_id in self._running:
+            by.setdefault(stream, []).append(entry_id)
+        for stream, ids in by.items():
+            await self.transport.touch(stream, self.group, self.instance, ids)
 
     def _report_reclaimed(self, got: list[Delivery]) -> None:
         if got and self.observer is not None:  # entries we hold already are not news

@@ -22,6 +22,7 @@ class Rendezvous:
         self.peak = 0
         self.calls = 0
         self.together = asyncio.Event()
+        self.release = asyncio.Event()  # what `hold` waits for
 
 
 RENDEZVOUS = Rendezvous()
@@ -41,3 +42,18 @@ async def meet(value: Any, ctx: StageContext) -> str:
     finally:
         r.active -= 1
     return f"met:{value}"
+
+
+async def hold(value: Any, ctx: StageContext) -> str:
+    """A long call: runs until the test releases it (or `patience_s` passes)."""
+    r = RENDEZVOUS
+    r.calls += 1
+    r.active += 1
+    r.peak = max(r.peak, r.active)
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(r.patience_s):
+                await r.release.wait()
+    finally:
+        r.active -= 1
+    return f"held:{value}"
