@@ -199,6 +199,45 @@ def soak(
 
 
 @app.command()
+def recovery(
+    runs: Annotated[int, typer.Option(help="burst size; each of the 2 workers takes half")] = 64,
+    reps: Annotated[int, typer.Option(help="alternating old/new trials per setting")] = 3,
+    tokens: Annotated[int, typer.Option(help="tokens every sim call generates")] = 200,
+    time_scale: Annotated[float, typer.Option(help="sim: wall seconds per simulated second")]
+    = 1.0,
+    claim_idle_ms: Annotated[str, typer.Option(help="ALTO_CLAIM_IDLE_MS settings, "
+                                               "comma-separated")] = "30000,5000",
+    heartbeat_ms: Annotated[int, typer.Option(help="ALTO_HEARTBEAT_MS")] = 1_000,
+    codes: Annotated[str, typer.Option(help="old,new | new | old")] = "old,new",
+    old_ref: Annotated[str, typer.Option(help="git commit of the old code")] = "e66af41",
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("bench/results"),
+    markdown: Annotated[Path | None, typer.Option(help="file whose section to update")] = Path(
+        "BENCHMARKS.md"),
+    no_markdown: Annotated[bool, typer.Option("--no-markdown", help="do not touch it")] = False,
+    tag: Annotated[str, typer.Option(help="name of the result files and section")] = "recovery",
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="log lines, no bar")]
+    = False,
+) -> None:
+    """A worker SIGKILLed holding a full batch: time until its runs finish, old vs new code."""
+    from bench.recovery import RecoveryConfig, main
+
+    idles = [int(r) for r in _rates(claim_idle_ms)]
+    picked = [c for c in codes.replace(" ", "").split(",") if c]
+    if not picked or set(picked) - {"old", "new"}:
+        raise typer.BadParameter("--codes takes old and/or new")
+    cfg = RecoveryConfig(runs=runs, reps=reps, tokens=tokens, time_scale=time_scale,
+                         claim_idle_ms=idles, heartbeat_ms=heartbeat_ms, codes=picked,
+                         old_ref=old_ref, out_dir=out, markdown=None if no_markdown else markdown,
+                         tag=tag, progress=not no_progress)
+    r = main(cfg, log=lambda s: console.print(s))
+    for row in r["aggregate"]:
+        console.print(f"claim_idle {row['claim_idle_ms']} ms {row['code']}: held "
+                      f"{row['held']:g}, recovered in {row['recover_s']} s (median), peak "
+                      f"{row['peak_rerunning']:g} at once, all ok {row['all_ok']}")
+    console.print("wrote " + ", ".join(r["files"]))
+
+
+@app.command()
 def render(
     results: Annotated[list[Path], typer.Argument(help="bench/results/*.json files")],
     markdown: Annotated[Path, typer.Option(help="file whose sections to update")] = Path(

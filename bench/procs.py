@@ -171,14 +171,17 @@ class WorkerProcs:
     worker, logs whose tail explains a crash, waiting until workers have registered).
 
     `pipeline` is the default pipeline file; `start(..., pipeline=...)` can name another.
-    `logdir` keeps each worker's output in a file there (else it is discarded)."""
+    `logdir` keeps each worker's output in a file there (else it is discarded).
+    `code_dir` is the source tree the workers import alto from (default: this checkout); an
+    A/B benchmark points it at an extracted older commit."""
 
     def __init__(self, url: str, pipeline: Path | None = None, env: dict[str, str] | None = None,
-                 *, logdir: Path | None = None) -> None:
+                 *, logdir: Path | None = None, code_dir: Path | None = None) -> None:
         self.url = url
         self.pipeline = pipeline
         self.logdir = logdir
-        self.env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}
+        self.code_dir = code_dir or REPO
+        self.env = {**os.environ, **(env or {}), "PYTHONPATH": str(self.code_dir)}
         self.workers: list[Worker] = []
         self.kills = 0
         self._names: dict[Path, str] = {}  # pipeline file -> pipeline name
@@ -202,12 +205,12 @@ class WorkerProcs:
     def _popen(self, cmd: list[str], stage: str, pipeline: str) -> tuple[
             subprocess.Popen[bytes], Path | None]:
         if self.logdir is None:
-            return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=subprocess.DEVNULL,
+            return subprocess.Popen(cmd, cwd=self.code_dir, env=self.env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL), None
         self._spawned += 1
         log = self.logdir / f"worker-{pipeline}-{stage}-{self._spawned}.log"
         with log.open("wb") as fh:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=fh,
+            proc = subprocess.Popen(cmd, cwd=self.code_dir, env=self.env, stdout=fh,
                                     stderr=subprocess.STDOUT)
         return proc, log
 

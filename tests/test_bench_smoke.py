@@ -106,6 +106,31 @@ async def test_overhead_smoke(tmp_path: Path) -> None:
     assert section_markers("ovh")[0] in md.read_text()
 
 
+@pytest.mark.redis
+@pytest.mark.slow
+def test_recovery_smoke(tmp_path: Path) -> None:
+    """`alto bench recovery` on the new code only: a SIGKILLed worker's entries are taken
+    over and every run completes exactly once (a 1 s member TTL keeps it short)."""
+    from app.cli import cli
+
+    res = CliRunner().invoke(cli, [
+        "bench", "recovery", "--runs", "8", "--reps", "1", "--codes", "new",
+        "--claim-idle-ms", "30000", "--heartbeat-ms", "200", "--time-scale", "0.5",
+        "--no-markdown", "--out", str(tmp_path), "--no-progress",
+    ])
+    assert res.exit_code == 0, res.output
+    data = _json(tmp_path / "recovery.json")
+    assert data["codes"]["new"]["has_member_takeover"] is True
+    (tr,) = data["trials"]
+    assert tr["code"] == "new" and tr["held"] >= 1
+    assert tr["completed"] == 8 and tr["wrong_or_duplicated"] == []
+    assert tr["left_in_stream"] == {"pending": 0, "lag": 0} and tr["dead_letters"] == 0
+    # every entry the dead worker held was claimed by the survivor and its run finished
+    assert len(tr["victim_done_s"]) == tr["held"] and tr["max_deliveries"] >= 2
+    assert tr["peak_rerunning"] >= 1 and tr["ok"] is True
+    assert (tmp_path / "recovery.png").read_bytes()[:8] == PNG
+
+
 # ---- pure helpers ------------------------------------------------------------------------
 
 
