@@ -340,8 +340,9 @@ def openapi(
 
 
 def _bench_group() -> typer.Typer:
-    """`alto bench overhead|streaming`: the commands live in bench/cli.py (which imports
-    nothing heavy at module level, so mounting it costs `alto run` nothing)."""
+    """`alto bench overhead|streaming|scheduling|soak|recovery`: the commands live in
+    bench/cli.py (which imports nothing heavy at module level, so mounting it costs
+    `alto run` nothing)."""
     from bench.cli import app as bench_app
 
     return bench_app

@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Benchmarks: runtime overhead, streaming vs barrier, scheduling "
-                       "(see BENCHMARKS.md).")
+                  help="Benchmarks: runtime overhead, streaming vs barrier, scheduling, soak, "
+                       "recovery (see BENCHMARKS.md).")
 console = Console(stderr=True)
 
 
