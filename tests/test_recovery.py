@@ -5,6 +5,8 @@ inputs that keep crashing workers is tested with real processes in tests/test_fa
 
 from __future__ import annotations
 
+import asyncio
+
 from orchestrator.routing import stage_group, stage_streams
 from orchestrator.spec import parse_pipeline
 from orchestrator.transport import Transport
@@ -90,3 +92,41 @@ async def test_a_live_workers_long_call_is_not_taken_over(transport: Transport) 
     assert [p.deliveries for p in held] == [1]  # nor claimed it
     assert events[-1]["type"] == "result" and events[-1]["units"] == ["held:slow"]
     assert RENDEZVOUS.calls == 1
+
+
+async def test_a_draining_worker_keeps_its_calls(transport: Transport) -> None:
+    """SIGTERM drain: the worker stops reading but finishes what it runs, heartbeating
+    meanwhile, so the other instance does not take the call over as a dead worker's (a
+    rolling update would otherwise re-run every call longer than the member TTL)."""
+    RENDEZVOUS.reset(target=1, patience_s=30)
+    (stream,) = stage_streams(HOLD, "work")
+    group = stage_group(HOLD.name, "work")
+    draining = Runtime(transport, [HOLD], config=CONFIG_SHORT)
+    await draining.start()
+    run = await start_run(transport, HOLD, "slow")
+    await eventually(lambda: RENDEZVOUS.active == 1, 10)  # the call runs on `draining`
+    other = Runtime(transport, [HOLD], config=CONFIG_SHORT)
+    await other.start()
+    stopping = asyncio.create_task(draining.stop(drain=True))
+    try:
+        (mine,) = draining.runners
+        (theirs,) = other.runners
+        # past the member TTL (250 ms) and claim_idle (200 ms), several times over
+        beats, sweeps = mine.beats, theirs.sweeps
+        await eventually(lambda: mine.beats >= beats + 8 and theirs.sweeps >= sweeps + 6, 10)
+        members = await transport.members(group)
+        held = await transport.pending(stream, group, 10)
+        calls_while_draining = RENDEZVOUS.calls
+        RENDEZVOUS.release.set()
+        await stopping
+        events = [ev async for _, ev in follow_run(transport, HOLD, run, deadline_s=30)]
+    finally:
+        RENDEZVOUS.release.set()
+        await stopping
+        await other.stop()
+    assert mine.instance in members  # still a member while draining
+    assert calls_while_draining == 1
+    assert [(p.consumer, p.deliveries) for p in held] == [(mine.instance, 1)]
+    assert events[-1]["type"] == "result" and events[-1]["units"] == ["held:slow"]
+    assert RENDEZVOUS.calls == 1
+    assert mine.instance not in await transport.members(group)  # left once drained

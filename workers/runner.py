@@ -245,7 +245,8 @@ class StageRunner:
         self._cancelled_runs: OrderedDict[str, None] = OrderedDict()
         self.processed = 0
         self.inflight = 0
-        self.sweeps = 0  # idle sweeps made (a stat: tests wait on it)
+        self.sweeps = 0  # idle sweeps made (stats: tests wait on them)
+        self.beats = 0  # heartbeats sent
 
     # ------------------------------------------------------------------ main loop
     async def run(self, stop: asyncio.Event) -> None:
@@ -318,9 +319,17 @@ class StageRunner:
         await _wait_event(self._slot_freed, self.config.block_ms / 1000)
 
     async def _drain(self) -> None:
-        """Let in-flight work finish (SIGTERM drain); what does not finish stays pending."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Let in-flight work finish (SIGTERM drain); what does not finish stays pending.
+
+        Heartbeats, and touches of the entries still running, go on meanwhile: a draining
+        worker is alive, and once its membership expired the others would take over (and
+        re-run) the calls it is finishing, as they do a dead worker's."""
+        while self._tasks:
+            with contextlib.suppress(*self.transport.transient_errors):
+                await self._heartbeat()
+                if not self.stage.aggregates:
+                    await self._touch_running()
+            await asyncio.wait(list(self._tasks), timeout=self.config.heartbeat_ms / 1000)
         with contextlib.suppress(Exception):
             await self.transport.leave(self.group, self.instance)
             for s in self.streams:
@@ -357,6 +366,7 @@ class StageRunner:
             "engine": getattr(self.function.engine, "name", None),
         }
         await self.transport.heartbeat(self.group, self.instance, info, self.config.member_ttl_ms)
+        self.beats += 1
 
     async def _claim_abandoned(self) -> None:
         """The idle sweep: entries pending longer than `claim_idle_ms`, whoever holds them.
