@@ -10,6 +10,7 @@ small machine the first thing to check about any number is whether the CPUs were
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -261,3 +262,35 @@ def write_spec(spec: PipelineSpec, path: Path) -> Path:
     raw["streaming"] = spec.streaming
     path.write_text(yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
     return path
+
+
+async def fault_free_units(
+    spec: PipelineSpec, texts: list[str], concurrency: int = 64
+) -> dict[str, list[Any]]:
+    """Every input's units from a fault-free run: the same pipeline embedded, in this
+    process (with the spec's simulated time, so a spec at time_scale 0 costs no waiting):
+    the exact oracle a fault benchmark checks its results against."""
+    from orchestrator.embedded import EmbeddedTransport
+    from workers.client import run_to_completion
+    from workers.engines.sim import TIME_SCALE_ENV
+    from workers.runtime import Runtime
+
+    saved = os.environ.pop(TIME_SCALE_ENV, None)  # it would override the spec's time scale
+    t = EmbeddedTransport()
+    rt = Runtime(t, [spec])
+    await rt.start()
+    try:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(x: str) -> tuple[str, list[Any]]:
+            async with sem:
+                _, events = await run_to_completion(t, spec, x, deadline_s=120)
+            if events[-1]["type"] != "result":
+                raise RuntimeError(f"fault-free run failed: {events[-1]}")
+            return x, events[-1]["units"]
+
+        return dict(await asyncio.gather(*(one(x) for x in texts)))
+    finally:
+        await rt.stop()
+        if saved is not None:
+            os.environ[TIME_SCALE_ENV] = saved

@@ -52,6 +52,7 @@ from typing import Any
 from bench.common import (
     REPO,
     CpuMeter,
+    fault_free_units,
     fnum,
     machine,
     median,
@@ -127,31 +128,6 @@ def recovery_spec(cfg: RecoveryConfig, time_scale: float | None = None) -> Pipel
 
 def inputs(n: int) -> list[str]:
     return [f"topic number {i}" for i in range(n)]
-
-
-async def oracle(spec: PipelineSpec, texts: list[str]) -> dict[str, list[Any]]:
-    """Every input's fault-free units: the same pipeline embedded, simulated time at zero."""
-    from orchestrator.embedded import EmbeddedTransport
-    from workers.client import run_to_completion
-    from workers.engines.sim import TIME_SCALE_ENV
-    from workers.runtime import Runtime
-
-    saved = os.environ.pop(TIME_SCALE_ENV, None)  # it would override the spec's zero
-    t = EmbeddedTransport()
-    rt = Runtime(t, [spec])
-    await rt.start()
-    try:
-        async def one(x: str) -> tuple[str, list[Any]]:
-            _, events = await run_to_completion(t, spec, x, deadline_s=120)
-            if events[-1]["type"] != "result":
-                raise RuntimeError(f"fault-free run failed: {events[-1]}")
-            return x, events[-1]["units"]
-
-        return dict(await asyncio.gather(*(one(x) for x in texts)))
-    finally:
-        await rt.stop()
-        if saved is not None:
-            os.environ[TIME_SCALE_ENV] = saved
 
 
 # ---- code trees ---------------------------------------------------------------------------
@@ -376,7 +352,7 @@ async def run_recovery(cfg: RecoveryConfig, log: Log = print) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     spec = recovery_spec(cfg)
-    expected = await oracle(recovery_spec(cfg, time_scale=0.0), inputs(cfg.runs))
+    expected = await fault_free_units(recovery_spec(cfg, time_scale=0.0), inputs(cfg.runs))
     workdir = Path(tempfile.mkdtemp(prefix="alto-bench-recovery-"))
     spec_file = write_spec(spec, workdir / "recovery.yaml")
     trials: list[dict[str, Any]] = []

@@ -32,6 +32,7 @@ import yaml
 
 from bench.common import (
     REPO,
+    fault_free_units,
     fnum,
     machine,
     summary,
@@ -123,30 +124,6 @@ class Outcome:
     reason: str | None = None
     units: list[Any] | None = None
     raw: list[dict[str, Any]] = field(default_factory=list)
-
-
-async def _oracle(spec: PipelineSpec, texts: list[str]) -> dict[str, list[Any]]:
-    """The fault-free results: the same pipeline, embedded, with simulated time at zero."""
-    from orchestrator.embedded import EmbeddedTransport
-    from workers.client import run_to_completion
-    from workers.runtime import Runtime
-
-    t = EmbeddedTransport()
-    rt = Runtime(t, [spec])
-    await rt.start()
-    try:
-        sem = asyncio.Semaphore(64)
-
-        async def one(x: str) -> tuple[str, list[Any]]:
-            async with sem:
-                _, events = await run_to_completion(t, spec, x, deadline_s=120)
-            if events[-1]["type"] != "result":
-                raise RuntimeError(f"fault-free run failed: {events[-1]}")
-            return x, events[-1]["units"]
-
-        return dict(await asyncio.gather(*(one(x) for x in texts)))
-    finally:
-        await rt.stop()
 
 
 async def _follow(t: Any, spec: PipelineSpec, o: Outcome, deadline_s: float) -> None:
@@ -297,7 +274,7 @@ async def _soak(cfg: SoakConfig, log: Callable[[str], None]) -> dict[str, Any]:
 
     # 4. the oracle and the verdict
     oracle_spec = soak_spec(0.0)
-    expected = await _oracle(oracle_spec, [o.text for o in outcomes])
+    expected = await fault_free_units(oracle_spec, [o.text for o in outcomes])
     lost = dup = conflicting = redelivered = 0
     for o in outcomes:
         want = Counter(json.dumps(u, sort_keys=True) for u in expected[o.text])

@@ -1,6 +1,7 @@
-"""A stage that shows how many of its calls run at once (a real stage, not a mock): each
-call waits until `target` calls are in progress together, or `patience_s` passes, so the
-peak it records is exactly how much parallelism the runtime gave it."""
+"""Stages that show what the runtime does with calls in flight (real stages, not mocks):
+`meet` waits until `target` calls are in progress together (or `patience_s` passes), so the
+peak it records is exactly how much parallelism the runtime gave it; `hold` runs until the
+test releases it (a long call), counting how often it was started."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ class Rendezvous:
 RENDEZVOUS = Rendezvous()
 
 
-async def meet(value: Any, ctx: StageContext) -> str:
+async def _attend(until: asyncio.Event) -> None:
+    """Count this call in, wait for `until` (or `patience_s`), count it out."""
     r = RENDEZVOUS
     r.calls += 1
     r.active += 1
@@ -38,22 +40,18 @@ async def meet(value: Any, ctx: StageContext) -> str:
     try:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(r.patience_s):
-                await r.together.wait()
+                await until.wait()
     finally:
         r.active -= 1
+
+
+async def meet(value: Any, ctx: StageContext) -> str:
+    """Waits until `target` calls are in progress together."""
+    await _attend(RENDEZVOUS.together)
     return f"met:{value}"
 
 
 async def hold(value: Any, ctx: StageContext) -> str:
     """A long call: runs until the test releases it (or `patience_s` passes)."""
-    r = RENDEZVOUS
-    r.calls += 1
-    r.active += 1
-    r.peak = max(r.peak, r.active)
-    try:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(r.patience_s):
-                await r.release.wait()
-    finally:
-        r.active -= 1
+    await _attend(RENDEZVOUS.release)
     return f"held:{value}"
