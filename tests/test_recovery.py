@@ -13,7 +13,7 @@ from orchestrator.transport import Transport
 from tests.toy.rendezvous import RENDEZVOUS
 from tests.waiting import eventually
 from workers.client import follow_run, start_run
-from workers.runner import RunnerConfig
+from workers.runner import RunnerConfig, StageRunner
 from workers.runtime import Runtime
 
 SPEC = parse_pipeline(
@@ -130,3 +130,61 @@ async def test_a_draining_worker_keeps_its_calls(transport: Transport) -> None:
     assert events[-1]["type"] == "result" and events[-1]["units"] == ["held:slow"]
     assert RENDEZVOUS.calls == 1
     assert mine.instance not in await transport.members(group)  # left once drained
+
+
+GATHER = parse_pipeline(
+    {"name": "gather",
+     "stages": [
+         {"name": "split", "kind": "tool", "function": "tests.toy.stages:split_words",
+          "framing": "items", "to": ["gather"]},
+         {"name": "gather", "kind": "reduce", "function": "tests.toy.rendezvous:hold_all",
+          "aggregate_by": ["request"], "partitions": 4},
+     ]}
+)
+
+
+def _gather_runner(rt: Runtime) -> StageRunner:
+    (runner,) = [r for r in rt.runners if r.stage.name == "gather"]
+    return runner
+
+
+async def test_a_draining_aggregator_hands_its_partitions_over(transport: Transport) -> None:
+    """SIGTERM drain of an aggregating worker while one of its groups fires: it leaves the
+    members at once, so another instance takes every other partition right away, and it
+    keeps the firing group's partition until that firing ends, so the group is not fired a
+    second time by the next owner; then that partition moves too."""
+    RENDEZVOUS.reset(target=1, patience_s=30)
+    a = Runtime(transport, [GATHER], config=CONFIG_SHORT)
+    await a.start()
+    b: Runtime | None = None
+    stopping: asyncio.Task[None] | None = None
+    try:
+        run = await start_run(transport, GATHER, "x y z")
+        await eventually(lambda: RENDEZVOUS.active == 1, 10)  # the group fires on a
+        ga = _gather_runner(a)
+        (firing,) = {g.partition for g in ga._groups.values() if g.firing}
+        b = Runtime(transport, [GATHER], config=CONFIG_SHORT)
+        await b.start()
+        gb = _gather_runner(b)
+        stopping = asyncio.create_task(a.stop(drain=True))
+        others = set(gb.streams) - {firing}
+        await eventually(lambda: set(gb.owned) == others, 10)  # taken while a drains
+        handing_over = set(ga._handing_over)
+        calls_meanwhile = RENDEZVOUS.calls
+        RENDEZVOUS.release.set()
+        events = [ev async for _, ev in follow_run(transport, GATHER, run, deadline_s=30)]
+        await stopping
+        await eventually(lambda: set(gb.owned) == set(gb.streams), 10)  # then the last one
+    finally:
+        RENDEZVOUS.release.set()
+        if stopping is not None:
+            await stopping
+        else:
+            await a.stop()
+        if b is not None:
+            await b.stop()
+    assert handing_over == {firing}
+    assert calls_meanwhile == 1  # the firing group was not fired again by b
+    assert events[-1]["type"] == "result" and events[-1]["units"] == ["held:x,y,z"]
+    assert RENDEZVOUS.calls == 1
+    assert gb.processed == 0 and ga.processed >= 1

@@ -239,6 +239,8 @@ class StageRunner:
         self._running: set[tuple[str, str]] = set()  # (stream, entry id) being processed here
         self._suspect: tuple[str, str] | None = None  # the claimed entry running in isolation
         self._tokens: dict[str, int] = {}  # owned partition stream -> its lease's fencing token
+        self._handing_over: set[str] = set()  # partitions moving away, kept while groups fire
+        self._leaving = False  # draining: hand every partition over
         self._leases = {s: f"{self.group}:p{i}" for i, s in enumerate(self.streams)}
         self._next_beat = self._next_claim = self._next_trim = self._next_touch = 0.0
         self._fired: OrderedDict[str, None] = OrderedDict()
@@ -323,17 +325,30 @@ class StageRunner:
 
         Heartbeats, and touches of the entries still running, go on meanwhile: a draining
         worker is alive, and once its membership expired the others would take over (and
-        re-run) the calls it is finishing, as they do a dead worker's."""
-        while self._tasks:
+        re-run) the calls it is finishing, as they do a dead worker's. An aggregator
+        leaves the members at once instead, so the others take its partitions now; each
+        is handed over as soon as no group of it is firing (`_rebalance`)."""
+        if self.stage.aggregates:
+            self._leaving = True
             with contextlib.suppress(*self.transport.transient_errors):
-                await self._heartbeat()
-                if not self.stage.aggregates:
+                await self.transport.leave(self.group, self.instance)
+        while True:
+            try:
+                if self.stage.aggregates:
+                    await self._rebalance()
+                else:
+                    await self._heartbeat()
                     await self._touch_running()
+            except Exception as exc:  # noqa: BLE001 - a drain goes on whatever the bus says
+                log.warning("stage %s: while draining: %s: %s",
+                            self.stage.name, type(exc).__name__, exc)
+            if not self._tasks:
+                break
             await asyncio.wait(list(self._tasks), timeout=self.config.heartbeat_ms / 1000)
         with contextlib.suppress(Exception):
             await self.transport.leave(self.group, self.instance)
-            for s in self.streams:
-                if s in self.owned and self.stage.aggregates:
+            if self.stage.aggregates:  # nothing fires any more
+                for s in {*self.owned, *self._handing_over}:
                     await self.transport.release_lease(self._leases[s], self.instance)
 
     async def abort(self) -> None:
@@ -473,35 +488,69 @@ class StageRunner:
 
     async def _rebalance(self) -> None:
         """Own the partitions balanced rendezvous hashing gives this instance among live
-        members, each under its lease; a lease (re)acquired with a new fencing token means
-        anything held for it is stale (another owner may have had it): rebuild."""
+        members (none once it is leaving), each under its lease; a lease (re)acquired with a
+        new fencing token means anything held for it is stale (another owner may have had
+        it): rebuild.
+
+        A partition that moves away while one of its groups is firing is handed over, not
+        dropped: it is no longer read, its other groups are let go (their entries stay
+        pending for the next owner), and its lease is renewed until the firing ends, then
+        released. Dropping it at once let the next owner take the lease and fire the group
+        again beside the running call (an LM aggregator's call, for every partition that
+        moved when an instance joined or drained), the old call's commit then refused."""
         members = list(await self.transport.members(self.group)) or [self.instance]
-        owners = partition_owners(members, len(self.streams))
+        owners = [] if self._leaving else partition_owners(members, len(self.streams))
         owned = []
         for i, stream in enumerate(self.streams):
             lease = self._leases[stream]
-            token = None
-            if owners[i] == self.instance:
+            held = self._tokens.get(stream)
+            if owners and owners[i] == self.instance:
                 token = await self.transport.acquire_fenced(
                     lease, self.instance, self.config.lease_ttl_ms
                 )
-            if token is not None:
-                if stream not in self.owned or self._tokens.get(stream) != token:
-                    # new owner: rebuild the partition's state from its pending entries (all
-                    # of them: what we held here before is stale, firing groups included:
-                    # their commits carry the old token and will be refused)
+                if token is None:  # still held by another owner (handing it over)
+                    if stream in self.owned or stream in self._handing_over:
+                        self._drop_partition(stream)
+                    continue
+                if token != held:
+                    # a new acquisition: what we held before is stale, firing groups
+                    # included (their commits carry the old token and will be refused)
                     self._forget_partition(stream, firing=True)
                     self._tokens[stream] = token
+                if token != held or stream not in self.owned:
+                    # (re)gained: rebuild the partition's state from its pending entries
+                    # (entries of groups still held here are skipped by `_accept`)
+                    self._handing_over.discard(stream)
                     for d in await self.transport.claim_abandoned(
                         stream, self.group, self.instance, 0, 1_000_000
                     ):
                         await self._accept(d, partition=stream)
                 owned.append(stream)
-            elif stream in self.owned:
+            elif stream in self.owned or stream in self._handing_over:
+                self._forget_partition(stream)  # its groups that are not firing
+                if self._firing_in(stream):
+                    token = await self.transport.acquire_fenced(
+                        lease, self.instance, self.config.lease_ttl_ms
+                    )
+                    if token is not None and token == held:
+                        self._handing_over.add(stream)
+                        continue
+                    if token is not None:  # lapsed and taken anew by us: not wanted
+                        await self.transport.release_lease(lease, self.instance)
+                    self._drop_partition(stream)  # lost: its commits will be refused
+                    continue
                 await self.transport.release_lease(lease, self.instance)
-                self._tokens.pop(stream, None)
-                self._forget_partition(stream)
+                self._drop_partition(stream)
         self.owned = owned
+
+    def _firing_in(self, stream: str) -> bool:
+        return any(g.partition == stream and g.firing for g in self._groups.values())
+
+    def _drop_partition(self, stream: str) -> None:
+        """Forget a partition whose lease is gone or released, firing groups included."""
+        self._handing_over.discard(stream)
+        self._tokens.pop(stream, None)
+        self._forget_partition(stream, firing=True)
 
     def _forget_partition(self, stream: str, *, firing: bool = False) -> None:
         """Drop the groups of a partition we no longer own (its entries stay pending for the
@@ -530,9 +579,8 @@ class StageRunner:
         for d in [*g.got.values(), *g.extra]:
             self._held.discard((d.stream, d.entry_id))
         if fence is None or self._tokens.get(g.partition) == fence.token:
-            self._tokens.pop(g.partition, None)
+            self._drop_partition(g.partition)
             self.owned = [s for s in self.owned if s != g.partition]
-            self._forget_partition(g.partition, firing=True)
 
     async def _drop_cancelled_groups(self) -> None:
         """Groups of a cancelled (or failed) run never complete: upstream stopped sending.

@@ -55,3 +55,9 @@ async def hold(value: Any, ctx: StageContext) -> str:
     """A long call: runs until the test releases it (or `patience_s` passes)."""
     await _attend(RENDEZVOUS.release)
     return f"held:{value}"
+
+
+async def hold_all(items: list[Any], ctx: StageContext) -> str:
+    """`hold` for an aggregating stage: a group's firing that runs until released."""
+    await _attend(RENDEZVOUS.release)
+    return f"held:{','.join(str(i) for i in items)}"
