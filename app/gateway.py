@@ -6,7 +6,7 @@ event log through `follow_run` (the RunTracker decides completion exactly) -> cl
 
 Closing is where disconnects are handled. Whoever started the run owns it; when its
 connection ends before the run did, the run is cancelled (`transport.cancel`, which every
-runner checks before each call and every ~50 ms while an engine streams, closing the
+runner checks before each call and every ~50 ms while an LM call runs, closing the
 engine's generator), an `error` event with code `cancelled` is appended to the log so
 anyone following learns why, and the log is given its TTL. OpenAI-compatible endpoints
 cancel at once (their clients cannot resume); the native SSE endpoint waits

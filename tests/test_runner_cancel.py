@@ -1,7 +1,8 @@
 """A runner told to stop (its task cancelled) stops, even when a slot frees up in the same
 loop turn. On Python 3.11, `asyncio.wait_for` returns normally in that case and the
 cancellation is lost: a takeover test hung in CI that way. The runner waits with
-`asyncio.timeout` instead (`workers.runner._wait_event`)."""
+`asyncio.timeout` instead (`workers.runner._wait_event`). And a cancelled run's LM call
+ends even before the engine's first delta."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import asyncio
 
 import pytest
 
-from workers.runner import _wait_event
+from orchestrator.spec import parse_pipeline
+from orchestrator.transport import Transport
+from tests.test_sim_engine import GatedSleep
+from tests.waiting import eventually
+from workers.client import start_run
+from workers.engines.sim import SimEngine
+from workers.runner import RunnerConfig, StageRunner, _wait_event
+from workers.stagefn import StageFunction
 
 
 async def test_cancel_in_the_turn_the_event_is_set_is_not_swallowed() -> None:
@@ -36,3 +44,43 @@ async def test_wait_event_returns_on_set_and_on_timeout() -> None:
     event.set()
     await asyncio.wait_for(_wait_event(event, 60), 5)  # set: returns at once
     await asyncio.wait_for(_wait_event(asyncio.Event(), 0.01), 5)  # unset: times out quietly
+
+
+async def test_a_cancelled_run_frees_an_lm_call_before_its_first_token(
+    transport: Transport,
+) -> None:
+    """A call queued in its engine (or prefilling) has produced no delta yet, so nothing
+    between deltas can see a cancel. Here the engine's first step never ends (a gated
+    clock): cancelling the run must still end the call, abort the engine request and
+    acknowledge the input, instead of keeping the slot until a first token."""
+    spec = parse_pipeline({
+        "name": "queued",
+        "engines": {"default": {"kind": "sim"}},
+        "stages": [{"name": "gen", "kind": "lm", "prompt": "{text}", "max_tokens": 8}],
+    })
+    gate = GatedSleep()
+    engine = SimEngine(sleep=gate)
+    await engine.start()
+    runner = StageRunner(spec, "gen", transport, StageFunction(spec, spec.stage("gen"), engine),
+                         instance="gen-0", config=RunnerConfig(block_ms=20, heartbeat_ms=50))
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        run = await start_run(transport, spec, "hello")
+        await gate.wait_calls(1)  # the request is in the engine, its first step held
+        assert engine.load() == 1
+        await transport.cancel(run, 60)
+
+        async def acknowledged() -> bool:
+            return (await transport.stats(runner.streams[0], runner.group)).pending == 0
+
+        await eventually(acknowledged, 10)
+        held_steps = len(gate.durations)
+    finally:
+        stop.set()
+        await gate.release(1_000)
+        await asyncio.wait_for(task, 10)
+        await engine.aclose()
+    assert engine.cancelled == 1 and engine.completed == 0  # aborted, never finished
+    assert held_steps == 1  # the engine never got past the step it was held in
+    assert runner.processed == 0

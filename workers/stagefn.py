@@ -11,16 +11,17 @@ import asyncio
 import importlib
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.engine import Engine, GenParams
+from orchestrator.engine import Delta, Engine, GenParams
 from orchestrator.framing import frame_value, make_framer
 from orchestrator.spec import PipelineSpec, SpecError, StageSpec
 from orchestrator.template import StageContext, as_text, render
 
 StopCheck = Callable[[], Awaitable[bool]]
+CANCEL_POLL_S = 0.05  # how often a running LM call looks at its run's cancel flag
 
 
 def resolve(path: str, *, stage: str, field_name: str) -> Callable[..., Any]:
@@ -128,23 +129,33 @@ class StageFunction:
         stats.prompt = prompt
         framer = make_framer(self.stage.framing)
         gen = self.engine.generate(prompt, self.params(ctx.run))
-        last_check = time.monotonic()
+
+        def absorb(delta: Delta) -> Iterable[Any]:
+            if delta.prompt_tokens is not None:
+                stats.prompt_tokens = delta.prompt_tokens
+            if delta.completion_tokens is not None:
+                stats.completion_tokens = delta.completion_tokens
+            if delta.cached_tokens is not None:
+                stats.cached_tokens = delta.cached_tokens
+            stats.incremental = True
+            return framer.feed(delta.text)
+
         try:
-            async for delta in gen:
-                if delta.prompt_tokens is not None:
-                    stats.prompt_tokens = delta.prompt_tokens
-                if delta.completion_tokens is not None:
-                    stats.completion_tokens = delta.completion_tokens
-                if delta.cached_tokens is not None:
-                    stats.cached_tokens = delta.cached_tokens
-                stats.incremental = True
-                for unit in framer.feed(delta.text):
+            first = await _first_delta(gen, stop)
+            if first is _CANCELLED:
+                return
+            if first is not None:
+                for unit in absorb(first):
                     yield unit
-                now = time.monotonic()
-                if now - last_check > 0.05:
-                    last_check = now
-                    if await stop():
-                        return
+                last_check = time.monotonic()
+                async for delta in gen:
+                    for unit in absorb(delta):
+                        yield unit
+                    now = time.monotonic()
+                    if now - last_check > CANCEL_POLL_S:
+                        last_check = now
+                        if await stop():
+                            return
         finally:
             aclose = getattr(gen, "aclose", None)
             if aclose is not None:
@@ -152,3 +163,42 @@ class StageFunction:
         stats.incremental = False
         for unit in framer.close():
             yield unit
+
+
+_CANCELLED = object()
+
+
+async def _first_delta(gen: AsyncIterator[Delta], stop: StopCheck) -> Any:
+    """The engine's first delta; None if it generates nothing; `_CANCELLED` if the run is
+    cancelled before the first delta comes.
+
+    Between deltas the call checks the cancel flag itself (every >= 50 ms); before the
+    first one there is nothing to check between: a request queued in the engine (its batch
+    full) or prefilling a long prompt kept its slot for a cancelled run until its first
+    token. So the first delta is awaited beside a poll of the flag, and a cancel closes the
+    request (engines abort a request whose stream is cancelled). One extra task per call,
+    none per delta."""
+    waiting: asyncio.Future[Any] = asyncio.ensure_future(_next_or_none(gen))
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=CANCEL_POLL_S)
+            if done:
+                return waiting.result()
+            if await stop():
+                return _CANCELLED
+    finally:
+        if not waiting.done():
+            waiting.cancel()  # the engine aborts the request
+            try:
+                await waiting
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this call itself is being cancelled: not ours to swallow
+
+
+async def _next_or_none(gen: AsyncIterator[Delta]) -> Delta | None:
+    try:
+        return await anext(gen)
+    except StopAsyncIteration:
+        return None
