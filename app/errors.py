@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -146,7 +147,9 @@ def install(app: FastAPI) -> None:
                         code="transport_unavailable",
                         retry_after_s=1).response()
 
-    for bus_error in (RedisConnectionError, RedisTimeoutError):
+    # NoScriptError: Redis restarted between redis-py's script load and its retry (the
+    # next request loads it again), see RedisTransport.transient_errors
+    for bus_error in (RedisConnectionError, RedisTimeoutError, NoScriptError):
         app.add_exception_handler(bus_error, _bus_down)
 
     @app.exception_handler(Exception)

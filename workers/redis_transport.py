@@ -46,7 +46,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orchestrator.embedded import NoGroupError
@@ -361,7 +361,11 @@ class RedisTransport(Transport):
         self._heartbeat = self._r.register_script(_HEARTBEAT)
         self._members = self._r.register_script(_MEMBERS)
         self._commit = self._r.register_script(_COMMIT)
-        self.transient_errors = (RedisConnectionError, RedisTimeoutError)
+        # NoScriptError too: redis-py retries a script once after loading it, but when a
+        # script's first use meets a Redis restart, the load can land on the old server and
+        # the retry on the new one (seen as a worker crash in the Redis-restart test); the
+        # step is retried later like any other, and that call loads the script again
+        self.transient_errors = (RedisConnectionError, RedisTimeoutError, NoScriptError)
 
     # ---- keys ---------------------------------------------------------------------------
     def _stream_key(self, stream: str) -> str:
