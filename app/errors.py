@@ -147,7 +147,7 @@ def install(app: FastAPI) -> None:
                         code="transport_unavailable",
                         retry_after_s=1).response()
 
-    # NoScriptError: Redis restarted between redis-py's script load and its retry (the
+    # NoScriptError: Redis restarting again between the transport's script retries (the
     # next request loads it again), see RedisTransport.transient_errors
     for bus_error in (RedisConnectionError, RedisTimeoutError, NoScriptError):
         app.add_exception_handler(bus_error, _bus_down)

@@ -205,13 +205,9 @@ async def _follow(t: Any, spec: PipelineSpec, r: _Run, deadline_s: float) -> Non
                 r.done_at = time.monotonic()
 
 
-async def _held(t: Any, stream: str, group: str, runs: int) -> dict[str, int]:
-    """How many entries each consumer holds pending (from XPENDING's entry list: the
-    summary call's signature has been changing, the entry list is all this needs)."""
-    out: dict[str, int] = {}
-    for p in await t.pending(stream, group, 10 * runs):
-        out[p.consumer] = out.get(p.consumer, 0) + 1
-    return out
+async def _held(t: Any, stream: str, group: str) -> dict[str, int]:
+    """How many entries each consumer holds pending on the stage's stream."""
+    return (await t.pending_consumers([stream], group)).get(stream, {})
 
 
 def _owner(consumer: str, workers: list[Worker]) -> Worker | None:
@@ -249,12 +245,12 @@ async def trial(cfg: RecoveryConfig, code: str, code_dir: Path, claim_idle_ms: i
                          for r in runs]
             # every entry delivered (each worker takes at most its slots)
             deadline = time.monotonic() + 60
-            while sum((await _held(t, stream, group, cfg.runs)).values()) < cfg.runs:
+            while sum((await _held(t, stream, group)).values()) < cfg.runs:
                 if time.monotonic() > deadline:
                     raise TimeoutError("the burst was not fully delivered within 60 s")
                 await asyncio.sleep(0.01)  # delivery has no event to await; bounded above
             await asyncio.sleep(cfg.kill_after)  # part of the workload: kill mid-call
-            held_by = await _held(t, stream, group, cfg.runs)
+            held_by = await _held(t, stream, group)
             consumer = max(held_by, key=lambda c: held_by[c])
             victim = _owner(consumer, workers)
             if victim is None:

@@ -268,3 +268,39 @@ async def test_cancelled_run_releases_the_groups_an_aggregator_holds(
         await rt.stop()
         stages.GATES.pop(run, None)
     assert not [e for e in events if e.get("type") == "partial" and e.get("stage") == "group"]
+
+
+@pytest.mark.redis
+async def test_a_script_forgotten_between_load_and_retry_is_sent_again(redis_url: str) -> None:
+    """redis-py answers NOSCRIPT by loading the script and retrying once. If Redis restarts
+    between that load and the retry (a script's first use right at a restart: a worker
+    died of it in the restart test above), the retry fails too; the transport's scripts try
+    once more, which loads it on the server that answered. Here a real server forgets its
+    scripts right after the first load, as the restart does."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import NoScriptError
+
+    from workers.redis_transport import _Script
+
+    class ForgetsAfterFirstLoad(aioredis.Redis):
+        loads = 0
+
+        async def script_load(self, script: str) -> str:  # type: ignore[override]
+            sha = await super().script_load(script)
+            self.loads += 1
+            if self.loads == 1:
+                await self.script_flush()
+            return str(sha)
+
+    plain = ForgetsAfterFirstLoad.from_url(redis_url, decode_responses=True)
+    ours = ForgetsAfterFirstLoad.from_url(redis_url, decode_responses=True)
+    try:
+        await plain.script_flush()
+        with pytest.raises(NoScriptError):  # what redis-py alone does
+            await plain.register_script("return ARGV[1]")(keys=[], args=["a"])
+        await ours.script_flush()
+        assert await _Script(ours, "return ARGV[1] .. 'b'")(keys=[], args=["a"]) == "ab"
+        assert ours.loads == 2
+    finally:
+        await plain.aclose()
+        await ours.aclose()

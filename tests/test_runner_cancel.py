@@ -7,17 +7,24 @@ ends even before the engine's first delta."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
+from orchestrator.engine import Engine
 from orchestrator.spec import parse_pipeline
 from orchestrator.transport import Transport
+from tests import fixtures_llama
+from tests.fixtures_llama import ScriptedSSEServer, start_scripted
 from tests.test_sim_engine import GatedSleep
 from tests.waiting import eventually
 from workers.client import start_run
+from workers.engines.openai_compat import OpenAIEngine
 from workers.engines.sim import SimEngine
 from workers.runner import RunnerConfig, StageRunner, _wait_event
 from workers.stagefn import StageFunction
+
+scripted_server = fixtures_llama.scripted_server  # a fixture of tests/fixtures_llama.py
 
 
 async def test_cancel_in_the_turn_the_event_is_set_is_not_swallowed() -> None:
@@ -46,41 +53,80 @@ async def test_wait_event_returns_on_set_and_on_timeout() -> None:
     await asyncio.wait_for(_wait_event(asyncio.Event(), 0.01), 5)  # unset: times out quietly
 
 
-async def test_a_cancelled_run_frees_an_lm_call_before_its_first_token(
-    transport: Transport,
-) -> None:
-    """A call queued in its engine (or prefilling) has produced no delta yet, so nothing
-    between deltas can see a cancel. Here the engine's first step never ends (a gated
-    clock): cancelling the run must still end the call, abort the engine request and
-    acknowledge the input, instead of keeping the slot until a first token."""
-    spec = parse_pipeline({
-        "name": "queued",
-        "engines": {"default": {"kind": "sim"}},
-        "stages": [{"name": "gen", "kind": "lm", "prompt": "{text}", "max_tokens": 8}],
-    })
-    gate = GatedSleep()
-    engine = SimEngine(sleep=gate)
-    await engine.start()
+SPEC_QUEUED = parse_pipeline({
+    "name": "queued",
+    "engines": {"default": {"kind": "sim"}},
+    "stages": [{"name": "gen", "kind": "lm", "prompt": "{text}", "max_tokens": 8}],
+})
+
+
+async def _cancel_before_first_token(transport: Transport, engine: Engine,
+                                     in_engine: Callable[[], Awaitable[None]]) -> StageRunner:
+    """Run one input into `engine`, wait (`in_engine`) until it is there without a delta,
+    cancel its run, and wait until the runner has acknowledged the input."""
+    spec = SPEC_QUEUED
     runner = StageRunner(spec, "gen", transport, StageFunction(spec, spec.stage("gen"), engine),
                          instance="gen-0", config=RunnerConfig(block_ms=20, heartbeat_ms=50))
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))
     try:
         run = await start_run(transport, spec, "hello")
-        await gate.wait_calls(1)  # the request is in the engine, its first step held
-        assert engine.load() == 1
+        await in_engine()
         await transport.cancel(run, 60)
 
         async def acknowledged() -> bool:
             return (await transport.stats(runner.streams[0], runner.group)).pending == 0
 
         await eventually(acknowledged, 10)
-        held_steps = len(gate.durations)
     finally:
         stop.set()
-        await gate.release(1_000)
         await asyncio.wait_for(task, 10)
+    return runner
+
+
+async def test_a_cancelled_run_frees_an_lm_call_before_its_first_token(
+    transport: Transport,
+) -> None:
+    """A call queued in its engine (or prefilling) has produced no delta yet, so nothing
+    between deltas can see a cancel. Here the sim engine's first step never ends (a gated
+    clock): cancelling the run must still end the call, abort the engine request and
+    acknowledge the input, instead of keeping the slot until a first token."""
+    gate = GatedSleep()
+    engine = SimEngine(sleep=gate)
+    await engine.start()
+
+    async def in_engine() -> None:
+        await gate.wait_calls(1)  # the request is in the engine, its first step held
+        assert engine.load() == 1
+
+    try:
+        runner = await _cancel_before_first_token(transport, engine, in_engine)
+        held_steps = len(gate.durations)
+    finally:
+        await gate.release(1_000)
         await engine.aclose()
     assert engine.cancelled == 1 and engine.completed == 0  # aborted, never finished
     assert held_steps == 1  # the engine never got past the step it was held in
+    assert runner.processed == 0
+
+
+async def test_a_cancelled_run_drops_an_upstream_request_that_sent_no_token(
+    transport: Transport, scripted_server: list[ScriptedSSEServer],
+) -> None:
+    """The same with the OpenAI-compatible engine: the upstream server answers 200 and then
+    sends nothing (a vLLM server with a full batch, or a long prefill). The cancel closes
+    the connection, which is how an OpenAI-compatible server learns to abort."""
+    server = await start_scripted(scripted_server, [], ending="hang")
+    engine = OpenAIEngine(base_url=server.base_url)
+    await engine.start()
+
+    async def in_engine() -> None:
+        await eventually(lambda: len(server.requests) == 1, 10)
+
+    try:
+        runner = await _cancel_before_first_token(transport, engine, in_engine)
+        await asyncio.wait_for(server.disconnected.wait(), 10)
+    finally:
+        await engine.aclose()
+    assert len(server.requests) == 1 and server.requests[0]["stream"] is True
     assert runner.processed == 0

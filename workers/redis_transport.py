@@ -36,10 +36,11 @@ than per command.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -102,9 +103,24 @@ end
 return {out, tails}
 """
 
-# XAUTOCLAIM until `count` entries or the end of the PEL, each with its delivery count
-# read in the same atomic step (XAUTOCLAIM itself does not report it).
-_CLAIM = """
+# Appends a claimed entry to `out` as {id, envelope, delivery count}, the count read in the
+# same atomic step (XCLAIM and XAUTOCLAIM do not report it). Entries trimmed away (a nil or
+# empty field list) are skipped; returns whether it appended.
+_PUSH_CLAIMED = """
+local function push_claimed(out, entry)
+  if type(entry) ~= 'table' or type(entry[2]) ~= 'table' then return false end
+  local fields, e = entry[2], false
+  for j = 1, #fields, 2 do if fields[j] == 'e' then e = fields[j + 1] end end
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
+  out[#out + 1] = entry[1]
+  out[#out + 1] = e
+  out[#out + 1] = p[1][4]
+  return true
+end
+"""
+
+# XAUTOCLAIM until `count` entries or the end of the PEL.
+_CLAIM = _PUSH_CLAIMED + """
 local want = tonumber(ARGV[4])
 local cursor = '0-0'
 local out = {}
@@ -114,15 +130,7 @@ repeat
                          'COUNT', want - got)
   cursor = res[1]
   for _, entry in ipairs(res[2]) do
-    if type(entry[2]) == 'table' then
-      local fields, e = entry[2], false
-      for j = 1, #fields, 2 do if fields[j] == 'e' then e = fields[j + 1] end end
-      local p = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
-      out[#out + 1] = entry[1]
-      out[#out + 1] = e
-      out[#out + 1] = p[1][4]
-      got = got + 1
-    end
+    if push_claimed(out, entry) then got = got + 1 end
   end
 until cursor == '0-0' or got >= want
 return out
@@ -158,21 +166,12 @@ end
 return out
 """
 
-# XCLAIM exactly these ids (each only if still pending and idle >= ARGV[3]), each with its
-# delivery count read in the same atomic step; ids no longer pending are skipped.
-_CLAIM_IDS = """
+# XCLAIM exactly these ids (each only if still pending and idle >= ARGV[3]); ids no
+# longer pending are skipped.
+_CLAIM_IDS = _PUSH_CLAIMED + """
 local out = {}
 local res = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], unpack(ARGV, 4))
-for _, entry in ipairs(res) do
-  if type(entry) == 'table' and type(entry[2]) == 'table' then
-    local fields, e = entry[2], false
-    for j = 1, #fields, 2 do if fields[j] == 'e' then e = fields[j + 1] end end
-    local p = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
-    out[#out + 1] = entry[1]
-    out[#out + 1] = e
-    out[#out + 1] = p[1][4]
-  end
-end
+for _, entry in ipairs(res) do push_claimed(out, entry) end
 return out
 """
 
@@ -315,6 +314,35 @@ def _no_group(exc: ResponseError) -> bool:
     return msg.startswith("NOGROUP") or "no such key" in msg
 
 
+@contextlib.contextmanager
+def _group_errors(group: str, where: object) -> Iterator[None]:
+    """Redis' NOGROUP (or no such stream) as the transport's NoGroupError, naming `where`."""
+    try:
+        yield
+    except ResponseError as exc:
+        if _no_group(exc):
+            raise NoGroupError(f"no group {group!r} on {where!r}") from exc
+        raise
+
+
+class _Script:
+    """A Lua script, re-sent once more when Redis says it does not know it.
+
+    redis-py loads a script on NOSCRIPT and retries once; when a script's first use meets a
+    Redis restart, that load lands on the old server and the retry on the new one, and the
+    NOSCRIPT reached the caller (a worker died of it in the Redis-restart test). A second
+    try loads it on the server that answered."""
+
+    def __init__(self, client: aioredis.Redis, text: str) -> None:
+        self._script = client.register_script(text)
+
+    async def __call__(self, *, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        try:
+            return await self._script(keys=keys, args=args)
+        except NoScriptError:
+            return await self._script(keys=keys, args=args)
+
+
 class RedisTransport(Transport):
     """`Transport` on Redis Streams (Redis >= 7.0). See the module docstring."""
 
@@ -350,21 +378,19 @@ class RedisTransport(Transport):
         self._cancel_seen: dict[str, tuple[bool, float]] = {}  # run -> (cancelled, when read)
         self.cancel_staleness_s = cancel_staleness_ms / 1000
         self._rr = 0  # rotates multi-stream reads for fairness
-        self._consume = self._r.register_script(_CONSUME)
-        self._claim = self._r.register_script(_CLAIM)
-        self._claim_ids = self._r.register_script(_CLAIM_IDS)
-        self._holders = self._r.register_script(_HOLDERS)
-        self._touch = self._r.register_script(_TOUCH)
-        self._trim = self._r.register_script(_TRIM)
-        self._acquire = self._r.register_script(_ACQUIRE)
-        self._release = self._r.register_script(_RELEASE)
-        self._heartbeat = self._r.register_script(_HEARTBEAT)
-        self._members = self._r.register_script(_MEMBERS)
-        self._commit = self._r.register_script(_COMMIT)
-        # NoScriptError too: redis-py retries a script once after loading it, but when a
-        # script's first use meets a Redis restart, the load can land on the old server and
-        # the retry on the new one (seen as a worker crash in the Redis-restart test); the
-        # step is retried later like any other, and that call loads the script again
+        self._consume = _Script(self._r, _CONSUME)
+        self._claim = _Script(self._r, _CLAIM)
+        self._claim_ids = _Script(self._r, _CLAIM_IDS)
+        self._holders = _Script(self._r, _HOLDERS)
+        self._touch = _Script(self._r, _TOUCH)
+        self._trim = _Script(self._r, _TRIM)
+        self._acquire = _Script(self._r, _ACQUIRE)
+        self._release = _Script(self._r, _RELEASE)
+        self._heartbeat = _Script(self._r, _HEARTBEAT)
+        self._members = _Script(self._r, _MEMBERS)
+        self._commit = _Script(self._r, _COMMIT)
+        # NoScriptError too, should Redis restart again between `_Script`'s tries: the step
+        # is retried later like any other, and that call loads the script again
         self.transient_errors = (RedisConnectionError, RedisTimeoutError, NoScriptError)
 
     # ---- keys ---------------------------------------------------------------------------
@@ -484,14 +510,10 @@ class RedisTransport(Transport):
     ) -> list[Delivery]:
         if count < 1:
             raise ValueError("count must be at least 1")
-        try:
+        with _group_errors(group, list(streams)):
             if len(streams) == 1:
                 return await self._consume_one(streams[0], group, consumer, count, block_ms)
             return await self._consume_many(streams, group, consumer, count, block_ms)
-        except ResponseError as exc:
-            if _no_group(exc):
-                raise NoGroupError(f"no group {group!r} on {list(streams)!r}") from exc
-            raise
 
     async def _consume_one(
         self, stream: str, group: str, consumer: str, count: int, block_ms: int
@@ -539,14 +561,10 @@ class RedisTransport(Transport):
     ) -> list[Delivery]:
         if count < 1:
             raise ValueError("count must be at least 1")
-        try:
+        with _group_errors(group, stream):
             flat = await self._claim(
                 keys=[self._stream_key(stream)], args=[group, consumer, min_idle_ms, count]
             )
-        except ResponseError as exc:
-            if _no_group(exc):
-                raise NoGroupError(f"no group {group!r} on stream {stream!r}") from exc
-            raise
         return [
             Delivery(stream, flat[i], Envelope.from_json(flat[i + 1]), int(flat[i + 2]))
             for i in range(0, len(flat), 3)
@@ -557,13 +575,9 @@ class RedisTransport(Transport):
     ) -> dict[str, dict[str, int]]:
         if not streams:
             return {}
-        try:
+        with _group_errors(group, list(streams)):
             flat = await self._holders(keys=[self._stream_key(s) for s in streams],
                                        args=[group])
-        except ResponseError as exc:
-            if _no_group(exc):
-                raise NoGroupError(f"no group {group!r} on {list(streams)!r}") from exc
-            raise
         out: dict[str, dict[str, int]] = {}
         for i in range(0, len(flat), 3):
             out.setdefault(streams[int(flat[i]) - 1], {})[flat[i + 1]] = int(flat[i + 2])
@@ -575,15 +589,11 @@ class RedisTransport(Transport):
     ) -> list[PendingEntry]:
         if count < 1:
             raise ValueError("count must be at least 1")
-        try:
+        with _group_errors(group, stream):
             rows = await self._r.xpending_range(
                 self._stream_key(stream), group, "-", "+", count,
                 consumername=consumer, idle=min_idle_ms if min_idle_ms > 0 else None,
             )
-        except ResponseError as exc:
-            if _no_group(exc):
-                raise NoGroupError(f"no group {group!r} on stream {stream!r}") from exc
-            raise
         return [
             PendingEntry(r["message_id"], r["consumer"], int(r["time_since_delivered"]),
                          int(r["times_delivered"]))
@@ -597,15 +607,11 @@ class RedisTransport(Transport):
         ids = sorted(set(entry_ids), key=_id_order)
         out: list[Delivery] = []
         for i in range(0, len(ids), 1000):  # Lua's unpack has a stack limit
-            try:
+            with _group_errors(group, stream):
                 flat = await self._claim_ids(
                     keys=[self._stream_key(stream)],
                     args=[group, consumer, max(0, min_idle_ms), *ids[i:i + 1000]],
                 )
-            except ResponseError as exc:
-                if _no_group(exc):
-                    raise NoGroupError(f"no group {group!r} on stream {stream!r}") from exc
-                raise
             out.extend(
                 Delivery(stream, flat[j], Envelope.from_json(flat[j + 1]), int(flat[j + 2]))
                 for j in range(0, len(flat), 3)
@@ -618,26 +624,18 @@ class RedisTransport(Transport):
         ids = list(dict.fromkeys(entry_ids))
         n = 0
         for i in range(0, len(ids), 1000):  # Lua's unpack/argument limits
-            try:
+            with _group_errors(group, stream):
                 n += int(await self._touch(keys=[self._stream_key(stream)],
                                            args=[group, consumer, *ids[i:i + 1000]]))
-            except ResponseError as exc:
-                if _no_group(exc):
-                    raise NoGroupError(f"no group {group!r} on stream {stream!r}") from exc
-                raise
         return n
 
     async def stats(self, stream: str, group: str) -> StreamStats:
         key = self._stream_key(stream)
-        try:
+        with _group_errors(group, stream):
             async with self._r.pipeline(transaction=True) as pipe:
                 pipe.xlen(key)
                 pipe.xinfo_groups(key)
                 length, groups = await pipe.execute()
-        except ResponseError as exc:
-            if _no_group(exc):
-                raise NoGroupError(f"no group {group!r} on stream {stream!r}") from exc
-            raise
         info = next((g for g in groups if g["name"] == group), None)
         if info is None:
             raise NoGroupError(f"no group {group!r} on stream {stream!r}")

@@ -439,13 +439,13 @@ class StageRunner:
         if not held:
             return
         live: set[str] | None = None
-        dead_idle = self.config.member_ttl_ms
         for s, holders in held.items():
-            found: dict[str, tuple[PendingEntry, int]] = {}  # entry id -> (entry, idle bound)
+            found: dict[str, PendingEntry] = {}
             if sweep:
-                idle = self.config.claim_idle_ms
-                for p in await self.transport.pending(s, self.group, _SCAN, min_idle_ms=idle):
-                    found[p.entry_id] = (p, idle)
+                for p in await self.transport.pending(
+                    s, self.group, _SCAN, min_idle_ms=self.config.claim_idle_ms
+                ):
+                    found[p.entry_id] = p
             for holder in holders:
                 if holder == self.instance:
                     continue
@@ -454,28 +454,35 @@ class StageRunner:
                 if holder in live:
                     continue
                 for p in await self.transport.pending(
-                    s, self.group, _SCAN, min_idle_ms=dead_idle, consumer=holder
+                    s, self.group, _SCAN, min_idle_ms=self.config.member_ttl_ms,
+                    consumer=holder,
                 ):
-                    found.setdefault(p.entry_id, (p, dead_idle))
+                    found.setdefault(p.entry_id, p)
+            # (each listing is oldest first: the idle sweep's, then each dead holder's)
             if found and await self._take_over(s, list(found.values())):
                 return
 
-    async def _take_over(self, stream: str, found: list[tuple[PendingEntry, int]]) -> bool:
-        """Claim what `_recover` found on one stream; True once a suspect runs alone."""
-        found = [(p, idle) for p, idle in found if (stream, p.entry_id) not in self._running]
+    async def _take_over(self, stream: str, found: list[PendingEntry]) -> bool:
+        """Claim what `_recover` found on one stream; True once a suspect runs alone.
+
+        One idle bound serves both kinds of find: an entry's idle time only drops when
+        someone claims or touches it, and then it is under either bound, so a claim that
+        still sees it idle this long takes it before any other claimer or its owner's
+        touch."""
+        found = [p for p in found if (stream, p.entry_id) not in self._running]
         shared = self.config.max_deliveries >= 3  # room for a shared retry (_recover)
-        once = [(p, idle) for p, idle in found if p.deliveries <= 1 and shared]
+        once = [p for p in found if p.deliveries <= 1 and shared]
         batch = once[: max(1, self.capacity - self.inflight)]
         if len(batch) < len(once):
             self._next_claim = 0.0  # more than we had room for: come back next tick
         if not batch and self._suspect is None:
-            batch = [(p, idle) for p, idle in found if p.deliveries > 1 or not shared][:1]
-        by_idle: dict[int, list[str]] = {}
-        for p, idle in batch:
-            by_idle.setdefault(idle, []).append(p.entry_id)
-        got: list[Delivery] = []
-        for idle, ids in by_idle.items():
-            got.extend(await self.transport.claim(stream, self.group, self.instance, ids, idle))
+            batch = [p for p in found if p.deliveries > 1 or not shared][:1]
+        if not batch:
+            return False
+        bound = min(self.config.claim_idle_ms, self.config.member_ttl_ms)
+        got = await self.transport.claim(
+            stream, self.group, self.instance, [p.entry_id for p in batch], bound
+        )
         self._report_reclaimed(got)
         for d in got:
             await self._accept(d)
