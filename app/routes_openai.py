@@ -174,10 +174,13 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+TIMEOUT_CODES = frozenset({"deadline_exceeded", "stage_timeout"})  # 504, `timeout_error`
+
+
 def _run_error(ev: dict[str, Any]) -> dict[str, Any]:
     code = ev.get("code") or "pipeline_error"
     where = f" (stage {ev['stage']})" if ev.get("stage") else ""
-    kind = "timeout_error" if code == "deadline_exceeded" else "server_error"
+    kind = "timeout_error" if code in TIMEOUT_CODES else "server_error"
     return error_body(f"the run failed{where}: {ev.get('message', 'error')}", kind, None, code)
 
 
@@ -225,7 +228,7 @@ async def _pipeline_final(handle: RunHandle, fmt: _Format) -> dict[str, Any]:
             result = ev
         elif ev.get("type") == "error":
             body = _run_error(ev)
-            status = 504 if ev.get("code") == "deadline_exceeded" else 500
+            status = 504 if ev.get("code") in TIMEOUT_CODES else 500
             raise ApiError(status, body["error"]["message"], code=body["error"]["code"],
                            type=body["error"]["type"])
     assert result is not None  # follow() ends with result or error

@@ -361,8 +361,8 @@ class ResultEvent(BaseModel):
 
 
 class ErrorEvent(BaseModel):
-    """SSE `error`: the run failed (code `stage_error`, `deadline_exceeded`, `cancelled`,
-    ...); the last event."""
+    """SSE `error`: the run failed (code `stage_error`, `stage_timeout`, `max_deliveries`,
+    `deadline_exceeded`, `cancelled`, ...); the last event."""
 
     type: Literal["error"]
     message: str

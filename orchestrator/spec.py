@@ -70,6 +70,10 @@ class StageSpec(BaseModel):
     policy: Literal["pull", "round_robin", "least_loaded", "cache_aware", "prompt_aware"] = "pull"
     responder: str | None = None
     stop: list[str] | None = None
+    # seconds one call (an LM generation, a tool or reducer call) may take; past it the
+    # run fails with code `stage_timeout`. Unset: no limit of the stage's own (the run's
+    # deadline still ends it)
+    timeout_s: float | None = Field(default=None, gt=0, le=86_400)
     params: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")

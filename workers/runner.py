@@ -73,7 +73,7 @@ from orchestrator.transport import (
     Transport,
 )
 from workers.router import Router
-from workers.stagefn import CallStats, StageFunction
+from workers.stagefn import CallStats, StageFunction, StageTimeout
 
 log = logging.getLogger("alto.runner")
 
@@ -187,6 +187,11 @@ async def _wait_event(event: asyncio.Event, timeout_s: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout_s):
             await event.wait()
+
+
+def _error_code(exc: BaseException) -> str:
+    """The `code` of the run's error event for a call that raised `exc`."""
+    return exc.code if isinstance(exc, StageTimeout) else "stage_error"
 
 
 def _fires(g: _Group) -> str:
@@ -700,7 +705,8 @@ class StageRunner:
         except Exception as exc:  # a stage error fails the run visibly, never silently
             log.exception("stage %s failed on %s", self.stage.name, d.envelope.id,
                           extra={"run": d.envelope.run, "stage": self.stage.name})
-            await self._fail(d.envelope, f"{type(exc).__name__}: {exc}", None, d)
+            await self._fail(d.envelope, f"{type(exc).__name__}: {exc}", None, d,
+                             code=_error_code(exc))
 
     async def _end(self, d: Delivery) -> None:
         if d.envelope.run in self._cancelled_runs:
@@ -798,7 +804,8 @@ class StageRunner:
                 self._drop_group(g)
             except Exception as exc:
                 log.exception("stage %s failed on key %s", self.stage.name, g.key)
-                await self._fail(first, f"{type(exc).__name__}: {exc}", g)
+                await self._fail(first, f"{type(exc).__name__}: {exc}", g,
+                                 code=_error_code(exc))
 
     async def _count_fire(
         self, g: _Group, first: Envelope, fires: Progress | None, fence: Fence

@@ -36,6 +36,14 @@ def resolve(path: str, *, stage: str, field_name: str) -> Callable[..., Any]:
     return obj
 
 
+class StageTimeout(Exception):
+    """A call ran past its stage's `timeout_s`. The run fails with this `code`: a call
+    that hangs on a live worker is otherwise never re-run (its entry is kept fresh) and,
+    with the `local` and `sim` engines or a tool, never ends on its own."""
+
+    code = "stage_timeout"
+
+
 @dataclass
 class CallStats:
     """What one call cost; the runner turns it into metrics and scheduling statistics."""
@@ -82,7 +90,7 @@ class StageFunction:
             tags=tags,
         )
 
-    async def produce(
+    def produce(
         self,
         ctx: StageContext,
         value: Any,
@@ -90,7 +98,21 @@ class StageFunction:
         stats: CallStats,
         stop: StopCheck,
     ) -> AsyncIterator[Any]:
-        """Units for one input (`value`) or one aggregation group (`items`)."""
+        """Units for one input (`value`) or one aggregation group (`items`), within the
+        stage's `timeout_s` when it has one."""
+        units = self._units(ctx, value, items, stats, stop)
+        if self.stage.timeout_s is None:
+            return units
+        return _bounded(units, self.stage.timeout_s, self.stage.name)
+
+    async def _units(
+        self,
+        ctx: StageContext,
+        value: Any,
+        items: list[Any] | None,
+        stats: CallStats,
+        stop: StopCheck,
+    ) -> AsyncIterator[Any]:
         if self.stage.kind == "lm":
             async for unit in self._lm(ctx, value, items, stats, stop):
                 yield unit
@@ -166,6 +188,34 @@ class StageFunction:
 
 
 _CANCELLED = object()
+
+
+async def _bounded(units: AsyncIterator[Any], limit_s: float, stage: str) -> AsyncIterator[Any]:
+    """`units`, each awaited against one deadline for the whole call. The bound is on the
+    awaits of the call only, not around the `yield`: the consumer (the runner, committing
+    a unit) is never interrupted by it, so a timeout cannot cut a commit in half. The call
+    is cancelled at the deadline: an engine stream is closed (the engine aborts the
+    request); a synchronous tool's thread cannot be stopped and runs on unobserved."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    try:
+        while True:
+            bound = asyncio.timeout_at(deadline)
+            try:
+                async with bound:
+                    unit = await anext(units)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if bound.expired():
+                    raise StageTimeout(
+                        f"stage {stage!r}: the call took longer than timeout_s={limit_s:g} s"
+                    ) from None
+                raise  # the call's own TimeoutError, not the stage's bound
+            yield unit
+    finally:
+        aclose = getattr(units, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def _first_delta(gen: AsyncIterator[Delta], stop: StopCheck) -> Any:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from orchestrator.template import StageContext
+
+
+async def hang(value: Any, ctx: StageContext) -> str:
+    """A call that never returns (an engine or service that stopped answering)."""
+    await asyncio.get_running_loop().create_future()
+    raise AssertionError("unreachable")
 
 
 def split_words(value: Any, ctx: StageContext) -> list[str]:

@@ -1,0 +1,151 @@
+"""A stage's `timeout_s` bounds each of its calls. A call that hangs on a live worker is
+kept fresh by its worker (never taken over), and the `local` and `sim` engines and tools
+have no timeout of their own, so without the bound such a call held its slot and its run
+until the run's deadline. With it, the call is cancelled (an engine request aborted), the
+run fails with code `stage_timeout` naming the stage, the input is dead-lettered, nothing
+stays pending, and the worker goes on."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import openai
+import pytest
+
+from orchestrator.spec import SpecError, parse_pipeline
+from orchestrator.transport import Transport
+from tests.gateway_fixtures import make_server, sdk
+from tests.test_faults import pending_total
+from tests.test_sim_engine import GatedSleep
+from tests.toy.rendezvous import RENDEZVOUS
+from tests.waiting import eventually
+from tests.worker_procs import dead_letters
+from workers.client import run_to_completion
+from workers.engines.sim import SimEngine
+from workers.runner import RunnerConfig, StageRunner
+from workers.runtime import Runtime
+from workers.stagefn import StageFunction
+
+CONFIG = RunnerConfig(claim_idle_ms=200, block_ms=20, lease_ttl_ms=300, heartbeat_ms=50)
+
+
+def _spec(stage: dict[str, Any]) -> Any:
+    return parse_pipeline({
+        "name": "bounded",
+        "stages": [
+            {"name": "split", "kind": "tool", "function": "tests.toy.stages:split_words",
+             "framing": "items", "to": [stage["name"]]},
+            stage,
+        ],
+    })
+
+
+@pytest.mark.parametrize("aggregating", [False, True], ids=["per-input", "aggregator"])
+async def test_a_hung_call_fails_its_run_at_the_stage_timeout(
+    transport: Transport, aggregating: bool
+) -> None:
+    stage: dict[str, Any] = {"name": "slow", "kind": "tool", "timeout_s": 0.2}
+    if aggregating:
+        stage.update(function="tests.toy.rendezvous:hold_all", aggregate_by=["request"])
+    else:
+        stage.update(function="tests.toy.rendezvous:hold")
+    spec = _spec(stage)
+    RENDEZVOUS.reset(1, 3600.0)  # `hold` waits an hour unless released
+    rt = Runtime(transport, [spec], config=CONFIG)
+    await rt.start()
+    try:
+        run, events = await run_to_completion(transport, spec, "a b", deadline_s=60)
+        active_after = RENDEZVOUS.active
+        dead = await dead_letters(transport, spec.name)
+
+        async def nothing_pending() -> bool:
+            return await pending_total(transport, spec) == 0
+
+        await eventually(nothing_pending, 10)
+        RENDEZVOUS.release.set()  # the stage works again: the same worker serves the next run
+        _, after = await run_to_completion(transport, spec, "c", deadline_s=60)
+    finally:
+        await rt.stop()
+    err = events[-1]
+    assert err["type"] == "error", err
+    assert err["code"] == "stage_timeout" and err["stage"] == "slow"
+    assert "timeout_s=0.2" in err["message"]
+    assert active_after == 0  # the hung call was cancelled, not left running
+    assert dead and all(d["stage"] == "slow" and d["run"] == run for d in dead)
+    assert after[-1]["type"] == "result"
+    assert rt.failed() is None
+
+
+async def test_a_call_within_its_timeout_is_not_touched(transport: Transport) -> None:
+    spec = _spec({"name": "slow", "kind": "tool", "function": "tests.toy.rendezvous:hold",
+                  "timeout_s": 3600})
+    RENDEZVOUS.reset(1, 3600.0)
+    RENDEZVOUS.release.set()
+    rt = Runtime(transport, [spec], config=CONFIG)
+    await rt.start()
+    try:
+        _, events = await run_to_completion(transport, spec, "a b", deadline_s=60)
+    finally:
+        await rt.stop()
+    assert events[-1]["type"] == "result"
+    assert sorted(events[-1]["units"]) == ["held:a", "held:b"]
+
+
+async def test_an_lm_call_past_its_timeout_aborts_the_engine_request(
+    transport: Transport,
+) -> None:
+    """The sim engine's first step never ends (a gated clock): at `timeout_s` the request
+    is aborted in the engine and the run fails, instead of holding the engine's slot."""
+    spec = parse_pipeline({
+        "name": "bounded_lm",
+        "engines": {"default": {"kind": "sim"}},
+        "stages": [{"name": "gen", "kind": "lm", "prompt": "{text}", "max_tokens": 8,
+                    "timeout_s": 0.2}],
+    })
+    gate = GatedSleep()
+    engine = SimEngine(sleep=gate)
+    await engine.start()
+    runner = StageRunner(spec, "gen", transport, StageFunction(spec, spec.stage("gen"), engine),
+                         instance="gen-0", config=CONFIG)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        _, events = await run_to_completion(transport, spec, "hello", deadline_s=60)
+        held_steps = len(gate.durations)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await gate.release(1_000)
+        await engine.aclose()
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "stage_timeout"
+    assert engine.cancelled == 1 and engine.completed == 0
+    assert held_steps == 1  # it never got past the step it was held in
+    assert runner.processed == 0
+
+
+@pytest.mark.parametrize("bad", [0, -1, 86_401, "soon"])
+def test_an_invalid_timeout_names_the_stage_and_field(bad: Any) -> None:
+    with pytest.raises(SpecError) as info:
+        _spec({"name": "slow", "kind": "tool", "function": "tests.toy.rendezvous:hold",
+               "timeout_s": bad})
+    assert "stages.slow.timeout_s" in str(info.value)
+
+
+def test_the_gateway_answers_a_stage_timeout_with_504() -> None:
+    """Over HTTP (a real server, the `openai` SDK): a non-streaming chat completion whose
+    pipeline timed out is a 504 `timeout_error` with code `stage_timeout`, like a missed
+    run deadline; streamed, the error is the stream's last event."""
+    server = make_server(("hang",))
+    try:
+        c = sdk(server)
+        with pytest.raises(openai.InternalServerError) as info:
+            c.chat.completions.create(model="hang", messages=[{"role": "user", "content": "x"}])
+        assert info.value.status_code == 504
+        assert info.value.code == "stage_timeout" and info.value.type == "timeout_error"
+        assert "timeout_s=0.2" in info.value.message and "wait" in info.value.message
+        with pytest.raises(openai.APIError, match="timeout_s=0.2"):
+            list(c.chat.completions.create(
+                model="hang", messages=[{"role": "user", "content": "x"}], stream=True))
+    finally:
+        server.stop()
