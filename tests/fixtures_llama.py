@@ -137,6 +137,8 @@ class ScriptedSSEServer:
 
     events: list[str]
     ending: str = "done"
+    # answered first, one per request, instead of the stream: (status, extra headers)
+    errors: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     port: int = 0
     requests: list[dict] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -170,6 +172,15 @@ class ScriptedSSEServer:
             body = await reader.readexactly(int(hdrs.get("content-length", "0")))
             self.headers.append(hdrs)
             self.requests.append(json.loads(body or b"{}"))
+            if self.errors:
+                status, extra = self.errors.pop(0)
+                detail = json.dumps({"error": {"message": f"scripted {status}"}}).encode()
+                head = [f"HTTP/1.1 {status} Scripted", "Content-Type: application/json",
+                        f"Content-Length: {len(detail)}", "Connection: close",
+                        *(f"{k}: {v}" for k, v in extra.items())]
+                writer.write("\r\n".join(head).encode() + b"\r\n\r\n" + detail)
+                await writer.drain()
+                return
             writer.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n"

@@ -175,6 +175,87 @@ async def test_connect_errors_are_retried_then_raised() -> None:
     assert len(attempts) == 4  # the first try and 3 retries
 
 
+class Waits:
+    """Records the waits between retries instead of sleeping them."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+
+
+STREAM = [chat_chunk("Hel"), chat_chunk("lo", finish="stop"), "[DONE]"]
+
+
+async def test_retryable_statuses_are_sent_again_until_a_stream_comes(
+    scripted_server: list[ScriptedSSEServer],
+) -> None:
+    """A load balancer's 503 during a rolling restart, then a rate limit's 429 with
+    Retry-After: nothing was generated, so the same request is sent again (after the
+    server's wait when it names one, else the backoff) and the run goes on."""
+    server = await start_scripted(scripted_server, STREAM)
+    server.errors = [(503, {}), (429, {"Retry-After": "7"}), (502, {"retry-after-ms": "1500"})]
+    waits = Waits()
+    engine = OpenAIEngine(base_url=server.base_url, retries=3, backoff_s=0.25, sleep=waits)
+    try:
+        got = await collect(engine, "hi", GenParams(max_tokens=8))
+    finally:
+        await engine.aclose()
+    assert "".join(d.text for d in got) == "Hello"
+    assert len(server.requests) == 4
+    assert all(r == server.requests[0] for r in server.requests)  # the same request again
+    assert waits.seconds == [0.25, 7.0, 1.5]
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "retried"),
+    [
+        (400, {}, False),  # the request itself is wrong: sending it again cannot help
+        (404, {}, False),
+        (422, {}, False),
+        (500, {"x-should-retry": "false"}, False),  # the server says no
+        (400, {"x-should-retry": "true"}, True),  # ... or yes
+        (408, {}, True),
+        (409, {}, True),
+    ],
+)
+async def test_which_error_statuses_are_retried(
+    scripted_server: list[ScriptedSSEServer], status: int, headers: dict[str, str],
+    retried: bool,
+) -> None:
+    server = await start_scripted(scripted_server, STREAM)
+    server.errors = [(status, headers)]
+    engine = OpenAIEngine(base_url=server.base_url, retries=2, sleep=Waits())
+    try:
+        if retried:
+            assert "".join(d.text for d in await collect(engine, "hi", GenParams())) == "Hello"
+        else:
+            with pytest.raises(EngineHTTPError) as info:
+                await collect(engine, "hi", GenParams())
+            assert info.value.status == status and "scripted" in str(info.value)
+    finally:
+        await engine.aclose()
+    assert len(server.requests) == (2 if retried else 1)
+
+
+async def test_retryable_statuses_give_up_after_the_retries(
+    scripted_server: list[ScriptedSSEServer],
+) -> None:
+    server = await start_scripted(scripted_server, STREAM)
+    server.errors = [(503, {"Retry-After": "3600"})] * 3
+    waits = Waits()
+    engine = OpenAIEngine(base_url=server.base_url, retries=2, sleep=waits)
+    try:
+        with pytest.raises(EngineHTTPError, match=r"HTTP 503 .*after 3 attempts") as info:
+            await collect(engine, "hi", GenParams())
+    finally:
+        await engine.aclose()
+    assert info.value.status == 503 and info.value.retry_after == 3600
+    assert len(server.requests) == 3
+    assert waits.seconds == [30.0, 30.0]  # a long Retry-After is cut to RETRY_AFTER_MAX_S
+
+
 @pytest.mark.parametrize("ending", ["abrupt", "done"])
 async def test_a_stream_broken_mid_way_is_not_retried(
     scripted_server: list[ScriptedSSEServer], ending: str

@@ -4,11 +4,15 @@ Why these choices:
 - One `httpx.AsyncClient` per engine instance, with a connection pool sized to the engine's
   capacity: the runner never has more than `capacity` requests in flight, so every request
   gets a pooled keep-alive connection and no request waits on the pool.
-- Retries only when the connection could not be made at all (connect error or connect
-  timeout). Then the server has received nothing and re-sending is safe. Once a byte of the
-  response has arrived, part of the output may already have been routed downstream, so a
-  broken stream raises `EngineStreamError` and the runner decides (a silent re-send would
-  duplicate the units it already emitted).
+- Retries, with exponential backoff, only while nothing has been generated: when the
+  connection could not be made at all (connect error or connect timeout: the server has
+  received nothing), and when the server answered a retryable error status instead of a
+  stream (408, 409, 429 and 5xx, as the `openai` SDK retries them; `Retry-After` and
+  `x-should-retry` honoured): a fleet behind a load balancer answers 502/503 during a
+  rolling restart, a hosted API 429 under its rate limit, and failing the whole run for
+  that would be wrong. Once a byte of a 200 stream has arrived, part of the output may
+  already have been routed downstream, so a broken stream raises `EngineStreamError` and
+  the runner decides (a silent re-send would duplicate the units it already emitted).
 - Usage: the request asks for `stream_options.include_usage`, and the usage chunk the server
   sends last becomes the counts on the final `Delta`.
 - Cancellation: closing the generator (or cancelling the task iterating it) closes the
@@ -24,8 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -47,6 +52,35 @@ BASE_URL_ENV = "ALTO_OPENAI_BASE_URL"
 API_KEY_ENV = "ALTO_OPENAI_API_KEY"
 DEFAULT_CAPACITY = 16
 _CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+RETRY_AFTER_MAX_S = 30.0  # a longer Retry-After is cut to this (the stage's timeout_s and
+# the run's deadline bound the whole call anyway)
+
+
+def _retryable(response: httpx.Response) -> bool:
+    """Whether an error answer may be sent again: the server's `x-should-retry` when it
+    says, else the statuses the `openai` SDK retries (timeout, conflict, rate limit, 5xx)."""
+    should = response.headers.get("x-should-retry", "").lower()
+    if should in ("true", "false"):
+        return should == "true"
+    status = response.status_code
+    return status in (408, 409, 429) or status >= 500
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds the server asks to wait: `retry-after-ms` (OpenAI's) or `Retry-After` in
+    seconds; None when absent, unparsable or negative (an HTTP-date is not worth parsing
+    for a retry measured in seconds)."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        raw = response.headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) * scale
+        except ValueError:
+            continue
+        if value >= 0 and math.isfinite(value):
+            return value
+    return None
 
 
 def api_root(base_url: str) -> str:
@@ -75,6 +109,7 @@ class OpenAIEngine:
         headers: Mapping[str, str] | None = None,
         extra_body: Mapping[str, Any] | None = None,
         event_hooks: Mapping[str, list[Any]] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if api not in ("chat", "completions"):
             raise ValueError(f"openai engine: api must be 'chat' or 'completions', got {api!r}")
@@ -99,6 +134,7 @@ class OpenAIEngine:
             pool=read_timeout_s,
         )
         self._event_hooks = {k: list(v) for k, v in (event_hooks or {}).items()}
+        self._sleep = sleep  # the waits between retries (a test records them)
         self._client: httpx.AsyncClient | None = None
         self._closed = False
 
@@ -179,10 +215,8 @@ class OpenAIEngine:
         request = self._client.build_request(
             "POST", f"{self.root}{path}", json=self.request_body(prompt, params)
         )
-        response = await self._send(request)
+        response = await self._open(request)
         try:
-            if response.status_code != 200:
-                raise await self._http_error(response)
             async for delta in self._deltas(response):
                 yield delta
         finally:
@@ -190,6 +224,25 @@ class OpenAIEngine:
             await response.aclose()
 
     # -- internals ---------------------------------------------------------------------------
+    async def _open(self, request: httpx.Request) -> httpx.Response:
+        """A 200 streaming response, retrying retryable error statuses (nothing generated
+        yet, so re-sending is safe) up to `retries` times; other statuses raise at once."""
+        attempt = 0
+        while True:
+            response = await self._send(request)
+            if response.status_code == 200:
+                return response
+            try:
+                error = await self._http_error(response, attempt + 1)
+            finally:
+                await response.aclose()
+            if attempt >= self.retries or not _retryable(response):
+                raise error
+            backoff = min(self.backoff_s * 2**attempt, self.backoff_max_s)
+            await self._sleep(min(error.retry_after, RETRY_AFTER_MAX_S)
+                              if error.retry_after is not None else backoff)
+            attempt += 1
+
     async def _send(self, request: httpx.Request) -> httpx.Response:
         """Send, retrying with exponential backoff only while no connection could be made."""
         assert self._client is not None
@@ -203,7 +256,7 @@ class OpenAIEngine:
                         f"{self.name}: cannot connect to {request.url} after "
                         f"{attempt + 1} attempt(s): {exc!r}"
                     ) from exc
-                await asyncio.sleep(min(self.backoff_s * 2**attempt, self.backoff_max_s))
+                await self._sleep(min(self.backoff_s * 2**attempt, self.backoff_max_s))
                 attempt += 1
             except httpx.TimeoutException as exc:
                 # the request may have reached the server: never re-sent
@@ -211,7 +264,7 @@ class OpenAIEngine:
             except httpx.TransportError as exc:
                 raise EngineError(f"{self.name}: {request.url} failed: {exc!r}") from exc
 
-    async def _http_error(self, response: httpx.Response) -> EngineHTTPError:
+    async def _http_error(self, response: httpx.Response, attempts: int = 1) -> EngineHTTPError:
         try:
             raw = await response.aread()
         except httpx.HTTPError:
@@ -225,13 +278,9 @@ class OpenAIEngine:
             )
         else:
             message = f"{self.name}: HTTP {status} from {response.url}: {detail}"
-        retry_after = None
-        if "retry-after" in response.headers:
-            try:
-                retry_after = float(response.headers["retry-after"])
-            except ValueError:
-                retry_after = None
-        return EngineHTTPError(message, status=status, retry_after=retry_after)
+        if attempts > 1:
+            message += f" (after {attempts} attempts)"
+        return EngineHTTPError(message, status=status, retry_after=_retry_after(response))
 
     async def _deltas(self, response: httpx.Response) -> AsyncIterator[Delta]:
         usage: dict[str, Any] = {}
