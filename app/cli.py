@@ -170,6 +170,10 @@ def worker(
     engine: Annotated[str | None, typer.Option(help="override the engine kind")] = None,
     engine_opt: Annotated[list[str] | None, typer.Option("--engine-opt", help="KEY=VALUE")] = None,
     concurrency: Annotated[int | None, typer.Option(help="max inputs in flight")] = None,
+    instances: Annotated[int | None, typer.Option(
+        min=1, max=256, help="engine instances this process runs, each with its own runner "
+        "(default 1, or one per server of an openai engine's base_url list; instance i "
+        "talks to the i-th server)")] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="barrier mode")] = False,
     metrics_port: Annotated[
         int | None, typer.Option(help="serve /metrics /healthz /readyz here (ALTO_METRICS_PORT)")
@@ -188,13 +192,27 @@ def worker(
         console.print(f"[red]pipeline {spec.name!r} has no stage {stage!r}[/red] (has {list(spec.by_name)})")
         raise typer.Exit(2)
     override = _engine_override(engine or settings.engine, engine_opt)
+    if instances is None:
+        instances = _default_instances(spec, stage, override)
     if metrics_port is not None:
         settings = settings.model_copy(update={"metrics_port": metrics_port})
-    raise typer.Exit(asyncio.run(_worker(spec, stage, url, override, concurrency, settings)))
+    raise typer.Exit(asyncio.run(_worker(spec, stage, url, override, concurrency, settings,
+                                         instances)))
+
+
+def _default_instances(spec: PipelineSpec, stage: str, override: EngineSpec | None) -> int:
+    """One engine instance per worker process (a GPU engine fills its pod), except an
+    `openai` engine that lists several servers: then one per server, so a worker fronting
+    a fleet keeps each instance's prompts on one server's prefix cache."""
+    s = spec.stage(stage)
+    if s.kind != "lm":
+        return 1
+    espec = override or spec.engines[s.engine or "default"]
+    return espec.instances if espec.kind == "openai" and len(espec.servers) > 1 else 1
 
 
 async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec | None,
-                  concurrency: int | None, settings: Any) -> int:
+                  concurrency: int | None, settings: Any, instances: int) -> int:
     from app.logs import set_defaults
     from workers.metrics import WorkerMetrics, serve_worker_http
     from workers.runner import RunnerConfig
@@ -210,7 +228,8 @@ async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec
     observer = metrics.observe  # + a span per call when OTEL_EXPORTER_OTLP_ENDPOINT is set
     if configure_tracing("alto-worker"):
         observer = combine(metrics.observe, SpanRecorder().observe)
-    runtime = Runtime(transport, [spec], config=config, engine_override=override, instances=1,
+    runtime = Runtime(transport, [spec], config=config, engine_override=override,
+                      instances=instances,
                       policy=settings.policy, observer=observer,
                       concurrency=concurrency)
     # up before the engine loads: probes see a live but not-ready worker meanwhile

@@ -37,7 +37,7 @@ import httpx
 from httpx_sse import EventSource, SSEError
 
 from orchestrator.engine import Delta, GenParams
-from orchestrator.spec import EngineSpec
+from orchestrator.spec import EngineSpec, split_urls
 from workers.engines.common import (
     EngineConnectError,
     EngineError,
@@ -81,6 +81,19 @@ def _retry_after(response: httpx.Response) -> float | None:
         if value >= 0 and math.isfinite(value):
             return value
     return None
+
+
+def base_urls(value: Any) -> list[str]:
+    """The servers of an engine's instances: `base_url` is one URL, a list of URLs or a
+    comma-separated string of them (what fits an environment variable). Instance i talks
+    to the i-th (modulo their number), so each instance's prompts meet one server's prefix
+    cache: a fleet behind one load-balanced URL would scatter them."""
+    urls = split_urls(value)
+    if not urls and value not in ("", None, []):
+        raise ValueError(
+            f"openai engine option 'base_url' must be a URL or a list of URLs, got {value!r}"
+        )
+    return urls
 
 
 def api_root(base_url: str) -> str:
@@ -141,11 +154,12 @@ class OpenAIEngine:
     @classmethod
     def from_spec(cls, spec: EngineSpec, instance: int = 0) -> OpenAIEngine:
         opts = Options("openai", spec.options())
-        base_url = opts.text("base_url") or os.environ.get(BASE_URL_ENV, "").strip() or None
-        if not base_url:
+        urls = base_urls(opts.raw("base_url") or os.environ.get(BASE_URL_ENV, ""))
+        if not urls:
             raise ValueError(
                 f"openai engine: no base_url (set the engine option or {BASE_URL_ENV})"
             )
+        base_url = urls[instance % len(urls)]
         api_key = opts.text("api_key") or os.environ.get(API_KEY_ENV) or None
         capacity = spec.capacity or opts.integer("capacity", DEFAULT_CAPACITY, minimum=1)
         opts.raw("capacity")  # accepted even when spec.capacity wins
