@@ -1,4 +1,4 @@
-"""The `alto` command: run, worker, serve, openapi, bench."""
+"""The `alto` command: run, worker, serve, openapi, bench, dead-letters."""
 
 from __future__ import annotations
 
@@ -368,6 +368,16 @@ def _bench_group() -> typer.Typer:
 
 
 cli.add_typer(_bench_group(), name="bench", help="Benchmarks (results in BENCHMARKS.md).")
+
+
+def _dead_letters_group() -> typer.Typer:
+    from app.deadletters_cli import app as dead_app
+
+    return dead_app
+
+
+cli.add_typer(_dead_letters_group(), name="dead-letters",
+              help="Inspect, replay or drop a pipeline's failed inputs (on Redis).")
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from orchestrator.embedded import NoGroupError
 from orchestrator.routing import stage_group, stage_streams
 from orchestrator.spec import PipelineSpec
 from orchestrator.transport import Transport
+from workers import deadletters
 from workers.metrics import record_call
 from workers.router import cluster_router_metrics
 
@@ -84,6 +85,10 @@ class Metrics:
                                ["pipeline", "stage"], registry=r)
         self.instances = Gauge("alto_stage_instances", "Live instances (heartbeats) per stage",
                                ["pipeline", "stage"], registry=r)
+        self.dead_letters = Gauge(
+            "alto_dead_letters", "Unresolved dead letters (failed inputs; `alto dead-letters`)",
+            ["pipeline"], registry=r,
+        )
         self.proxy_tokens = Counter("alto_proxy_tokens", "Tokens of direct engine-model calls",
                                     ["model", "kind"], registry=r)
         # scheduling of LM stages (workers/router.py: cluster_router_metrics, from the transport)
@@ -137,6 +142,7 @@ class Metrics:
                 self.queue_lag.labels(spec.name, stage).set(lag)
                 members = await transport.members(group)
                 self.instances.labels(spec.name, stage).set(len(members))
+            self.dead_letters.labels(spec.name).set(await deadletters.count(transport, spec.name))
         await self._refresh_routers(transport, pipelines)
 
     async def _refresh_routers(

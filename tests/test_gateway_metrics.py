@@ -43,6 +43,7 @@ def test_metrics_follow_the_traffic(gateway: LiveServer) -> None:
     assert grew("alto_runs_total", pipeline="slow", outcome="completed") == 1
     assert grew("alto_runs_total", pipeline="fanout", outcome="failed") == 1
     assert grew("alto_stage_errors_total", pipeline="fanout", stage="fan") == 1
+    assert grew("alto_dead_letters", pipeline="fanout") == 1  # the failed input, unresolved
     assert grew("alto_run_seconds_count", pipeline="slow") == 1
     # per-stage engine calls (the runtime's observer hook): 1 draft + 4 expand
     assert grew("alto_stage_call_seconds_count", pipeline="slow", stage="draft") == 1

@@ -41,3 +41,14 @@ def crash_once_on_poison_group(items: list[Any], ctx: StageContext) -> str:
             f.write(ctx.run)
         os.kill(os.getpid(), signal.SIGKILL)
     return f"{ctx.stage}[{','.join(str(i) for i in items)}]"
+
+
+BROKEN: set[str] = set()  # the words `fail_while_broken` fails on; a test "fixes" it
+
+
+def fail_while_broken(value: Any, ctx: StageContext) -> str:
+    """A stage with a bug a test can fix: words in BROKEN raise (then dead letters can be
+    replayed after the fix)."""
+    if value in BROKEN:
+        raise ValueError(f"cannot process {value!r} (yet)")
+    return str(value)

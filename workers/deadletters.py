@@ -1,0 +1,127 @@
+"""The dead-letter queue, for operators: list what failed, replay it, or drop it.
+
+Runners write an input that failed its stage (a stage error, a `stage_timeout`, an input
+that kept killing its worker) to the pipeline's dead-letter stream, in the same commit as
+the run's `error` event. Nothing else reads that stream, so without this module it only
+grew: "nothing accepted is silently dropped" needs a way to see and act on what landed
+there.
+
+The stream is read through one consumer group, `operators`: an entry is *unresolved*
+while it is new or pending in that group, and resolving it (replayed or dropped) is an
+acknowledgement, after which the normal trim removes it. Listing takes new entries into
+the group and reads the pending ones back with a claim (the only read of a pending
+entry's body the transport contract has), so a listing changes no entry's state except
+its delivery count in that group. Works the same on both transports; the CLI
+(`alto dead-letters`) uses it over Redis, where dead letters outlive any process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.spec import PipelineSpec
+from orchestrator.transport import Delivery, Transport
+from workers.client import start_run
+from workers.runner import dead_letter_stream
+
+OPERATORS = "operators"  # the consumer group (and consumer) of the dead-letter stream
+_BATCH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One unresolved dead letter: where and why its input failed, and the run's input
+    (what a replay submits again)."""
+
+    entry_id: str
+    stage: str
+    run: str
+    reason: str
+    instance: str
+    input: Any  # the failed run's input; None if the record has none
+    record: dict[str, Any]  # the whole record, as the runner wrote it
+
+
+def _letter(d: Delivery) -> DeadLetter:
+    record: dict[str, Any] = d.envelope.payload if isinstance(d.envelope.payload, dict) else {}
+    failed = record.get("envelope") if isinstance(record.get("envelope"), dict) else {}
+    context = failed.get("ctx") if isinstance(failed.get("ctx"), dict) else {}
+    return DeadLetter(
+        entry_id=d.entry_id,
+        stage=str(record.get("stage", d.envelope.stage)),
+        run=str(record.get("run", d.envelope.run)),
+        reason=str(record.get("reason", "")),
+        instance=str(record.get("instance", "")),
+        input=context.get("input"),
+        record=record,
+    )
+
+
+async def unresolved(transport: Transport, pipeline: str, limit: int = 100) -> list[DeadLetter]:
+    """Up to `limit` unresolved dead letters of `pipeline`, oldest first."""
+    stream = dead_letter_stream(pipeline)
+    await transport.ensure_group(stream, OPERATORS)
+    while await transport.consume([stream], OPERATORS, OPERATORS, _BATCH, 0):
+        pass  # new entries become pending in the group: listed, not yet resolved
+    ids = [p.entry_id for p in await transport.pending(stream, OPERATORS, limit)]
+    got = await transport.claim(stream, OPERATORS, OPERATORS, ids, 0)
+    return [_letter(d) for d in got]
+
+
+async def count(transport: Transport, pipeline: str) -> int:
+    """How many dead letters of `pipeline` are unresolved (what to alert on)."""
+    stream = dead_letter_stream(pipeline)
+    await transport.ensure_group(stream, OPERATORS)
+    stats = await transport.stats(stream, OPERATORS)
+    return stats.pending + stats.lag
+
+
+async def _resolve(transport: Transport, pipeline: str, entry_ids: Sequence[str]) -> None:
+    stream = dead_letter_stream(pipeline)
+    await transport.ack(stream, OPERATORS, list(entry_ids))
+    await transport.trim(stream)
+
+
+def _pick(letters: list[DeadLetter], entry_ids: Sequence[str] | None) -> list[DeadLetter]:
+    if entry_ids is None:
+        return letters
+    by_id = {d.entry_id: d for d in letters}
+    missing = [i for i in entry_ids if i not in by_id]
+    if missing:
+        raise LookupError(f"no unresolved dead letter with id {', '.join(missing)}")
+    return [by_id[i] for i in entry_ids]
+
+
+async def replay(
+    transport: Transport, spec: PipelineSpec, entry_ids: Sequence[str] | None = None,
+    *, limit: int = 100_000,
+) -> dict[str, str]:
+    """Submit the input of each of these dead letters (all unresolved ones if None) again
+    as a new run, then resolve the letter; returns {entry id: new run id}. A letter without
+    an input raises before anything is submitted. Each run is started before its letter
+    is resolved: if this process dies between the two, the letter stays unresolved and a
+    later replay submits it again (a duplicate run rather than a lost one)."""
+    letters = _pick(await unresolved(transport, spec.name, limit), entry_ids)
+    blank = [d.entry_id for d in letters if d.input is None]
+    if blank:
+        raise ValueError(f"dead letter(s) {', '.join(blank)} carry no run input to replay")
+    runs: dict[str, str] = {}
+    for d in letters:
+        runs[d.entry_id] = await start_run(
+            transport, spec, str(d.input), meta={"replay_of": d.run, "dead_letter": d.entry_id}
+        )
+        await _resolve(transport, spec.name, [d.entry_id])
+    return runs
+
+
+async def drop(
+    transport: Transport, pipeline: str, entry_ids: Sequence[str] | None = None,
+    *, limit: int = 100_000,
+) -> int:
+    """Resolve these dead letters (all unresolved ones if None) without replaying them."""
+    letters = _pick(await unresolved(transport, pipeline, limit), entry_ids)
+    if letters:
+        await _resolve(transport, pipeline, [d.entry_id for d in letters])
+    return len(letters)
