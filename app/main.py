@@ -34,7 +34,7 @@ from app.middleware import (
     RateLimitMiddleware,
     key_digests,
 )
-from app.ratelimit import RateLimiter
+from app.ratelimit import RateLimit
 from app.responses import SSE_MODELS
 from app.routes_native import router as native_router
 from app.routes_openai import router as openai_router
@@ -160,8 +160,8 @@ def create_app(
     app.include_router(ops_router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     if settings.rate_limit_rps > 0:
-        limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
-        app.add_middleware(RateLimitMiddleware, limiter=limiter)
+        limit = RateLimit(settings.rate_limit_rps, settings.rate_limit_burst)
+        app.add_middleware(RateLimitMiddleware, limit=limit)
     keys = [reveal(k) or "" for k in settings.api_keys]
     key_digests(keys)  # a malformed `sha256:` entry fails here, not at startup
     app.add_middleware(AuthMiddleware, keys=keys)

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import ApiError
 from app.metrics import Metrics
-from app.ratelimit import RateLimiter
+from app.ratelimit import RateLimit
 
 
 async def _send_error(send: Send, err: ApiError) -> None:
@@ -139,28 +139,33 @@ class AuthMiddleware:
 
 
 class RateLimitMiddleware:
-    """Per-key token bucket on /v1/* (placed inside AuthMiddleware, so only authenticated
+    """Per-key rate limit on /v1/* (placed inside AuthMiddleware, so only authenticated
     requests spend tokens, and a flood of wrong keys cannot drain a real key's bucket).
-    Without API keys, callers are told apart by client address."""
+    Without API keys, callers are told apart by client address. The limit is kept in the
+    gateway's transport: shared by every replica on one Redis."""
 
-    def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
+    def __init__(self, app: ASGIApp, limit: RateLimit) -> None:
         self.app = app
-        self.limiter = limiter
+        self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        gateway = getattr(scope["app"].state, "gateway", None)
+        if gateway is None:  # not started (no lifespan): nothing to keep a limit in
             await self.app(scope, receive, send)
             return
         who = (scope.get("state") or {}).get(OWNER_STATE)
         if who is None:
             client = scope.get("client")
             who = f"addr:{client[0] if client else '-'}"
-        wait = self.limiter.take(who)
+        wait = await self.limit.take(gateway.transport, who)
         if wait > 0:
             await _send_error(
                 send,
-                ApiError(429, f"rate limit exceeded: {self.limiter.rate:g} requests/s with "
-                              f"bursts of {self.limiter.burst:g} per API key; retry later",
+                ApiError(429, f"rate limit exceeded: {self.limit.rate:g} requests/s with "
+                              f"bursts of {self.limit.burst:g} per API key; retry later",
                          code="rate_limit_exceeded",
                          retry_after_s=wait),
             )

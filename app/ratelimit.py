@@ -1,67 +1,46 @@
-"""Per-key request rate limit: one token bucket per API key (by its hash).
+"""Per-caller request rate limit: GCRA (`orchestrator.ratelimit`) kept in the transport.
 
-Why in-process: a Redis round trip per request would cost more than most requests it
-guards, and a bucket is only an abuse brake, not an accounting system. The price: with N
-gateway replicas a key gets up to N times the rate (documented in docs/API.md); set the
-rate per replica accordingly.
+Why in the transport: the Helm chart runs two gateway replicas by default and scales them.
+A limit kept in each process gave a caller up to N times its rate, N changing with the
+autoscaler. On Redis the limit is one key per caller, shared by every replica, updated by
+one script call (a round trip of well under a millisecond, against requests that run LLM
+pipelines for seconds); embedded, it is a dict in the one process.
 
-Memory stays bounded: at most `max_buckets` buckets are kept (least recently used
-dropped first). With API keys configured there is one bucket per configured key, so the
-bound is never reached; without keys callers are told apart by client address, and a
-dropped bucket only means that address starts again with a full burst.
+Callers are told apart by API key (its hash) or, without keys, by client address. The
+limit fails open: if the transport cannot answer, the request goes on (and meets the same
+outage where it needs the transport, with a 503) instead of a 429 nobody deserved.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+
+from orchestrator.transport import Transport
+
+log = logging.getLogger("alto.ratelimit")
 
 
-@dataclass(slots=True)
-class _Bucket:
-    tokens: float
-    stamp: float
+class RateLimit:
+    """`rate` requests per second per caller, in bursts of up to `burst` (0 = the rate
+    rounded up, at least 1)."""
 
-
-class RateLimiter:
-    """Token buckets of `burst` tokens refilled at `rate` tokens per second."""
-
-    def __init__(
-        self,
-        rate: float,
-        burst: int,
-        *,
-        max_buckets: int = 10_000,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if rate <= 0:
-            raise ValueError("rate must be positive")
+    def __init__(self, rate: float, burst: int = 0) -> None:
+        if not rate > 0 or not math.isfinite(rate):
+            raise ValueError("rate must be a positive number")
         self.rate = rate
-        self.burst = float(burst if burst > 0 else max(1, math.ceil(rate)))
-        self.max_buckets = max_buckets
-        self._clock = clock
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self.burst = burst if burst > 0 else max(1, math.ceil(rate))
+        self._warned = 0.0
 
-    def take(self, who: str) -> float:
-        """Take one token for `who`: 0.0 when allowed, else the seconds until one is due."""
-        now = self._clock()
-        bucket = self._buckets.get(who)
-        if bucket is None:
-            bucket = _Bucket(self.burst, now)
-            self._buckets[who] = bucket
-            if len(self._buckets) > self.max_buckets:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(who)
-            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.stamp) * self.rate)
-            bucket.stamp = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
+    async def take(self, transport: Transport, who: str) -> float:
+        """0.0 when `who` may make a request now, else the seconds until it may."""
+        try:
+            return await transport.take_token(f"caller:{who}", self.rate, self.burst)
+        except transport.transient_errors as exc:
+            now = time.monotonic()
+            if now - self._warned > 10:  # once per 10 s, not once per request
+                self._warned = now
+                log.warning("rate limit unavailable (%s: %s); requests are let through",
+                            type(exc).__name__, exc)
             return 0.0
-        return (1.0 - bucket.tokens) / self.rate
-
-    def __len__(self) -> int:
-        return len(self._buckets)

@@ -28,11 +28,13 @@ import itertools
 import json
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.envelope import Envelope
+from orchestrator.ratelimit import gcra
 from orchestrator.transport import (
     Commit,
     Delivery,
@@ -45,6 +47,8 @@ from orchestrator.transport import (
 )
 
 __all__ = ["EmbeddedTransport", "NoGroupError"]
+
+RATE_KEYS = 10_000  # rate-limited callers remembered (without API keys: client addresses)
 
 
 class NoGroupError(LookupError):
@@ -114,6 +118,7 @@ class EmbeddedTransport(Transport):
         self._expiry: dict[tuple[str, str], float] = {}
         self._expiry_heap: list[tuple[float, str, str]] = []
         self._rr = itertools.count()  # rotates multi-stream reads for fairness
+        self._tats: OrderedDict[str, float] = OrderedDict()  # rate limit: caller -> TAT
 
     # ---- expiry -------------------------------------------------------------------------
     def _delete(self, kind: str, name: str) -> None:
@@ -513,6 +518,17 @@ class EmbeddedTransport(Transport):
             table.pop(member, None)
             if not table:
                 del self._members[group]
+
+    # ---- rate limit ---------------------------------------------------------------------
+    async def take_token(self, key: str, rate: float, burst: int) -> float:
+        now = time.monotonic()
+        tat, wait = gcra(self._tats.get(key), now, rate, burst)
+        if tat is not None:
+            self._tats[key] = tat
+            self._tats.move_to_end(key)
+            if len(self._tats) > RATE_KEYS:  # bounded: the least recently allowed goes
+                self._tats.popitem(last=False)  # (it starts again with a full burst)
+        return wait
 
     # ---- small shared state -------------------------------------------------------------
     async def hincr(self, key: str, fields: dict[str, float]) -> None:

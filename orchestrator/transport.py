@@ -261,6 +261,14 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def leave(self, group: str, member: str) -> None: ...
 
+    # ---- rate limit ---------------------------------------------------------------------
+    @abc.abstractmethod
+    async def take_token(self, key: str, rate: float, burst: int) -> float:
+        """One request of caller `key` against a limit of `rate` per second with bursts
+        of `burst` (`orchestrator.ratelimit.gcra`): 0.0 when allowed, else the seconds
+        until it would be. Shared by everyone on the transport: every gateway replica on
+        one Redis enforces one limit per caller, not one each."""
+
     # ---- small shared state (statistics for scheduling) --------------------------------
     @abc.abstractmethod
     async def hincr(self, key: str, fields: dict[str, float]) -> None:

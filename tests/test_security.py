@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.middleware import key_digests, key_hash
-from app.ratelimit import RateLimiter
+from orchestrator.ratelimit import gcra
 from tests.gateway_fixtures import *  # noqa: F403
 from tests.gateway_fixtures import (
     CALLS,
@@ -213,42 +213,74 @@ def test_rate_limit_is_per_key_with_retry_after(limited: LiveServer) -> None:
         assert httpx.get(f"{limited.url}/healthz").status_code == 200
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     rate=st.floats(0.1, 50), burst=st.integers(1, 20),
     steps=st.lists(st.tuples(st.floats(0, 2), st.sampled_from("ab")), max_size=200),
 )
-def test_token_bucket_never_allows_more_than_burst_plus_refill(
+def test_gcra_never_allows_more_than_burst_plus_refill(
     rate: float, burst: int, steps: list[tuple[float, str]]
 ) -> None:
-    clock = _Clock()
-    limiter = RateLimiter(rate, burst, clock=clock)
+    """The limit's arithmetic (both transports run it): over any sequence of requests, a
+    caller gets at most `burst` + `rate` x elapsed; a refused request is told when the
+    next one would pass, which is at most one interval away and passes then."""
+    now = 0.0
+    tats: dict[str, float | None] = {"a": None, "b": None}
     allowed = {"a": 0, "b": 0}
     for dt, who in steps:
-        clock.now += dt
-        wait = limiter.take(who)
+        now += dt
+        tat, wait = gcra(tats[who], now, rate, burst)
         assert wait >= 0
-        if wait == 0:
+        if tat is not None:
+            assert wait == 0
+            tats[who] = tat
             allowed[who] += 1
         else:
-            assert wait <= 1 / rate + 1e-9  # Retry-After is when the next token is due
+            assert 0 < wait <= 1 / rate + 1e-9
+            assert gcra(tats[who], now + wait, rate, burst)[0] is not None
     for count in allowed.values():
-        assert count <= burst + rate * clock.now + 1e-6
+        assert count <= burst + rate * now + 1e-6
 
 
-def test_token_bucket_memory_is_bounded() -> None:
-    limiter = RateLimiter(1.0, 1, max_buckets=50)
+@given(rate=st.floats(0.1, 50), burst=st.integers(1, 20))
+def test_gcra_allows_a_full_burst_at_once(rate: float, burst: int) -> None:
+    tat = None
+    for _ in range(burst):
+        tat, wait = gcra(tat, 100.0, rate, burst)
+        assert tat is not None and wait == 0
+    assert gcra(tat, 100.0, rate, burst)[0] is None
+
+
+async def test_embedded_rate_limit_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator import embedded
+
+    monkeypatch.setattr(embedded, "RATE_KEYS", 50)
+    t = embedded.EmbeddedTransport()
     for i in range(1000):
-        limiter.take(f"addr:{i}")
-    assert len(limiter) == 50
+        assert await t.take_token(f"addr:{i}", 0.001, 1) == 0
+    assert len(t._tats) == 50
+    assert await t.take_token("addr:999", 0.001, 1) > 0  # the recent ones are remembered
+    assert await t.take_token("addr:0", 0.001, 1) == 0  # the oldest was let go
+
+
+@pytest.mark.redis
+def test_the_rate_limit_is_shared_by_gateway_replicas(redis_url: str) -> None:
+    """Two gateways on one Redis (two replicas of a Deployment): a caller's burst spent at
+    one is spent at the other. With a limit per process it got twice its rate."""
+    servers = [make_server(("toy",), api_keys=KEYS, redis_url=redis_url,
+                           rate_limit_rps=0.001, rate_limit_burst=2) for _ in range(2)]
+    try:
+        one, two = (sdk(s, KEY_A) for s in servers)
+        assert one.models.list().data
+        assert two.models.list().data
+        for client in (one, two):
+            with pytest.raises(openai.RateLimitError) as info:
+                client.models.list()
+            assert int(info.value.response.headers["retry-after"]) >= 1
+        assert sdk(servers[1], KEY_B).models.list().data  # another key has its own
+    finally:
+        for s in servers:
+            s.stop()
 
 
 # ------------------------------------------------------------------------------------------

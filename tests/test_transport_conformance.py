@@ -612,6 +612,30 @@ async def test_leases_exclusive_and_renewable_by_owner(transport: Transport) -> 
     assert not await transport.acquire_lease("p0", "a", 60_000)
 
 
+async def test_rate_limit_allows_a_burst_then_says_when(transport: Transport) -> None:
+    """`take_token`: `burst` requests at once, then refusals naming a wait of at most one
+    interval (1/rate s); callers are independent; a bad limit is refused."""
+    assert [await transport.take_token("a", 0.01, 3) for _ in range(3)] == [0.0, 0.0, 0.0]
+    waits = [await transport.take_token("a", 0.01, 3) for _ in range(2)]
+    assert all(0 < w <= 100.0 for w in waits)
+    assert await transport.take_token("b", 0.01, 3) == 0.0
+    for bad in ((0.0, 1), (-1.0, 1), (1.0, 0)):
+        with pytest.raises(ValueError):
+            await transport.take_token("c", *bad)
+
+
+async def test_rate_limit_refills_at_its_rate(transport: Transport) -> None:
+    """After a refusal, waiting for the time it named lets the next request through."""
+    assert await transport.take_token("a", 20.0, 1) == 0.0
+    wait = await transport.take_token("a", 20.0, 1)
+    assert 0 < wait <= 0.05 + 1e-6
+
+    async def allowed() -> bool:
+        return await transport.take_token("a", 20.0, 1) == 0.0
+
+    await eventually(allowed, "a token to come back")
+
+
 async def test_lease_expires_after_ttl(transport: Transport) -> None:
     assert await transport.acquire_lease("p0", "a", 60_000)
     assert await transport.acquire_lease("p0", "a", 50)  # renewal shortens the ttl

@@ -283,6 +283,20 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return 1
 """
 
+# One request against a rate limit: orchestrator.ratelimit.gcra, in milliseconds. KEYS[1]
+# holds the caller's TAT and expires when it is past (an idle caller costs nothing).
+# ARGV: the interval (1000 / rate) and the burst. Returns '' when allowed, else the wait.
+_RATE = _NOW_MS + """
+local interval = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local over = new_tat - now - tonumber(ARGV[2]) * interval
+if over > 0.001 then return tostring(over) end
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1)
+return ''
+"""
+
 _MEMBERS = _NOW_MS + """
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
 for _, m in ipairs(dead) do
@@ -388,6 +402,7 @@ class RedisTransport(Transport):
         self._release = _Script(self._r, _RELEASE)
         self._heartbeat = _Script(self._r, _HEARTBEAT)
         self._members = _Script(self._r, _MEMBERS)
+        self._rate = _Script(self._r, _RATE)
         self._commit = _Script(self._r, _COMMIT)
         # NoScriptError too, should Redis restart again between `_Script`'s tries: the step
         # is retried later like any other, and that call loads the script again
@@ -796,6 +811,14 @@ class RedisTransport(Transport):
             pipe.zrem(zkey, member)
             pipe.hdel(hkey, member)
             await pipe.execute()
+
+    # ---- rate limit ---------------------------------------------------------------------
+    async def take_token(self, key: str, rate: float, burst: int) -> float:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be positive and burst at least 1")
+        over = await self._rate(keys=[f"{self.prefix}ratelimit:{key}"],
+                                args=[repr(1000.0 / rate), burst])
+        return float(over) / 1000.0 if over else 0.0
 
     # ---- small shared state -------------------------------------------------------------
     async def hincr(self, key: str, fields: dict[str, float]) -> None:
