@@ -6,7 +6,8 @@ pipeline spec, KEDA triggers on exactly the streams and consumer groups alto rea
 Redis URL the processes get, probes, drain and disruption budgets, the dashboard's
 metrics, and the README's `helm` commands rendered as written.
 
-KEDA (ScaledObject, TriggerAuthentication) and Prometheus Operator (PodMonitor) kinds
+KEDA (ScaledObject, TriggerAuthentication) and Prometheus Operator (PodMonitor,
+PrometheusRule) kinds
 are CRDs without schemas in kubernetes-validate; they are checked field by field here.
 """
 
@@ -38,7 +39,7 @@ CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 KUBE_VERSION = "1.30.0"  # the oldest Kubernetes we support (Chart.yaml kubeVersion allows 1.27+)
 RELEASE, NAMESPACE = "fact", "ml"
 PREFIX = f"{RELEASE}-alto"
-CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "PodMonitor"}
+CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "PodMonitor", "PrometheusRule"}
 Doc = dict[str, Any]
 
 
@@ -452,6 +453,52 @@ def test_dashboard_queries_only_exported_metrics() -> None:
         assert required in used
     assert by_kind(render({"metrics": {"dashboard": {"enabled": False}}}), "ConfigMap").keys() \
         == {f"{PREFIX}-pipeline"}
+
+
+def _metric_labels() -> dict[str, set[str]]:
+    """Label names of every exported series (gateway and worker), by series name."""
+    labels: dict[str, set[str]] = {}
+    for registry in (Metrics().registry, WorkerMetrics().registry):
+        for collector in list(registry._collector_to_names):  # noqa: SLF001 - the only listing
+            names = set(getattr(collector, "_labelnames", ()))
+            for series in registry._collector_to_names[collector]:  # noqa: SLF001
+                labels.setdefault(series, set()).update(names)
+    return labels
+
+
+def test_alerts_query_exported_metrics_by_their_labels() -> None:
+    """The PrometheusRule (off by default) alerts on series alto exports, grouped and
+    filtered only by labels those series have, and keeps Prometheus' own templating
+    ({{ $labels.x }}) through Helm's."""
+    assert "PrometheusRule" not in {d["kind"] for d in render({})}
+    docs = render({"metrics": {"prometheusRule": {"enabled": True, "labels": {"team": "ml"}}}})
+    (rule,) = by_kind(docs, "PrometheusRule").values()
+    assert rule["metadata"]["labels"]["team"] == "ml"
+    rules = rule["spec"]["groups"][0]["rules"]
+    assert {r["alert"] for r in rules} == {
+        "AltoStageWithoutInstances", "AltoDeadLetters", "AltoQueueBacklog", "AltoRunsFailing",
+        "AltoAdmissionRejecting"}
+    exported, labels = _exported_metric_names(), _metric_labels()
+    for r in rules:
+        expr = r["expr"]
+        used = set(re.findall(r"\balto_[a-z_]+", expr))
+        assert used and used <= exported, (r["alert"], used - exported)
+        known = set().union(*(labels[m.removesuffix("_total")] for m in used)) | {"namespace"}
+        grouped = {x.strip() for g in re.findall(r"by \(([^)]*)\)", expr) for x in g.split(",")}
+        matched = set(re.findall(r"([a-z_]+)\s*=~?\s*\"", expr))
+        assert grouped | matched <= known, (r["alert"], (grouped | matched) - known)
+        assert expr.count("{") == expr.count("}") and 'namespace="ml"' in expr
+        assert r["labels"]["severity"] in {"warning", "critical"}
+        assert "{{ $labels." in r["annotations"]["summary"] or "$value" in r["annotations"]["summary"]
+    by_alert = {r["alert"]: r for r in rules}
+    assert by_alert["AltoDeadLetters"]["expr"].startswith("max by (pipeline) (alto_dead_letters")
+    custom = render({"metrics": {"prometheusRule": {
+        "enabled": True, "selector": 'job="alto"', "queueLag": 7, "for": {"deadLetters": "5m"}}}})
+    (rule,) = by_kind(custom, "PrometheusRule").values()
+    by_alert = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
+    assert 'alto_queue_lag{job="alto"}) > 7' in by_alert["AltoQueueBacklog"]["expr"]
+    assert by_alert["AltoDeadLetters"]["for"] == "5m"
+    assert lint_problems({"metrics": {"prometheusRule": {"enabled": True, "queueLag": -1}}})
 
 
 def test_chart_pipeline_is_the_example() -> None:
