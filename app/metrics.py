@@ -77,6 +77,10 @@ class Metrics:
                                    ["pipeline", "stage"], registry=r)
         self.stage_errors = Counter("alto_stage_errors", "Stage errors seen in run events",
                                     ["pipeline", "stage"], registry=r)
+        self.stage_retries = Counter(
+            "alto_stage_call_retries", "Failed calls tried again (stage retries; embedded mode)",
+            ["pipeline", "stage"], registry=r,
+        )
         self.queue_length = Gauge("alto_queue_length", "Entries kept in a stage's streams",
                                   ["pipeline", "stage"], registry=r)
         self.queue_pending = Gauge("alto_queue_pending", "Delivered, not yet acknowledged",
@@ -112,10 +116,13 @@ class Metrics:
     # ---- the Runtime observer hook (workers.runner.Observer) -------------------------------
     def observe(self, event: str, data: dict[str, Any]) -> None:
         """Called by runners in this process after each finished call; must never raise."""
-        if event != "call":
+        if event not in ("call", "retry"):
             return
         try:
             labels = (str(data.get("pipeline", "")), str(data.get("stage", "")))
+            if event == "retry":
+                self.stage_retries.labels(*labels).inc()
+                return
             record_call(data, labels, seconds=self.stage_call_seconds,
                         first_unit=self.stage_first_unit_seconds, tokens=self.stage_tokens,
                         units=self.stage_units)

@@ -101,6 +101,12 @@ class StageSpec(BaseModel):
     # run fails with code `stage_timeout`. Unset: no limit of the stage's own (the run's
     # deadline still ends it)
     timeout_s: float | None = Field(default=None, gt=0, le=86_400)
+    # how often a failed call (it raised, or ran past timeout_s) is tried again, on the same
+    # worker, before its run fails; only while the call has published nothing (a retry
+    # after published units could continue them differently). Waits retry_backoff_s
+    # before the first retry, doubling each time (at most 60 s)
+    retries: int = Field(default=0, ge=0, le=10)
+    retry_backoff_s: float = Field(default=0.5, ge=0, le=60)
     params: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")

@@ -86,6 +86,10 @@ class WorkerMetrics:
             "alto_stage_call_errors", "Inputs this instance failed (the run got an error event)",
             _STAGE, registry=r,
         )
+        self.call_retries = Counter(
+            "alto_stage_call_retries", "Failed calls this instance tried again (stage retries)",
+            _STAGE, registry=r,
+        )
         self.reclaimed = Counter(
             "alto_stage_reclaimed_messages",
             "Abandoned entries of other (dead or stuck) consumers this instance claimed",
@@ -113,6 +117,8 @@ class WorkerMetrics:
                             units=self.units)
             elif event == "error":
                 self.call_errors.labels(*labels).inc()
+            elif event == "retry":
+                self.call_retries.labels(*labels).inc()
             elif event == "reclaimed":
                 self.reclaimed.labels(*labels).inc(int(data.get("count") or 0))
         except Exception:  # noqa: BLE001 - metrics must not break a runner

@@ -849,27 +849,41 @@ class StageRunner:
         """Call the stage and publish its units. With a `guard`, no cancel or progress
         check is made here: each commit carries the guard and the transport makes it.
         A `slot` is handed back once the call is over, before the final commit."""
-        stats = CallStats()
         run = ctx.run
-        n = 0
-        held: list[tuple[int, Any]] = []
 
         async def stop() -> bool:
             return await self._is_cancelled(run)
 
-        async for unit in self.function.produce(ctx, value, items, stats, stop):
-            n += 1
-            if stats.first_unit_s is None:
-                stats.first_unit_s = time.perf_counter() - stats.started
-            if n <= already:
-                continue  # published by an earlier attempt
-            if self.streaming and stats.incremental:  # else the end commit carries it
-                c = Commit(fence=fence, guard=guard)
-                self._emit(c, run, n, unit, credit, base_lineage, scope, context)
-                c.progress.append((run, cause, Progress(n, False)))
-                await self.transport.commit(c)
-            else:
-                held.append((n, unit))
+        attempt = 0
+        while True:
+            stats = CallStats()
+            n = 0
+            held: list[tuple[int, Any]] = []
+            published = committing = False
+            try:
+                async for unit in self.function.produce(ctx, value, items, stats, stop):
+                    n += 1
+                    if stats.first_unit_s is None:
+                        stats.first_unit_s = time.perf_counter() - stats.started
+                    if n <= already:
+                        continue  # published by an earlier attempt
+                    if self.streaming and stats.incremental:  # else the end commit carries it
+                        c = Commit(fence=fence, guard=guard)
+                        self._emit(c, run, n, unit, credit, base_lineage, scope, context)
+                        c.progress.append((run, cause, Progress(n, False)))
+                        committing = True
+                        await self.transport.commit(c)
+                        committing, published = False, True
+                    else:
+                        held.append((n, unit))
+                break
+            except Exception as exc:
+                if committing or published or attempt >= self.stage.retries \
+                        or isinstance(exc, self.transport.transient_errors) \
+                        or await self._is_cancelled(run):
+                    raise
+                attempt += 1
+                await self._before_retry(cause, run, attempt, exc)
         if slot is not None:
             slot.release()
         if guard is None and await self._is_cancelled(run):
@@ -903,6 +917,18 @@ class StageRunner:
         self.router.observe("call", call)
         if self.observer is not None:
             self.observer("call", call)
+
+    async def _before_retry(self, cause: str, run: str, attempt: int, exc: Exception) -> None:
+        """A failed call that published nothing is tried again (the stage's `retries`),
+        after its backoff; the observer counts it (`alto_stage_call_retries_total`)."""
+        wait = min(self.stage.retry_backoff_s * 2 ** (attempt - 1), 60.0)
+        log.warning("stage %s: call on %s failed (%s: %s); retry %d of %d in %.2fs",
+                    self.stage.name, cause, type(exc).__name__, exc, attempt,
+                    self.stage.retries, wait, extra={"run": run, "stage": self.stage.name})
+        if self.observer is not None:
+            self.observer("retry", {"pipeline": self.spec.name, "stage": self.stage.name,
+                                    "instance": self.instance, "run": run})
+        await asyncio.sleep(wait)
 
     def _emit(
         self,

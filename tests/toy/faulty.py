@@ -52,3 +52,29 @@ def fail_while_broken(value: Any, ctx: StageContext) -> str:
     if value in BROKEN:
         raise ValueError(f"cannot process {value!r} (yet)")
     return str(value)
+
+
+FLAKY: dict[str, int] = {}  # word -> how many more calls on it fail (`flaky`)
+CALLS: dict[str, int] = {}  # word -> calls made on it (`flaky`, `fail_after_one_unit`)
+
+
+def flaky(value: Any, ctx: StageContext) -> str:
+    """Fails the first FLAKY[word] calls on a word, then works (a service that hiccups)."""
+    word = str(value)
+    CALLS[word] = CALLS.get(word, 0) + 1
+    if FLAKY.get(word, 0) > 0:
+        FLAKY[word] -= 1
+        raise ConnectionError(f"service unavailable for {word!r}")
+    return word
+
+
+async def fail_after_one_unit(value: Any, ctx: StageContext) -> Any:
+    """Publishes one unit, then fails: a retry could continue it differently."""
+    word = str(value)
+    CALLS[word] = CALLS.get(word, 0) + 1
+
+    async def units() -> Any:
+        yield f"{word}#0"
+        raise ConnectionError("lost the service mid-answer")
+
+    return units()
