@@ -1,4 +1,4 @@
-"""The `alto` command: run, worker, serve, openapi, bench, dead-letters."""
+"""The `alto` command: run, worker, serve, status, openapi, bench, dead-letters."""
 
 from __future__ import annotations
 
@@ -341,6 +341,48 @@ def serve(
     log_config = None if is_json() else uvicorn.config.LOGGING_CONFIG
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=log_config,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+
+
+@cli.command()
+def status(
+    pipeline: Annotated[Path, typer.Option("--pipeline", "-p", help="pipeline YAML")],
+    redis_url: Annotated[str | None, typer.Option(help="Redis URL (or ALTO_REDIS_URL)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+) -> None:
+    """A pipeline's state on Redis: per stage its live instances and queue, and its
+    unresolved dead letters (what /metrics reports, at a terminal)."""
+    from dataclasses import asdict
+
+    from workers.settings import get_settings, reveal
+    from workers.status import pipeline_status
+
+    spec = _load(pipeline)
+    url = redis_url or reveal(get_settings().redis_url)
+    if not url:
+        console.print("[red]--redis-url (or ALTO_REDIS_URL) is required[/red]")
+        raise typer.Exit(2)
+
+    async def read() -> Any:
+        transport = await _make_transport(url)
+        try:
+            return await pipeline_status(transport, spec)
+        finally:
+            await transport.close()
+
+    st = asyncio.run(read())
+    if as_json:
+        print(json.dumps(asdict(st)))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{st.pipeline}: {st.dead_letters} unresolved dead letter(s)")
+    for column in ("stage", "instances", "waiting (lag)", "in progress (pending)", "kept"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for s in st.stages:
+        style = "red" if s.instances == 0 else None
+        table.add_row(s.stage, str(s.instances), str(s.lag), str(s.pending), str(s.length),
+                      style=style)
+    Console().print(table)
 
 
 @cli.command()

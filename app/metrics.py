@@ -17,13 +17,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from orchestrator.embedded import NoGroupError
-from orchestrator.routing import stage_group, stage_streams
 from orchestrator.spec import PipelineSpec
 from orchestrator.transport import Transport
-from workers import deadletters
 from workers.metrics import record_call
 from workers.router import cluster_router_metrics
+from workers.status import pipeline_status
 
 log = logging.getLogger("alto.gateway")
 
@@ -133,23 +131,13 @@ class Metrics:
     async def refresh(self, transport: Transport, pipelines: dict[str, PipelineSpec]) -> None:
         """Read queue depth and live instances from the transport just before a scrape."""
         for spec in pipelines.values():
-            for stage in spec.topo_order:
-                group = stage_group(spec.name, stage)
-                length = pending = lag = 0
-                for stream in stage_streams(spec, stage):
-                    try:
-                        st = await transport.stats(stream, group)
-                    except NoGroupError:
-                        continue  # no instance has created the group yet: nothing queued
-                    length += st.length
-                    pending += st.pending
-                    lag += st.lag
-                self.queue_length.labels(spec.name, stage).set(length)
-                self.queue_pending.labels(spec.name, stage).set(pending)
-                self.queue_lag.labels(spec.name, stage).set(lag)
-                members = await transport.members(group)
-                self.instances.labels(spec.name, stage).set(len(members))
-            self.dead_letters.labels(spec.name).set(await deadletters.count(transport, spec.name))
+            status = await pipeline_status(transport, spec)
+            for st in status.stages:
+                self.queue_length.labels(spec.name, st.stage).set(st.length)
+                self.queue_pending.labels(spec.name, st.stage).set(st.pending)
+                self.queue_lag.labels(spec.name, st.stage).set(st.lag)
+                self.instances.labels(spec.name, st.stage).set(st.instances)
+            self.dead_letters.labels(spec.name).set(status.dead_letters)
         await self._refresh_routers(transport, pipelines)
 
     async def _refresh_routers(

@@ -6,6 +6,7 @@ the stream only grew."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -105,16 +106,18 @@ async def test_a_letter_that_arrives_after_a_listing_is_listed_next_time(
 # ---- the CLI, against a real Redis ------------------------------------------------------
 
 
-def alto(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+async def alto(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`alto dead-letters ...` in a thread: the runtime on this loop goes on meanwhile."""
+    return await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "app.cli", "dead-letters", *args, "-p", str(PIPELINE),
          "--redis-url", redis_url],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
 
 
-def listed(redis_url: str) -> list[dict]:
-    proc = alto(redis_url, "list", "--json")
+async def listed(redis_url: str) -> list[dict]:
+    proc = await alto(redis_url, "list", "--json")
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
 
@@ -128,16 +131,16 @@ async def test_the_cli_lists_drops_and_replays(
     await rt.start()
     try:
         runs = await _fail_two(redis_t)
-        letters = listed(redis_url)
-        table = alto(redis_url, "list")
-        unknown = alto(redis_url, "drop", "0-1")
-        neither = alto(redis_url, "drop")
-        dropped = alto(redis_url, "drop", letters[0]["id"])
+        letters = await listed(redis_url)
+        table = await alto(redis_url, "list")
+        unknown = await alto(redis_url, "drop", "0-1")
+        neither = await alto(redis_url, "drop")
+        dropped = await alto(redis_url, "drop", letters[0]["id"])
         broken.clear()
-        replay = alto(redis_url, "replay", "--all")
+        replay = await alto(redis_url, "replay", "--all")
         entry, _, run = replay.stdout.strip().partition(" -> ")
         result = await _result(redis_t, run)
-        rest = listed(redis_url)
+        rest = await listed(redis_url)
     finally:
         await rt.stop()
     assert [d["run"] for d in letters] == runs
@@ -160,3 +163,34 @@ def test_the_cli_needs_redis() -> None:
         env={k: v for k, v in os.environ.items() if k != "ALTO_REDIS_URL"},
     )
     assert proc.returncode == 2 and "--redis-url" in proc.stderr
+
+
+@pytest.mark.redis
+async def test_alto_status_shows_instances_queues_and_dead_letters(
+    redis_url: str, redis_t: RedisTransport, broken: set[str]
+) -> None:
+    """`alto status`: what /metrics reports, at a terminal (both read workers/status.py)."""
+    broken.add("bad")
+    rt = Runtime(redis_t, [SPEC], config=CONFIG)
+    await rt.start()
+    try:
+        await run_to_completion(redis_t, SPEC, "good bad", deadline_s=30)
+
+        async def status(*args: str) -> subprocess.CompletedProcess[str]:
+            # in a thread: the runtime on this loop must go on heartbeating meanwhile
+            return await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "app.cli", "status", "-p", str(PIPELINE),
+                 "--redis-url", redis_url, *args],
+                cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+        as_json, table = await status("--json"), await status()
+    finally:
+        await rt.stop()
+    assert as_json.returncode == 0, as_json.stderr
+    st = json.loads(as_json.stdout)
+    assert st["pipeline"] == "dead" and st["dead_letters"] == 1
+    assert [s["stage"] for s in st["stages"]] == ["split", "check", "final"]
+    assert all(s["instances"] == 1 and s["lag"] == 0 for s in st["stages"]), st
+    assert table.returncode == 0 and "1 unresolved dead letter" in table.stdout
+    assert all(name in table.stdout for name in ("split", "check", "final"))

@@ -127,23 +127,14 @@ class WorkerMetrics:
     # ---- scrape --------------------------------------------------------------------------
     async def refresh(self, runtime: Any) -> None:
         """Queue depth of each hosted stage's group and the runners' load, at scrape time."""
-        from orchestrator.embedded import NoGroupError
-        from orchestrator.routing import stage_streams
+        from workers.status import queue_depth
 
         for r in runtime.runners:
             labels = (r.spec.name, r.stage.name)
             self.info.labels(*labels, r.instance).set(1)
             self.inflight.labels(*labels).set(r.inflight)
             self.capacity.labels(*labels).set(r.capacity)
-            length = pending = lag = 0
-            for stream in stage_streams(r.spec, r.stage.name):
-                try:
-                    st = await runtime.transport.stats(stream, r.group)
-                except NoGroupError:
-                    continue
-                length += st.length
-                pending += st.pending
-                lag += st.lag
+            length, pending, lag = await queue_depth(runtime.transport, r.spec, r.stage.name)
             self.queue_length.labels(*labels).set(length)
             self.queue_pending.labels(*labels).set(pending)
             self.queue_lag.labels(*labels).set(lag)

@@ -1,0 +1,54 @@
+"""A pipeline's state as the transport holds it: per stage its live instances and queue
+(entries kept, delivered but unacknowledged, not yet delivered), and its unresolved dead
+letters. One reading for `/metrics` (the gateway's gauges) and `alto status` (an operator
+at a terminal), so the two never disagree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.embedded import NoGroupError
+from orchestrator.routing import stage_group, stage_streams
+from orchestrator.spec import PipelineSpec
+from orchestrator.transport import Transport
+from workers import deadletters
+
+
+@dataclass(frozen=True, slots=True)
+class StageStatus:
+    stage: str
+    instances: int
+    length: int  # entries kept in the stage's streams
+    pending: int  # delivered, not yet acknowledged (being worked on)
+    lag: int  # not yet delivered (waiting for a free instance)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineStatus:
+    pipeline: str
+    stages: list[StageStatus]
+    dead_letters: int
+
+
+async def queue_depth(transport: Transport, spec: PipelineSpec, stage: str) -> tuple[int, int, int]:
+    """(kept, pending, lag) summed over the stage's streams."""
+    group = stage_group(spec.name, stage)
+    length = pending = lag = 0
+    for stream in stage_streams(spec, stage):
+        try:
+            st = await transport.stats(stream, group)
+        except NoGroupError:
+            continue  # no instance has created the group yet: nothing queued
+        length += st.length
+        pending += st.pending
+        lag += st.lag
+    return length, pending, lag
+
+
+async def pipeline_status(transport: Transport, spec: PipelineSpec) -> PipelineStatus:
+    stages = []
+    for stage in spec.topo_order:
+        depth = await queue_depth(transport, spec, stage)
+        instances = len(await transport.members(stage_group(spec.name, stage)))
+        stages.append(StageStatus(stage, instances, *depth))
+    return PipelineStatus(spec.name, stages, await deadletters.count(transport, spec.name))
