@@ -6,8 +6,9 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -21,6 +22,7 @@ cli = typer.Typer(
     help="alto: stream partial outputs between LLM pipeline stages.",
 )
 console = Console(stderr=True)
+T = TypeVar("T")
 
 
 def _load(path: Path, stream: bool = True) -> PipelineSpec:
@@ -343,6 +345,28 @@ def serve(
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
 
 
+def on_redis(pipeline: Path, redis_url: str | None,
+             work: Callable[[Any, PipelineSpec], Awaitable[T]], why: str = "") -> T:
+    """`work(transport, spec)` against the Redis of `--redis-url` (or ALTO_REDIS_URL): the
+    operator commands read what workers and gateways share there."""
+    from workers.settings import get_settings, reveal
+
+    spec = _load(pipeline)
+    url = redis_url or reveal(get_settings().redis_url)
+    if not url:
+        console.print(f"[red]--redis-url (or ALTO_REDIS_URL) is required[/red]{why}")
+        raise typer.Exit(2)
+
+    async def main() -> T:
+        transport = await _make_transport(url)
+        try:
+            return await work(transport, spec)
+        finally:
+            await transport.close()
+
+    return asyncio.run(main())
+
+
 @cli.command()
 def status(
     pipeline: Annotated[Path, typer.Option("--pipeline", "-p", help="pipeline YAML")],
@@ -353,23 +377,9 @@ def status(
     unresolved dead letters (what /metrics reports, at a terminal)."""
     from dataclasses import asdict
 
-    from workers.settings import get_settings, reveal
     from workers.status import pipeline_status
 
-    spec = _load(pipeline)
-    url = redis_url or reveal(get_settings().redis_url)
-    if not url:
-        console.print("[red]--redis-url (or ALTO_REDIS_URL) is required[/red]")
-        raise typer.Exit(2)
-
-    async def read() -> Any:
-        transport = await _make_transport(url)
-        try:
-            return await pipeline_status(transport, spec)
-        finally:
-            await transport.close()
-
-    st = asyncio.run(read())
+    st = on_redis(pipeline, redis_url, pipeline_status)
     if as_json:
         print(json.dumps(asdict(st)))
         return

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,24 +26,10 @@ AllOpt = Annotated[bool, typer.Option("--all", help="every unresolved dead lette
 
 def _with_transport(pipeline: Path, redis_url: str | None,
                     work: Callable[[Any, Any], Awaitable[T]]) -> T:
-    from app.cli import _load, _make_transport
-    from workers.settings import get_settings, reveal
+    from app.cli import on_redis
 
-    spec = _load(pipeline)
-    url = redis_url or reveal(get_settings().redis_url)
-    if not url:
-        err.print("[red]--redis-url (or ALTO_REDIS_URL) is required[/red]: dead letters live "
-                  "in Redis (an embedded runtime's end with its process)")
-        raise typer.Exit(2)
-
-    async def main() -> T:
-        transport = await _make_transport(url)
-        try:
-            return await work(transport, spec)
-        finally:
-            await transport.close()
-
-    return asyncio.run(main())
+    return on_redis(pipeline, redis_url, work, ": dead letters live in Redis (an embedded "
+                    "runtime's end with its process)")
 
 
 def _short(value: Any, width: int) -> str:

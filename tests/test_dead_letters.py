@@ -106,14 +106,18 @@ async def test_a_letter_that_arrives_after_a_listing_is_listed_next_time(
 # ---- the CLI, against a real Redis ------------------------------------------------------
 
 
-async def alto(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """`alto dead-letters ...` in a thread: the runtime on this loop goes on meanwhile."""
+async def cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`alto ARGS -p dead.yaml --redis-url URL` in a thread: the runtime on this loop must
+    go on (heartbeating, serving) meanwhile."""
     return await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "app.cli", "dead-letters", *args, "-p", str(PIPELINE),
-         "--redis-url", redis_url],
+        [sys.executable, "-m", "app.cli", *args, "-p", str(PIPELINE), "--redis-url", redis_url],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
+
+
+async def alto(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return await cli(redis_url, "dead-letters", *args)
 
 
 async def listed(redis_url: str) -> list[dict]:
@@ -176,15 +180,7 @@ async def test_alto_status_shows_instances_queues_and_dead_letters(
     try:
         await run_to_completion(redis_t, SPEC, "good bad", deadline_s=30)
 
-        async def status(*args: str) -> subprocess.CompletedProcess[str]:
-            # in a thread: the runtime on this loop must go on heartbeating meanwhile
-            return await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "app.cli", "status", "-p", str(PIPELINE),
-                 "--redis-url", redis_url, *args],
-                cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-        as_json, table = await status("--json"), await status()
+        as_json, table = await cli(redis_url, "status", "--json"), await cli(redis_url, "status")
     finally:
         await rt.stop()
     assert as_json.returncode == 0, as_json.stderr
