@@ -31,14 +31,17 @@ class PipelineStatus:
 
 
 async def queue_depth(transport: Transport, spec: PipelineSpec, stage: str) -> tuple[int, int, int]:
-    """(kept, pending, lag) summed over the stage's streams."""
+    """(kept, pending, lag) summed over the stage's streams. A stream no instance has read
+    yet has no consumer group; it gets one here, reading from the start as a worker's
+    would, so what waits for a stage whose workers never came is counted, not hidden."""
     group = stage_group(spec.name, stage)
     length = pending = lag = 0
     for stream in stage_streams(spec, stage):
         try:
             st = await transport.stats(stream, group)
         except NoGroupError:
-            continue  # no instance has created the group yet: nothing queued
+            await transport.ensure_group(stream, group)
+            st = await transport.stats(stream, group)
         length += st.length
         pending += st.pending
         lag += st.lag
