@@ -18,11 +18,11 @@ from fastapi import Request
 
 from app.errors import ApiError
 from app.metrics import Metrics
-from orchestrator.embedded import NoGroupError
-from orchestrator.routing import stage_group, stage_streams
+from orchestrator.routing import stage_group
 from orchestrator.spec import PipelineSpec
 from orchestrator.transport import Transport
 from workers.settings import Settings
+from workers.status import queue_depth
 
 
 class QueueGuard:
@@ -46,12 +46,7 @@ class QueueGuard:
         hit = self._cache.get(group)
         if hit is not None and time.monotonic() - hit[0] < self.settings.queue_stats_cache_s:
             return hit[1]
-        lag = 0
-        for stream in stage_streams(spec, stage):
-            try:
-                lag += (await self.transport.stats(stream, group)).lag
-            except NoGroupError:
-                continue  # no instance created the group yet (and the 503 check ran first)
+        _, _, lag = await queue_depth(self.transport, spec, stage)
         self._cache[group] = (time.monotonic(), lag)
         return lag
 
