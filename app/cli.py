@@ -1,4 +1,4 @@
-"""The `alto` command: run, worker, serve, status, openapi, bench, dead-letters."""
+"""The `alto` command: run, worker, serve, check, status, openapi, bench, dead-letters."""
 
 from __future__ import annotations
 
@@ -343,6 +343,68 @@ def serve(
     log_config = None if is_json() else uvicorn.config.LOGGING_CONFIG
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=log_config,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+
+
+@cli.command()
+def check(
+    pipeline: Annotated[Path, typer.Argument(help="pipeline YAML")],
+    strict: Annotated[bool, typer.Option(help="warnings fail the check too (for CI)")] = False,
+) -> None:
+    """Check a pipeline without running it: the spec, every stage's function and
+    responder import, every engine builds (nothing is loaded), and no prompt placeholder
+    is left unfilled. Exit 2: invalid spec; 1: a problem (or a warning with --strict)."""
+    from orchestrator.lint import lint
+    from workers.engines import build_engine
+    from workers.stagefn import StageFunction
+
+    spec = _load(pipeline)
+    errors: list[str] = []
+    warnings = [str(w) for w in lint(spec)]
+    engines: dict[str, Any] = {}
+    for stage in spec.stages:
+        engine = None
+        if stage.kind == "lm":
+            name = stage.engine or "default"
+            if name not in engines:
+                try:
+                    engines[name] = build_engine(spec.engines[name], 0)
+                except (ValueError, RuntimeError) as exc:  # an option, or vllm not installed
+                    engines[name] = None
+                    warnings.append(f"engines.{name}: cannot be built here: {exc}")
+            engine = engines[name]
+            if engine is None:
+                continue
+        try:
+            StageFunction(spec, stage, engine)
+        except SpecError as exc:
+            errors.append(str(exc))
+    from rich.tree import Tree
+
+    tree = Tree(f"[bold]{spec.name}[/bold] ({'streaming' if spec.streaming else 'barrier'})")
+    nodes = {}
+    for name in spec.topo_order:
+        s = spec.stage(name)
+        what = [s.kind, s.framing]
+        if s.aggregate_by is not None:
+            what.append(f"aggregate_by {s.aggregate_by}")
+        if s.kind == "lm":
+            what.append(f"engine {s.engine or 'default'} ({spec.engine_for(name).kind})")
+        what += [f"{k} {v}" for k, v in (("timeout_s", s.timeout_s), ("retries", s.retries))
+                 if v]
+        parents = spec.predecessors[name]
+        label = f"[bold]{name}[/bold]: {', '.join(what)}"
+        if len(parents) > 1:
+            label += f" (also after {', '.join(parents[1:])})"
+        nodes[name] = (nodes[parents[0]] if parents else tree).add(label)
+    Console().print(tree)
+    for e in errors:  # one line each, unwrapped: CI logs get grepped
+        console.print(f"[red]error[/red] {escape(e)}", soft_wrap=True)
+    for w in warnings:
+        console.print(f"[yellow]warning[/yellow] {escape(w)}", soft_wrap=True)
+    if errors or (strict and warnings):
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/green] {len(spec.stages)} stages"
+                  + (f", {len(warnings)} warning(s)" if warnings else ""))
 
 
 def on_redis(pipeline: Path, redis_url: str | None,

@@ -1,0 +1,132 @@
+"""`alto check` and the spec lint behind it: a pipeline is checked without running it
+(spec, imports, engines, prompt placeholders), with exit codes a CI can use. The lint's
+point: templates leave unknown `{names}` as written (prompts may show JSON), so a typo
+such as `{claim}` for the stage `claims` used to reach the model silently."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator.lint import ancestors, lint
+from orchestrator.spec import parse_pipeline
+from tests.worker_procs import ROOT
+
+FACTOOL = ROOT / "examples" / "factool" / "pipeline.yaml"
+
+
+def alto_check(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app.cli", "check", str(path), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def write(tmp_path: Path, spec: dict[str, Any]) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def chain(*stages: dict[str, Any], engines: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Stages in a line (each `to` the next), on a sim engine unless told otherwise."""
+    out = [dict(s) for s in stages]
+    for a, b in zip(out, out[1:], strict=False):
+        a.setdefault("to", [b["name"]])
+    return {"name": "p", "engines": engines or {"default": {"kind": "sim"}}, "stages": out}
+
+
+SPLIT = {"name": "split", "kind": "tool", "function": "tests.toy.stages:split_words",
+         "framing": "items"}
+
+
+def test_the_example_pipelines_pass_strict() -> None:
+    for path in (FACTOOL, ROOT / "examples" / "factool" / "pipeline.sim.yaml"):
+        proc = alto_check(path, "--strict")
+        assert proc.returncode == 0, proc.stderr
+        assert all(s in proc.stdout for s in ("claims", "queries", "search", "verify", "report"))
+        assert "ok 5 stages" in proc.stderr
+
+
+def test_a_misspelt_placeholder_is_a_warning_and_strict_fails_on_it(tmp_path: Path) -> None:
+    path = write(tmp_path, chain(SPLIT, {"name": "ask", "kind": "lm",
+                                         "prompt": "Check {splitt} against {input}."}))
+    relaxed, strict = alto_check(path), alto_check(path, "--strict")
+    assert relaxed.returncode == 0 and strict.returncode == 1
+    for proc in (relaxed, strict):
+        assert "stages.ask.prompt: {splitt} is left as written" in proc.stderr
+        assert "neither a built-in" in proc.stderr
+
+
+def test_a_function_that_does_not_import_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, chain(SPLIT, {"name": "up", "kind": "tool",
+                                         "function": "tests.toy.stages:no_such_function"}))
+    proc = alto_check(path)
+    assert proc.returncode == 1
+    assert "stages.up.function: cannot import 'tests.toy.stages:no_such_function'" in proc.stderr
+
+
+def test_an_invalid_spec_exits_2_naming_stage_and_field(tmp_path: Path) -> None:
+    path = write(tmp_path, chain(SPLIT, {"name": "up", "kind": "tool",
+                                         "function": "tests.toy.stages:upper", "retries": 99}))
+    proc = alto_check(path)
+    assert proc.returncode == 2 and "stages.up.retries" in proc.stderr
+
+
+def test_an_engine_that_cannot_be_built_here_is_a_warning(tmp_path: Path) -> None:
+    path = write(tmp_path, chain(
+        {"name": "ask", "kind": "lm", "prompt": "{input}"},
+        engines={"default": {"kind": "openai", "base_url": "http://h", "retrys": 2}}))
+    relaxed, strict = alto_check(path), alto_check(path, "--strict")
+    assert relaxed.returncode == 0 and strict.returncode == 1
+    assert "engines.default: cannot be built here" in relaxed.stderr
+    assert "unknown option(s) ['retrys']" in relaxed.stderr
+
+
+# ---- the lint itself ----------------------------------------------------------------------
+
+
+def spec_of(*stages: dict[str, Any]) -> Any:
+    return parse_pipeline(chain(*stages))
+
+
+def messages(spec: Any) -> list[str]:
+    return [str(w) for w in lint(spec)]
+
+
+def test_placeholders_of_upstream_stages_and_builtins_are_known() -> None:
+    spec = spec_of(SPLIT, {"name": "ask", "kind": "lm", "prompt": "{input} {text} {split}"},
+                   {"name": "again", "kind": "lm", "prompt": "{split} / {ask} / {text}"})
+    assert messages(spec) == []
+    assert ancestors(spec) == {"split": set(), "ask": {"split"}, "again": {"split", "ask"}}
+
+
+def test_items_text_and_downstream_stages_are_named_for_what_they_are() -> None:
+    spec = spec_of(
+        SPLIT,
+        {"name": "ask", "kind": "lm", "prompt": "{items} {later} {json}"},
+        {"name": "later", "kind": "lm", "prompt": "{text}"},
+        {"name": "sum", "kind": "lm", "aggregate_by": ["request", "split"],
+         "prompt": "{split} {items} {text} {ask} {input}"},
+    )
+    assert messages(spec) == [
+        "stages.ask.prompt: {items} is left as written (only an aggregating stage "
+        "(aggregate_by) has items)",
+        "stages.ask.prompt: {later} is left as written (stage 'later' is not upstream of "
+        "this stage)",
+        "stages.ask.prompt: {json} is left as written (neither a built-in (input, text, "
+        "items) nor a stage of the pipeline)",
+        "stages.sum.prompt: {text} is left as written (an aggregating stage has {items}, "
+        "not {text})",
+        "stages.sum.prompt: {ask} is left as written (stage 'ask' is not shared by this "
+        "stage's groups: a call keeps the input and the stages up to its innermost "
+        "aggregate_by stage)",
+    ]
+
+
+@pytest.mark.parametrize("prompt", ['Answer as {"verdict": true}.', 'A set: { 1, 2 }.', "{ input }"])
+def test_json_and_spaced_braces_are_not_placeholders(prompt: str) -> None:
+    assert messages(spec_of(SPLIT, {"name": "ask", "kind": "lm", "prompt": prompt})) == []
