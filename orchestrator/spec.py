@@ -107,6 +107,7 @@ class StageSpec(BaseModel):
     # before the first retry, doubling each time (at most 60 s)
     retries: int = Field(default=0, ge=0, le=10)
     retry_backoff_s: float = Field(default=0.5, ge=0, le=60)
+    # settings of a tool/reduce function, read-only as ctx.params (e.g. a search's top_k)
     params: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -270,6 +271,12 @@ def _validate_graph(p: PipelineSpec) -> None:
             if s.framing == "items":
                 raise SpecError(
                     "framing 'items' is for tool/reduce stages", stage=s.name, field="framing"
+                )
+            if s.params:
+                raise SpecError(
+                    "params are passed to tool/reduce functions (ctx.params); an lm stage's "
+                    "generation is set by max_tokens, temperature, stop and its engine's "
+                    "options", stage=s.name, field="params",
                 )
         else:
             if not s.function:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,8 @@ class StageContext:
     # for an aggregating stage: the upstream values of each item, in item order (a reducer
     # may need to know which claim a verdict was about)
     item_values: list[dict[str, Any]] = field(default_factory=list)
+    # the stage's `params` from the spec (read-only): one function, configured per stage
+    params: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def input(self) -> str:

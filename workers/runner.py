@@ -39,6 +39,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
+from types import MappingProxyType
 from typing import Any
 
 from orchestrator.embedded import NoGroupError
@@ -236,6 +237,7 @@ class StageRunner:
         self.is_sink = not self.successors
         self.is_output = stage == spec.output_stage
         self.streaming = spec.streaming_for(stage)
+        self._params = MappingProxyType(dict(self.stage.params))  # ctx.params, read-only
         self._slots = asyncio.Semaphore(self.capacity)
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
@@ -734,7 +736,8 @@ class StageRunner:
             if await self._is_cancelled(env.run) or (prog is not None and prog.done):
                 await self.transport.ack(d.stream, self.group, [d.entry_id])
                 return
-        ctx = StageContext(env.run, env.pipeline, self.stage.name, env.lineage, env.context)
+        ctx = StageContext(env.run, env.pipeline, self.stage.name, env.lineage, env.context,
+                           params=self._params)
         await self._produce(
             cause=env.id,
             ctx=ctx,
@@ -776,6 +779,7 @@ class StageRunner:
                 ctx = StageContext(
                     first.run, first.pipeline, self.stage.name, g.klin, context,
                     item_values=[u.context for u in units],
+                    params=self._params,
                 )
                 await self._produce(
                     cause=g.key,

@@ -39,14 +39,15 @@ def clean_query(value: Any) -> str:
 
 
 def search(value: Any, ctx: StageContext) -> Any:
-    """BM25 top-3 passages for one query: [{"id", "title", "text", "score"}], best first.
+    """BM25 top-k passages for one query (`top_k` in the stage's params, default 3):
+    [{"id", "title", "text", "score"}], best first.
 
     Returned as one unit (framing `whole`) so `verify` sees each query's evidence together.
     """
     query = clean_query(value)
     if not query:
         return []
-    return get_index().search(query, TOP_K)
+    return get_index().search(query, int(ctx.params.get("top_k", TOP_K)))
 
 
 def _claim_texts(ctx: StageContext, n: int) -> list[str | None]:

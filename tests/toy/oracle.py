@@ -41,11 +41,12 @@ def evaluate(spec: PipelineSpec, text: str, run: str = "oracle") -> list[Any]:
                     for k, v in (members[0][2] if members else {"input": text}).items()
                     if k in keep
                 }
-                sc = StageContext(run, spec.name, name, klin, ctx)
+                sc = StageContext(run, spec.name, name, klin, ctx, params=stage.params)
                 calls.append((klin, fn([m[1] for m in members], sc), ctx))
         else:
             for lin, value, ctx in inbox[name]:
-                calls.append((lin, fn(value, StageContext(run, spec.name, name, lin, ctx)), ctx))
+                calls.append((lin, fn(value, StageContext(run, spec.name, name, lin, ctx,
+                                                          params=stage.params)), ctx))
         for base, result, ctx in calls:
             units = result if isinstance(result, list) else [result]
             for j, unit in enumerate(units, start=1):

@@ -59,3 +59,8 @@ async def gated(value: Any, ctx: StageContext) -> str:
     if value != ctx.values["input"].split()[0]:
         await GATES[ctx.run].wait()
     return str(value)
+
+
+def repeat(value: Any, ctx: StageContext) -> list[str]:
+    """The word `times` times (`times` from the stage's params, default 1)."""
+    return [str(value)] * int(ctx.params.get("times", 1))

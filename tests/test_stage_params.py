@@ -1,0 +1,61 @@
+"""A stage's `params` reach its tool/reduce function as `ctx.params`, so one function is
+configured per stage in the spec (FacTool's `search` takes its `top_k` that way). The
+field used to be accepted and dropped: nothing read it. On an lm stage it is refused at
+load, naming the stage and field, instead of being ignored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from orchestrator.spec import SpecError, load_pipeline, parse_pipeline
+from orchestrator.transport import Transport
+from tests.toy.oracle import evaluate
+from tests.worker_procs import ROOT
+from workers.client import run_to_completion
+from workers.runner import RunnerConfig
+from workers.runtime import Runtime
+
+
+def _spec(times: int | None) -> Any:
+    rep: dict[str, Any] = {"name": "rep", "kind": "tool", "function": "tests.toy.stages:repeat",
+                           "framing": "items", "to": ["final"]}
+    if times is not None:
+        rep["params"] = {"times": times}
+    return parse_pipeline({
+        "name": "params",
+        "stages": [
+            {"name": "split", "kind": "tool", "function": "tests.toy.stages:split_words",
+             "framing": "items", "to": ["rep"]},
+            rep,
+            {"name": "final", "kind": "reduce", "function": "tests.toy.stages:collect",
+             "aggregate_by": ["request"]},
+        ],
+    })
+
+
+@pytest.mark.parametrize("times", [None, 3])
+async def test_a_tool_reads_its_stage_params(transport: Transport, times: int | None) -> None:
+    spec = _spec(times)
+    rt = Runtime(transport, [spec], config=RunnerConfig(block_ms=20, heartbeat_ms=50))
+    await rt.start()
+    try:
+        _, events = await run_to_completion(transport, spec, "a b", deadline_s=30)
+    finally:
+        await rt.stop()
+    n = times or 1
+    assert events[-1]["units"] == [f"final[{','.join(['a'] * n + ['b'] * n)}]"]
+    assert events[-1]["units"] == evaluate(spec, "a b")  # the reference evaluator agrees
+
+
+def test_params_on_an_lm_stage_are_refused() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_pipeline({"name": "p", "stages": [
+            {"name": "ask", "kind": "lm", "prompt": "{input}", "params": {"top_p": 0.9}}]})
+    assert "stages.ask.params" in str(info.value) and "tool/reduce" in str(info.value)
+
+
+def test_factool_search_takes_top_k_from_its_params() -> None:
+    spec = load_pipeline(ROOT / "examples" / "factool" / "pipeline.yaml")
+    assert spec.stage("search").params == {"top_k": 3}
