@@ -27,7 +27,7 @@ import pytest
 import redis
 import yaml
 
-from app.cli import _engine_override
+from app.cli import _default_instances, _engine_override
 from app.metrics import Metrics
 from orchestrator.routing import stage_group, stage_streams
 from orchestrator.spec import PipelineSpec, load_pipeline
@@ -239,6 +239,20 @@ def test_gpu_stages_get_gpus_vllm_and_engine_settings(tmp_path: Path) -> None:
             assert "dshm" not in {m["name"] for m in c["volumeMounts"]}
             assert arg(c, "--engine") == []
             assert c["image"].endswith(":0.1.0")
+
+
+def test_a_stage_in_front_of_a_fleet_gets_one_instance_per_server(tmp_path: Path) -> None:
+    """An openai engine with a list of servers, rendered into a worker's flags and read
+    back by the CLI's own parser: the worker runs one engine instance per server."""
+    fleet = ["http://vllm-0:8000", "http://vllm-1:8000", "http://vllm-2:8000"]
+    values = {"workers": {"stages": {"verify": {"engine": {
+        "kind": "openai", "options": {"base_url": fleet, "model": "m"}}}}}}
+    assert lint_problems(values) == []
+    docs = render(values)
+    c = container(workers(docs)["verify"])
+    engine = _engine_override(arg(c, "--engine")[0], arg(c, "--engine-opt"))
+    assert engine is not None and engine.servers == fleet and engine.instances == 3
+    assert _default_instances(chart_spec(docs, tmp_path), "verify", engine) == 3
 
 
 def test_an_inline_pipeline_defines_the_workers(tmp_path: Path) -> None:
