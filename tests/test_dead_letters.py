@@ -18,6 +18,7 @@ import pytest
 from orchestrator.spec import load_pipeline
 from orchestrator.transport import Transport
 from tests.toy import faulty
+from tests.waiting import eventually
 from tests.worker_procs import ROOT
 from workers import deadletters
 from workers.client import follow_run, run_to_completion
@@ -101,6 +102,31 @@ async def test_a_letter_that_arrives_after_a_listing_is_listed_next_time(
     finally:
         await rt.stop()
     assert [d.input for d in listed] == ["bad"]
+
+
+async def test_a_run_with_several_letters_is_replayed_once(
+    transport: Transport, broken: set[str]
+) -> None:
+    """Two inputs of one run fail side by side: two letters, one run to submit again."""
+    broken.update({"bad", "worse"})
+    rt = Runtime(transport, [SPEC], config=CONFIG)
+    await rt.start()
+    try:
+        run, _ = await run_to_completion(transport, SPEC, "bad worse", deadline_s=30)
+
+        async def both_listed() -> bool:
+            return len(await deadletters.unresolved(transport, SPEC.name)) == 2
+
+        await eventually(both_listed, 10)
+        broken.clear()
+        replayed = await deadletters.replay(transport, SPEC)
+        result = await _result(transport, next(iter(replayed.values())))
+        left = await deadletters.count(transport, SPEC.name)
+    finally:
+        await rt.stop()
+    assert len(replayed) == 2 and len(set(replayed.values())) == 1  # one new run
+    assert result["type"] == "result" and result["units"] == ["final[bad,worse]"]
+    assert left == 0
 
 
 # ---- the CLI, against a real Redis ------------------------------------------------------

@@ -98,21 +98,29 @@ async def replay(
     transport: Transport, spec: PipelineSpec, entry_ids: Sequence[str] | None = None,
     *, limit: int = 100_000,
 ) -> dict[str, str]:
-    """Submit the input of each of these dead letters (all unresolved ones if None) again
-    as a new run, then resolve the letter; returns {entry id: new run id}. A letter without
-    an input raises before anything is submitted. Each run is started before its letter
-    is resolved: if this process dies between the two, the letter stays unresolved and a
-    later replay submits it again (a duplicate run rather than a lost one)."""
+    """Submit the input of the runs these dead letters (all unresolved ones if None) failed
+    again, as new runs, then resolve the letters; returns {entry id: new run id}. One
+    failed run can leave several letters (inputs that failed side by side before the cancel
+    reached them): its input is submitted once, and all of its letters named here are
+    resolved with it. A letter without an input raises before anything is submitted. Each
+    run is started before its letters are resolved: if this process dies between the two,
+    they stay unresolved and a later replay submits the input again (a duplicate run
+    rather than a lost one)."""
     letters = _pick(await unresolved(transport, spec.name, limit), entry_ids)
     blank = [d.entry_id for d in letters if d.input is None]
     if blank:
         raise ValueError(f"dead letter(s) {', '.join(blank)} carry no run input to replay")
-    runs: dict[str, str] = {}
+    by_run: dict[str, list[DeadLetter]] = {}
     for d in letters:
-        runs[d.entry_id] = await start_run(
-            transport, spec, str(d.input), meta={"replay_of": d.run, "dead_letter": d.entry_id}
+        by_run.setdefault(d.run, []).append(d)
+    runs: dict[str, str] = {}
+    for failed, group in by_run.items():
+        run = await start_run(
+            transport, spec, str(group[0].input),
+            meta={"replay_of": failed, "dead_letters": [d.entry_id for d in group]},
         )
-        await _resolve(transport, spec.name, [d.entry_id])
+        await _resolve(transport, spec.name, [d.entry_id for d in group])
+        runs.update((d.entry_id, run) for d in group)
     return runs
 
 
