@@ -37,26 +37,40 @@ def ancestors(spec: PipelineSpec) -> dict[str, set[str]]:
     return found
 
 
-def _known(stage: StageSpec, before: dict[str, set[str]]) -> set[str]:
-    """The placeholders a stage's prompt can fill. A unit carries the text of every stage on
-    its lineage; an aggregating stage's call keeps only those up to its innermost scope
-    stage (what its group shares) and the run's input, and has `items` instead of `text`."""
-    if not stage.aggregates:
-        return {"input", "text"} | before[stage.name]
-    scope = stage.scope
-    if not scope:
-        return {"input", "items"}
-    return {"input", "items", scope[-1]} | before[scope[-1]]
+def carried(spec: PipelineSpec) -> dict[str, set[str]]:
+    """The upstream stages whose text reaches each stage's calls (its `values`). A unit
+    carries the text of every stage on its lineage; an aggregating stage's call keeps only
+    the run's input and the stages up to its innermost `aggregate_by` stage (what its
+    group shares), and so does everything after it; a stage reached by several paths can
+    count only on what every path carries."""
+    into: dict[str, set[str]] = {}
+    for name in spec.topo_order:
+        stage = spec.stage(name)
+        if stage.aggregates:
+            inner = stage.scope[-1] if stage.scope else None
+            into[name] = into[inner] | {inner} if inner else set()
+        else:
+            paths = [into[p] | {p} for p in spec.predecessors[name]]
+            into[name] = set.intersection(*paths) if paths else set()
+    return into
 
 
-def _why(spec: PipelineSpec, stage: StageSpec, name: str) -> str:
+def _known(stage: StageSpec, into: dict[str, set[str]]) -> set[str]:
+    """The placeholders a stage's prompt can fill: `input`, the carried stages, and
+    `text` (one input) or `items` (an aggregating stage's group)."""
+    return {"input", "items" if stage.aggregates else "text"} | into[stage.name]
+
+
+def _why(spec: PipelineSpec, stage: StageSpec, name: str, before: set[str]) -> str:
     if name == "items":
         return "only an aggregating stage (aggregate_by) has items"
     if name == "text" and stage.aggregates:
         return "an aggregating stage has {items}, not {text}"
-    if name in spec.by_name and stage.aggregates:
-        return (f"stage {name!r} is not shared by this stage's groups: a call keeps the "
-                "input and the stages up to its innermost aggregate_by stage")
+    if name in before:
+        return (f"stage {name!r} is upstream, but its text does not reach this stage: an "
+                "aggregating stage keeps only the input and the stages up to its innermost "
+                "aggregate_by stage, for itself and what follows it, and a stage reached "
+                "by several paths gets only what every path carries")
     if name in spec.by_name:
         return f"stage {name!r} is not upstream of this stage"
     return "neither a built-in (input, text, items) nor a stage of the pipeline"
@@ -65,15 +79,15 @@ def _why(spec: PipelineSpec, stage: StageSpec, name: str) -> str:
 def lint(spec: PipelineSpec) -> list[SpecWarning]:
     """Placeholders of each LM stage's prompt that the runtime cannot fill. Only prompts
     are rendered (`system` is sent as written)."""
-    before = ancestors(spec)
+    before, into = ancestors(spec), carried(spec)
     warnings: list[SpecWarning] = []
     for stage in spec.stages:
         if not stage.prompt:
             continue
-        known = _known(stage, before)
+        known = _known(stage, into)
         for name in dict.fromkeys(variables(stage.prompt)):
             if name not in known:
-                warnings.append(SpecWarning(
-                    stage.name, "prompt",
-                    f"{{{name}}} is left as written ({_why(spec, stage, name)})"))
+                why = _why(spec, stage, name, before[stage.name])
+                warnings.append(SpecWarning(stage.name, "prompt",
+                                            f"{{{name}}} is left as written ({why})"))
     return warnings

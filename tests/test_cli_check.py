@@ -121,10 +121,32 @@ def test_items_text_and_downstream_stages_are_named_for_what_they_are() -> None:
         "items) nor a stage of the pipeline)",
         "stages.sum.prompt: {text} is left as written (an aggregating stage has {items}, "
         "not {text})",
-        "stages.sum.prompt: {ask} is left as written (stage 'ask' is not shared by this "
-        "stage's groups: a call keeps the input and the stages up to its innermost "
-        "aggregate_by stage)",
+        "stages.sum.prompt: {ask} is left as written (stage 'ask' is upstream, but its text "
+        "does not reach this stage: an aggregating stage keeps only the input and the stages "
+        "up to its innermost aggregate_by stage, for itself and what follows it, and a stage "
+        "reached by several paths gets only what every path carries)",
     ]
+
+
+def test_what_an_aggregation_or_a_join_drops_is_not_known_after_it() -> None:
+    """Downstream of an aggregating stage a unit carries only what the group shared; a
+    stage reached by two paths only what both carry."""
+    after_agg = spec_of(
+        SPLIT,
+        {"name": "check", "kind": "tool", "function": "tests.toy.stages:upper"},
+        {"name": "final", "kind": "reduce", "function": "tests.toy.stages:collect",
+         "aggregate_by": ["request"]},
+        {"name": "show", "kind": "lm", "prompt": "{final} {input} {check} {split}"},
+    )
+    assert [w.message.split(" (")[0] for w in lint(after_agg)] == [
+        "{check} is left as written", "{split} is left as written"]
+    join = parse_pipeline({"name": "j", "engines": {"default": {"kind": "sim"}}, "stages": [
+        {**SPLIT, "to": ["a", "b"]},
+        {"name": "a", "kind": "tool", "function": "tests.toy.stages:upper", "to": ["ask"]},
+        {"name": "b", "kind": "tool", "function": "tests.toy.stages:upper", "to": ["ask"]},
+        {"name": "ask", "kind": "lm", "prompt": "{split} {a}"},
+    ]})
+    assert [w.message.split(" (")[0] for w in lint(join)] == ["{a} is left as written"]
 
 
 @pytest.mark.parametrize("prompt", ['Answer as {"verdict": true}.', 'A set: { 1, 2 }.', "{ input }"])
