@@ -204,13 +204,16 @@ def worker(
 
 def _default_instances(spec: PipelineSpec, stage: str, override: EngineSpec | None) -> int:
     """One engine instance per worker process (a GPU engine fills its pod), except an
-    `openai` engine that lists several servers: then one per server, so a worker fronting
-    a fleet keeps each instance's prompts on one server's prefix cache."""
+    `openai` engine in front of several servers (its base_url list, or
+    ALTO_OPENAI_BASE_URL's): then one per server, so a worker fronting a fleet keeps each
+    instance's prompts on one server's prefix cache."""
+    from workers.engines import default_instances, fleet
+
     s = spec.stage(stage)
     if s.kind != "lm":
         return 1
     espec = override or spec.engines[s.engine or "default"]
-    return espec.instances if espec.kind == "openai" and len(espec.servers) > 1 else 1
+    return default_instances(espec) if len(fleet(espec)) > 1 else 1
 
 
 async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec | None,

@@ -16,7 +16,7 @@ from orchestrator.transport import Transport
 from tests import fixtures_llama
 from tests.fixtures_llama import ScriptedSSEServer, chat_chunk, start_scripted
 from workers.client import run_to_completion
-from workers.engines import build_engine
+from workers.engines import build_engine, default_instances, fleet
 from workers.engines.openai_compat import BASE_URL_ENV, OpenAIEngine
 from workers.runner import RunnerConfig
 from workers.runtime import Runtime
@@ -85,6 +85,24 @@ def test_alto_worker_runs_one_instance_per_listed_server() -> None:
     assert _default_instances(spec({"kind": "sim"}, "tool"), "gen", None) == 1
     override = EngineSpec(kind="openai", base_url=FLEET[:2])
     assert _default_instances(spec({"kind": "sim"}), "gen", override) == 2
+
+
+def test_a_fleet_from_the_environment_gets_one_instance_per_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The spec cannot see ALTO_OPENAI_BASE_URL (it is validated without the environment);
+    the runtime and `alto worker` count its servers when the spec names none."""
+    monkeypatch.setenv(BASE_URL_ENV, "http://e0, http://e1,http://e2")
+    spec = parse_pipeline({"name": "p", "engines": {"default": {"kind": "openai"}},
+                           "stages": [{"name": "gen", "kind": "lm", "prompt": "{text}"}]})
+    espec = spec.engines["default"]
+    assert espec.instances == 1 and fleet(espec) == ["http://e0", "http://e1", "http://e2"]
+    assert default_instances(espec) == 3
+    assert _default_instances(spec, "gen", None) == 3
+    said = EngineSpec(kind="openai", instances=2)
+    assert default_instances(said) == 2  # the spec's own count wins
+    monkeypatch.setenv(BASE_URL_ENV, "http://one")
+    assert default_instances(espec) == 1 and _default_instances(spec, "gen", None) == 1
 
 
 async def test_a_pipeline_over_two_servers_uses_both(

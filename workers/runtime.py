@@ -21,6 +21,7 @@ from orchestrator.engine import Engine
 from orchestrator.scheduling import SchedOptions
 from orchestrator.spec import EngineSpec, PipelineSpec
 from orchestrator.transport import Transport
+from workers.engines import default_instances
 from workers.router import Router, policy_router_factory
 from workers.runner import Observer, RunnerConfig, StageRunner
 from workers.stagefn import StageFunction
@@ -100,7 +101,7 @@ class Runtime:
                 count = 1
                 key, espec = ("", None) if s.kind != "lm" else self._engine_spec(spec, stage)
                 if espec is not None:
-                    count = self.instances or espec.instances
+                    count = self.instances or default_instances(espec)
                 for i in range(count):
                     engine = await self._engine(key, espec, i) if espec is not None else None
                     fn = StageFunction(spec, s, engine)

@@ -8,10 +8,11 @@ install, at the moment that kind is asked for.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from orchestrator.engine import Engine
-from orchestrator.spec import EngineSpec
+from orchestrator.spec import EngineSpec, split_urls
 
 ENGINE_KINDS = ("sim", "openai", "local", "vllm")
 
@@ -65,4 +66,23 @@ def build_engine(spec: EngineSpec, instance: int = 0) -> Engine:
     return builder(spec, instance)
 
 
-__all__ = ["ENGINE_KINDS", "build_engine"]
+def fleet(spec: EngineSpec) -> list[str]:
+    """The servers of an `openai` engine: its `base_url` option, else the comma-separated
+    ALTO_OPENAI_BASE_URL; [] for other kinds."""
+    if spec.kind != "openai":
+        return []
+    from workers.engines.openai_compat import BASE_URL_ENV
+
+    return spec.servers or split_urls(os.environ.get(BASE_URL_ENV, ""))
+
+
+def default_instances(spec: EngineSpec) -> int:
+    """How many instances of the engine to run when the caller does not say: `instances`
+    as the spec sets it, else one per server of an `openai` fleet (from the spec, which
+    already counts them, or from the environment, which the spec cannot see)."""
+    if "instances" in spec.model_fields_set:
+        return spec.instances
+    return max(spec.instances, len(fleet(spec)))
+
+
+__all__ = ["ENGINE_KINDS", "build_engine", "default_instances", "fleet"]
