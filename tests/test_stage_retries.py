@@ -6,19 +6,25 @@ cancelled run."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
+from fractions import Fraction
 from typing import Any
 
 import pytest
 
 from orchestrator.spec import SpecError, parse_pipeline
+from orchestrator.template import StageContext
 from orchestrator.transport import Transport
+from tests.test_faults import pending_total
 from tests.toy import faulty
 from tests.toy.rendezvous import RENDEZVOUS
+from tests.waiting import eventually
 from tests.worker_procs import dead_letters
-from workers.client import run_to_completion
-from workers.runner import RunnerConfig
+from workers.client import run_to_completion, start_run
+from workers.runner import RunnerConfig, StageRunner
 from workers.runtime import Runtime
+from workers.stagefn import StageFunction
 
 CONFIG = RunnerConfig(claim_idle_ms=200, block_ms=20, lease_ttl_ms=300, heartbeat_ms=50)
 
@@ -102,6 +108,49 @@ async def test_a_call_that_published_a_unit_is_not_retried(transport: Transport)
     assert events[-1]["type"] == "error" and "mid-answer" in events[-1]["message"]
     assert faulty.CALLS["a"] == 1
     assert "retry" not in seen
+
+
+async def test_a_run_cancelled_during_the_backoff_is_not_retried(transport: Transport) -> None:
+    """The backoff (30 s here) watches the cancel flag: the cancelled run's input is let go
+    at once, and the call is not made again for a run nobody wants."""
+    faulty.FLAKY.update({"b": 99})
+    spec = _spec({"function": "tests.toy.faulty:flaky", "retries": 3, "retry_backoff_s": 30})
+    retrying = asyncio.Event()
+    rt = Runtime(transport, [spec], config=CONFIG,
+                 observer=lambda event, data: retrying.set() if event == "retry" else None)
+    await rt.start()
+    try:
+        run = await start_run(transport, spec, "b")
+        await asyncio.wait_for(retrying.wait(), 10)
+        await transport.cancel(run, 60)
+
+        async def let_go() -> bool:
+            return await pending_total(transport, spec) == 0
+
+        await eventually(let_go, 10)
+    finally:
+        await rt.stop()
+    assert faulty.CALLS == {"b": 1}
+    assert await dead_letters(transport, spec.name) == []  # cancelled, not failed
+
+
+async def test_a_call_whose_earlier_delivery_published_is_not_retried(
+    transport: Transport,
+) -> None:
+    """`already` > 0: an earlier delivery of this input published units (then its worker
+    died). A failure now fails the call instead of re-running it after units are out."""
+    faulty.FLAKY.update({"b": 1})
+    spec = _spec({"function": "tests.toy.faulty:flaky", "retries": 3})
+    stage = spec.stage("call")
+    runner = StageRunner(spec, "call", transport, StageFunction(spec, stage),
+                         instance="call-0", config=CONFIG)
+    ctx = StageContext("run_x", spec.name, "call", (("split", 1),), {"input": "b"})
+    with pytest.raises(ConnectionError):
+        await runner._produce(
+            cause="run_x:split.1>call", ctx=ctx, credit=Fraction(1, 2),
+            base_lineage=(("split", 1),), scope={}, context={"input": "b"}, value="b",
+            items=None, already=1, acks=[], credit_mid="credit:x")
+    assert faulty.CALLS == {"b": 1}
 
 
 async def test_a_timed_out_call_is_retried_then_fails_as_a_timeout(

@@ -190,6 +190,9 @@ async def _wait_event(event: asyncio.Event, timeout_s: float) -> None:
             await event.wait()
 
 
+RETRY_CANCEL_POLL_S = 0.5  # how often a retry's backoff looks at its run's cancel flag
+
+
 def _error_code(exc: BaseException) -> str:
     """The `code` of the run's error event for a call that raised `exc`."""
     return exc.code if isinstance(exc, StageTimeout) else "stage_error"
@@ -863,7 +866,10 @@ class StageRunner:
             stats = CallStats()
             n = 0
             held: list[tuple[int, Any]] = []
-            published = committing = False
+            # units an earlier delivery published count too: a retry could continue them
+            # differently (a redelivery after a crash resumes them, on the same assumption
+            # of a deterministic call, but a failure is no crash: it fails the run)
+            published, committing = already > 0, False
             try:
                 async for unit in self.function.produce(ctx, value, items, stats, stop):
                     n += 1
@@ -887,7 +893,9 @@ class StageRunner:
                         or await self._is_cancelled(run):
                     raise
                 attempt += 1
-                await self._before_retry(cause, run, attempt, exc)
+                if not await self._before_retry(cause, run, attempt, exc):
+                    n, held = 0, []  # cancelled while waiting: nothing to publish, the ack
+                    break
         if slot is not None:
             slot.release()
         if guard is None and await self._is_cancelled(run):
@@ -922,9 +930,11 @@ class StageRunner:
         if self.observer is not None:
             self.observer("call", call)
 
-    async def _before_retry(self, cause: str, run: str, attempt: int, exc: Exception) -> None:
+    async def _before_retry(self, cause: str, run: str, attempt: int, exc: Exception) -> bool:
         """A failed call that published nothing is tried again (the stage's `retries`),
-        after its backoff; the observer counts it (`alto_stage_call_retries_total`)."""
+        after its backoff; the observer counts it (`alto_stage_call_retries_total`). The
+        backoff (up to a minute) watches the run's cancel flag, as a running call does:
+        False when the run was cancelled meanwhile (no retry then)."""
         wait = min(self.stage.retry_backoff_s * 2 ** (attempt - 1), 60.0)
         log.warning("stage %s: call on %s failed (%s: %s); retry %d of %d in %.2fs",
                     self.stage.name, cause, type(exc).__name__, exc, attempt,
@@ -932,7 +942,12 @@ class StageRunner:
         if self.observer is not None:
             self.observer("retry", {"pipeline": self.spec.name, "stage": self.stage.name,
                                     "instance": self.instance, "run": run})
-        await asyncio.sleep(wait)
+        until = time.monotonic() + wait
+        while (left := until - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, RETRY_CANCEL_POLL_S))
+            if await self._is_cancelled(run):
+                return False
+        return True
 
     def _emit(
         self,
