@@ -384,6 +384,10 @@ class EmbeddedTransport(Transport):
             entries_read=g.last_delivered,  # sequence numbers count every entry ever added
         )
 
+    async def length(self, stream: str) -> int:
+        st = self._streams.get(stream)
+        return 0 if st is None else st.next - st.first
+
     async def trim(self, stream: str) -> int:
         st = self._streams.get(stream)
         if st is None or not st.groups:

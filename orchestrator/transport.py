@@ -210,6 +210,11 @@ class Transport(abc.ABC):
     async def stats(self, stream: str, group: str) -> StreamStats: ...
 
     @abc.abstractmethod
+    async def length(self, stream: str) -> int:
+        """Entries kept in `stream` (0 if it does not exist); needs no group, so a reader
+        that only looks (status, metrics) creates nothing."""
+
+    @abc.abstractmethod
     async def trim(self, stream: str) -> int:
         """Drop entries every group has acknowledged; returns how many were dropped."""
 

@@ -4,11 +4,16 @@ backlog used to read as 0 ("nothing queued") while its stream filled up."""
 
 from __future__ import annotations
 
+import pytest
+
+from orchestrator.embedded import NoGroupError
+from orchestrator.routing import stage_group, stage_streams
 from orchestrator.spec import parse_pipeline
 from orchestrator.transport import Transport
 from tests.waiting import eventually
 from workers.client import start_run
-from workers.runner import RunnerConfig
+from workers.deadletters import OPERATORS
+from workers.runner import RunnerConfig, dead_letter_stream
 from workers.runtime import Runtime, StageSelection
 from workers.status import pipeline_status
 
@@ -33,6 +38,11 @@ async def test_a_stage_without_workers_shows_its_backlog(transport: Transport) -
 
         await eventually(split_done, 10)
         status = await pipeline_status(transport, SPEC)
+        up_stream = stage_streams(SPEC, "up")[0]
+        with pytest.raises(NoGroupError):  # looking created nothing
+            await transport.stats(up_stream, stage_group(SPEC.name, "up"))
+        with pytest.raises(NoGroupError):
+            await transport.stats(dead_letter_stream(SPEC.name), OPERATORS)
     finally:
         await rt.stop()
     split, up = status.stages

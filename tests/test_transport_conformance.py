@@ -612,6 +612,15 @@ async def test_leases_exclusive_and_renewable_by_owner(transport: Transport) -> 
     assert not await transport.acquire_lease("p0", "a", 60_000)
 
 
+async def test_length_counts_kept_entries_without_a_group(transport: Transport) -> None:
+    assert await transport.length("nowhere") == 0
+    for i in range(3):
+        await transport.publish("s", env(i))
+    assert await transport.length("s") == 3
+    with pytest.raises(NoGroupError):  # it read nothing through a group, created none
+        await transport.stats("s", "g")
+
+
 async def test_rate_limit_allows_a_burst_then_says_when(transport: Transport) -> None:
     """`take_token`: `burst` requests at once, then refusals naming a wait of at most one
     interval (1/rate s); callers are independent; a bad limit is refused."""

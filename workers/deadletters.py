@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.embedded import NoGroupError
 from orchestrator.spec import PipelineSpec
 from orchestrator.transport import Delivery, Transport
 from workers.client import start_run
@@ -73,8 +74,10 @@ async def unresolved(transport: Transport, pipeline: str, limit: int = 100) -> l
 async def count(transport: Transport, pipeline: str) -> int:
     """How many dead letters of `pipeline` are unresolved (what to alert on)."""
     stream = dead_letter_stream(pipeline)
-    await transport.ensure_group(stream, OPERATORS)
-    stats = await transport.stats(stream, OPERATORS)
+    try:
+        stats = await transport.stats(stream, OPERATORS)
+    except NoGroupError:  # never listed: every letter is unresolved (and looking creates nothing)
+        return await transport.length(stream)
     return stats.pending + stats.lag
 
 

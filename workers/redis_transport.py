@@ -646,13 +646,21 @@ class RedisTransport(Transport):
                                            args=[group, consumer, *ids[i:i + 1000]]))
         return n
 
+    async def length(self, stream: str) -> int:
+        return int(await self._r.xlen(self._stream_key(stream)))
+
     async def stats(self, stream: str, group: str) -> StreamStats:
         key = self._stream_key(stream)
-        with _group_errors(group, stream):
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.xlen(key)
-                pipe.xinfo_groups(key)
-                length, groups = await pipe.execute()
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.xlen(key)
+            pipe.xinfo_groups(key)
+            # each reply as it is: redis-py's pipeline error for the first failed command
+            # does not always carry Redis' message, and "no such key" must be told apart
+            length, groups = await pipe.execute(raise_on_error=False)
+        if isinstance(groups, ResponseError):
+            if _no_group(groups) or length == 0:  # no stream (XLEN says 0): no group either
+                raise NoGroupError(f"no group {group!r} on {stream!r}") from groups
+            raise groups
         info = next((g for g in groups if g["name"] == group), None)
         if info is None:
             raise NoGroupError(f"no group {group!r} on stream {stream!r}")

@@ -32,16 +32,18 @@ class PipelineStatus:
 
 async def queue_depth(transport: Transport, spec: PipelineSpec, stage: str) -> tuple[int, int, int]:
     """(kept, pending, lag) summed over the stage's streams. A stream no instance has read
-    yet has no consumer group; it gets one here, reading from the start as a worker's
-    would, so what waits for a stage whose workers never came is counted, not hidden."""
+    yet has no consumer group: everything in it waits (what waits for a stage whose workers
+    never came is counted, not hidden), and looking creates nothing."""
     group = stage_group(spec.name, stage)
     length = pending = lag = 0
     for stream in stage_streams(spec, stage):
         try:
             st = await transport.stats(stream, group)
         except NoGroupError:
-            await transport.ensure_group(stream, group)
-            st = await transport.stats(stream, group)
+            waiting = await transport.length(stream)
+            length += waiting
+            lag += waiting
+            continue
         length += st.length
         pending += st.pending
         lag += st.lag
