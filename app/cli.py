@@ -358,6 +358,7 @@ def check(
     is left unfilled. Exit 2: invalid spec; 1: a problem (or a warning with --strict)."""
     from orchestrator.lint import lint
     from workers.engines import build_engine
+    from workers.engines.common import MissingSetting
     from workers.stagefn import StageFunction
 
     spec = _load(pipeline)
@@ -371,9 +372,12 @@ def check(
             if name not in engines:
                 try:
                     engines[name] = build_engine(spec.engines[name], 0)
-                except (ValueError, RuntimeError) as exc:  # an option, or vllm not installed
-                    engines[name] = None
+                except (MissingSetting, RuntimeError) as exc:  # up to where it runs: a
+                    engines[name] = None  # setting from the environment, vllm installed
                     warnings.append(f"engines.{name}: cannot be built here: {exc}")
+                except ValueError as exc:  # a wrong option is wrong everywhere
+                    engines[name] = None
+                    errors.append(f"engines.{name}: {exc}")
             engine = engines[name]
             if engine is None:
                 continue

@@ -5,6 +5,7 @@ such as `{claim}` for the stage `claims` used to reach the model silently."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,14 +77,27 @@ def test_an_invalid_spec_exits_2_naming_stage_and_field(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "stages.up.retries" in proc.stderr
 
 
-def test_an_engine_that_cannot_be_built_here_is_a_warning(tmp_path: Path) -> None:
+def test_a_wrong_engine_option_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path, chain(
         {"name": "ask", "kind": "lm", "prompt": "{input}"},
         engines={"default": {"kind": "openai", "base_url": "http://h", "retrys": 2}}))
-    relaxed, strict = alto_check(path), alto_check(path, "--strict")
+    proc = alto_check(path)
+    assert proc.returncode == 1
+    assert "error engines.default: openai engine: unknown option(s) ['retrys']" in proc.stderr
+
+
+def test_an_engine_that_needs_the_environment_is_a_warning(tmp_path: Path) -> None:
+    """No base_url in the spec: where it runs, ALTO_OPENAI_BASE_URL may give one."""
+    path = write(tmp_path, chain({"name": "ask", "kind": "lm", "prompt": "{input}"},
+                                 engines={"default": {"kind": "openai"}}))
+    env = {k: v for k, v in os.environ.items() if k != "ALTO_OPENAI_BASE_URL"}
+    relaxed = subprocess.run([sys.executable, "-m", "app.cli", "check", str(path)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    strict = subprocess.run([sys.executable, "-m", "app.cli", "check", str(path), "--strict"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert relaxed.returncode == 0 and strict.returncode == 1
-    assert "engines.default: cannot be built here" in relaxed.stderr
-    assert "unknown option(s) ['retrys']" in relaxed.stderr
+    assert "warning engines.default: cannot be built here: openai engine: no base_url" \
+        in relaxed.stderr
 
 
 # ---- the lint itself ----------------------------------------------------------------------

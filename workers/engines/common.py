@@ -16,6 +16,12 @@ from typing import Any
 from orchestrator.engine import GenParams
 
 
+class MissingSetting(ValueError):
+    """An engine lacks a setting the environment may supply where it runs (a server URL
+    from ALTO_OPENAI_BASE_URL): `alto check` warns instead of failing, since a CI machine
+    need not have it."""
+
+
 class EngineError(RuntimeError):
     """An engine could not produce (the rest of) a generation; the message says why."""
 

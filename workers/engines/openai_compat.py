@@ -43,6 +43,7 @@ from workers.engines.common import (
     EngineError,
     EngineHTTPError,
     EngineStreamError,
+    MissingSetting,
     Options,
     chat_messages,
     plain_prompt,
@@ -156,7 +157,7 @@ class OpenAIEngine:
         opts = Options("openai", spec.options())
         urls = base_urls(opts.raw("base_url") or os.environ.get(BASE_URL_ENV, ""))
         if not urls:
-            raise ValueError(
+            raise MissingSetting(
                 f"openai engine: no base_url (set the engine option or {BASE_URL_ENV})"
             )
         base_url = urls[instance % len(urls)]
