@@ -49,6 +49,24 @@ async def test_a_tool_reads_its_stage_params(transport: Transport, times: int | 
     assert events[-1]["units"] == evaluate(spec, "a b")  # the reference evaluator agrees
 
 
+async def test_a_function_that_changes_its_params_changes_nothing_for_the_next_call(
+    transport: Transport,
+) -> None:
+    spec = parse_pipeline({"name": "meddle", "stages": [
+        {"name": "m", "kind": "tool", "function": "tests.toy.stages:meddle",
+         "params": {"seen": []}},
+    ]})
+    rt = Runtime(transport, [spec], config=RunnerConfig(block_ms=20, heartbeat_ms=50))
+    await rt.start()
+    try:
+        outs = [(await run_to_completion(transport, spec, w, deadline_s=30))[1][-1]["units"]
+                for w in ("a", "b")]
+    finally:
+        await rt.stop()
+    assert outs == [[["a"]], [["b"]]]  # each call saw the params as the spec wrote them
+    assert spec.stage("m").params == {"seen": []}
+
+
 def test_params_on_an_lm_stage_are_refused() -> None:
     with pytest.raises(SpecError) as info:
         parse_pipeline({"name": "p", "stages": [

@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from types import MappingProxyType
@@ -190,6 +191,7 @@ async def _wait_event(event: asyncio.Event, timeout_s: float) -> None:
             await event.wait()
 
 
+_NO_PARAMS: Mapping[str, Any] = MappingProxyType({})
 RETRY_CANCEL_POLL_S = 0.5  # how often a retry's backoff looks at its run's cancel flag
 
 
@@ -240,7 +242,7 @@ class StageRunner:
         self.is_sink = not self.successors
         self.is_output = stage == spec.output_stage
         self.streaming = spec.streaming_for(stage)
-        self._params = MappingProxyType(dict(self.stage.params))  # ctx.params, read-only
+        self._params = self.stage.params  # ctx.params: a fresh copy per call (_ctx_params)
         self._slots = asyncio.Semaphore(self.capacity)
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
@@ -740,7 +742,7 @@ class StageRunner:
                 await self.transport.ack(d.stream, self.group, [d.entry_id])
                 return
         ctx = StageContext(env.run, env.pipeline, self.stage.name, env.lineage, env.context,
-                           params=self._params)
+                           params=self._ctx_params())
         await self._produce(
             cause=env.id,
             ctx=ctx,
@@ -782,7 +784,7 @@ class StageRunner:
                 ctx = StageContext(
                     first.run, first.pipeline, self.stage.name, g.klin, context,
                     item_values=[u.context for u in units],
-                    params=self._params,
+                    params=self._ctx_params(),
                 )
                 await self._produce(
                     cause=g.key,
@@ -929,6 +931,11 @@ class StageRunner:
         self.router.observe("call", call)
         if self.observer is not None:
             self.observer("call", call)
+
+    def _ctx_params(self) -> Mapping[str, Any]:
+        """The stage's `params` for one call: a deep copy, read-only at the top, so a
+        function that changes nested values changes nothing for the next call."""
+        return MappingProxyType(copy.deepcopy(self._params)) if self._params else _NO_PARAMS
 
     async def _before_retry(self, cause: str, run: str, attempt: int, exc: Exception) -> bool:
         """A failed call that published nothing is tried again (the stage's `retries`),

@@ -191,11 +191,14 @@ _CANCELLED = object()
 
 
 async def _bounded(units: AsyncIterator[Any], limit_s: float, stage: str) -> AsyncIterator[Any]:
-    """`units`, each awaited against one deadline for the whole call. The bound is on the
-    awaits of the call only, not around the `yield`: the consumer (the runner, committing
-    a unit) is never interrupted by it, so a timeout cannot cut a commit in half. The call
-    is cancelled at the deadline: an engine stream is closed (the engine aborts the
-    request); a synchronous tool's thread cannot be stopped and runs on unobserved."""
+    """`units`, each awaited against one deadline for the whole call. The deadline is
+    wall-clock from the call's start, so time the runner spends committing streamed units
+    counts too; but only the call's own awaits are bounded, not the `yield`: the consumer
+    (the runner, committing a unit) is never interrupted, so a timeout cannot cut a commit
+    in half. The call is cancelled at the deadline: an engine stream is closed (the engine
+    aborts the request). A synchronous tool's thread cannot be stopped: it runs on
+    unobserved and keeps its place in the default thread pool (min(32, CPUs + 4) threads)
+    until it returns, so tools that can hang are better written async."""
     deadline = asyncio.get_running_loop().time() + limit_s
     try:
         while True:

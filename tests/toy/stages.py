@@ -64,3 +64,10 @@ async def gated(value: Any, ctx: StageContext) -> str:
 def repeat(value: Any, ctx: StageContext) -> list[str]:
     """The word `times` times (`times` from the stage's params, default 1)."""
     return [str(value)] * int(ctx.params.get("times", 1))
+
+
+def meddle(value: Any, ctx: StageContext) -> list[Any]:
+    """Appends to a list in its params (which it should not do) and returns it."""
+    seen = ctx.params["seen"]
+    seen.append(str(value))
+    return list(seen)
