@@ -239,6 +239,34 @@ async def test_which_error_statuses_are_retried(
     assert len(server.requests) == (2 if retried else 1)
 
 
+async def test_connect_errors_and_error_statuses_share_one_retry_budget(
+    scripted_server: list[ScriptedSSEServer],
+) -> None:
+    """A server that first cannot be reached and then answers 503s: `retries` counts
+    every re-send, whatever its cause (each had its own budget: up to (retries+1)^2
+    sends)."""
+    server = await start_scripted(scripted_server, STREAM)
+    server.errors = [(503, {})] * 10
+    port = server.port
+    await server.close()  # refused at first
+    tries = 0
+
+    async def reopen(seconds: float) -> None:
+        nonlocal tries
+        tries += 1
+        if tries == 2:  # after two refused connects, the server is back (same port)
+            server._server = await asyncio.start_server(server._handle, "127.0.0.1", port)
+
+    engine = OpenAIEngine(base_url=f"http://127.0.0.1:{port}/v1", retries=4, sleep=reopen)
+    try:
+        with pytest.raises(EngineHTTPError, match="after 5 attempts"):
+            await collect(engine, "hi", GenParams())
+    finally:
+        await engine.aclose()
+    assert len(server.requests) == 3  # 2 refused + 3 answered 503 = 5 sends in all
+    assert tries == 4
+
+
 async def test_retryable_statuses_give_up_after_the_retries(
     scripted_server: list[ScriptedSSEServer],
 ) -> None:

@@ -240,11 +240,31 @@ class OpenAIEngine:
 
     # -- internals ---------------------------------------------------------------------------
     async def _open(self, request: httpx.Request) -> httpx.Response:
-        """A 200 streaming response, retrying retryable error statuses (nothing generated
-        yet, so re-sending is safe) up to `retries` times; other statuses raise at once."""
+        """A 200 streaming response. Nothing has been generated before it, so a failed try
+        is sent again, with exponential backoff, up to `retries` times in all (one budget
+        for both causes): when no connection could be made, and when the server answered
+        a retryable status (after its Retry-After when it names one). Other statuses, and
+        a timeout once the request may have reached the server, raise at once."""
+        assert self._client is not None
         attempt = 0
         while True:
-            response = await self._send(request)
+            backoff = min(self.backoff_s * 2**attempt, self.backoff_max_s)
+            try:
+                response = await self._client.send(request, stream=True)
+            except _CONNECT_ERRORS as exc:
+                if attempt >= self.retries:
+                    raise EngineConnectError(
+                        f"{self.name}: cannot connect to {request.url} after "
+                        f"{attempt + 1} attempt(s): {exc!r}"
+                    ) from exc
+                await self._sleep(backoff)
+                attempt += 1
+                continue
+            except httpx.TimeoutException as exc:
+                # the request may have reached the server: never re-sent
+                raise EngineError(f"{self.name}: {request.url} timed out: {exc!r}") from exc
+            except httpx.TransportError as exc:
+                raise EngineError(f"{self.name}: {request.url} failed: {exc!r}") from exc
             if response.status_code == 200:
                 return response
             try:
@@ -253,31 +273,9 @@ class OpenAIEngine:
                 await response.aclose()
             if attempt >= self.retries or not _retryable(response):
                 raise error
-            backoff = min(self.backoff_s * 2**attempt, self.backoff_max_s)
             await self._sleep(min(error.retry_after, RETRY_AFTER_MAX_S)
                               if error.retry_after is not None else backoff)
             attempt += 1
-
-    async def _send(self, request: httpx.Request) -> httpx.Response:
-        """Send, retrying with exponential backoff only while no connection could be made."""
-        assert self._client is not None
-        attempt = 0
-        while True:
-            try:
-                return await self._client.send(request, stream=True)
-            except _CONNECT_ERRORS as exc:
-                if attempt >= self.retries:
-                    raise EngineConnectError(
-                        f"{self.name}: cannot connect to {request.url} after "
-                        f"{attempt + 1} attempt(s): {exc!r}"
-                    ) from exc
-                await self._sleep(min(self.backoff_s * 2**attempt, self.backoff_max_s))
-                attempt += 1
-            except httpx.TimeoutException as exc:
-                # the request may have reached the server: never re-sent
-                raise EngineError(f"{self.name}: {request.url} timed out: {exc!r}") from exc
-            except httpx.TransportError as exc:
-                raise EngineError(f"{self.name}: {request.url} failed: {exc!r}") from exc
 
     async def _http_error(self, response: httpx.Response, attempts: int = 1) -> EngineHTTPError:
         try:
