@@ -18,6 +18,7 @@ from orchestrator.transport import Transport
 from tests.gateway_fixtures import make_server, sdk
 from tests.test_faults import pending_total
 from tests.test_sim_engine import GatedSleep
+from tests.toy import stages
 from tests.toy.rendezvous import RENDEZVOUS
 from tests.waiting import eventually
 from tests.worker_procs import dead_letters
@@ -150,3 +151,27 @@ def test_the_gateway_answers_a_stage_timeout_with_504() -> None:
                 model="hang", messages=[{"role": "user", "content": "x"}], stream=True))
     finally:
         server.stop()
+
+
+async def test_hung_plain_functions_keep_only_their_own_stages_threads(
+    transport: Transport,
+) -> None:
+    """A plain function past `timeout_s` keeps its thread (it cannot be stopped). Those
+    threads are the stage's own: the loop's default pool, which every other plain
+    function and the DNS lookups of engine connections used, stays free. With 20 hung
+    calls on the default pool (6 threads on 2 CPUs) nothing else could run in it."""
+    spec = _spec({"name": "slow", "kind": "tool", "function": "tests.toy.stages:block",
+                  "timeout_s": 0.1, "concurrency": 2})
+    stages.BLOCKED.clear()
+    rt = Runtime(transport, [spec], config=CONFIG)
+    await rt.start()
+    try:
+        done = await asyncio.gather(*(  # 10 runs of one input each: 10 calls that hang
+            run_to_completion(transport, spec, f"w{i}", deadline_s=60) for i in range(10)))
+        free = await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 10)
+    finally:
+        stages.BLOCKED.set()  # the hung threads return, so the process can exit
+        await rt.stop()
+    assert all(ev[-1]["type"] == "error" and ev[-1]["code"] == "stage_timeout"
+               for _, ev in done)
+    assert free == "free"

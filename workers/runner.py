@@ -235,6 +235,7 @@ class StageRunner:
             cap = min(cap or function.engine.capacity, function.engine.capacity)
         cap = cap or DEFAULT_SLOTS
         self.capacity = max(1, cap)
+        function.slots = self.capacity  # sizes its threads, for a plain function
         self.group = stage_group(spec.name, stage)
         self.streams = self.router.all_streams(stage)
         self.owned: list[str] = [] if self.stage.aggregates else list(self.streams)

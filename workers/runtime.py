@@ -148,6 +148,8 @@ class Runtime:
         for e in self.engines.values():
             with contextlib.suppress(Exception):
                 await e.aclose()
+        for r in self.runners:
+            r.function.close()
 
     def failed(self) -> BaseException | None:
         for t in self._tasks:

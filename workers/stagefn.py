@@ -8,10 +8,13 @@ barrier mode, retries and credit accounting are written once.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import importlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +25,7 @@ from orchestrator.template import StageContext, as_text, render
 
 StopCheck = Callable[[], Awaitable[bool]]
 CANCEL_POLL_S = 0.05  # how often a running LM call looks at its run's cancel flag
+DEFAULT_THREADS = 8  # a plain function's stage without `concurrency`: the runner's slots
 
 
 def resolve(path: str, *, stage: str, field_name: str) -> Callable[..., Any]:
@@ -68,6 +72,8 @@ class StageFunction:
         self.engine = engine
         self.fn: Callable[..., Any] | None = None
         self.responder: Callable[..., Any] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self.slots: int | None = None  # calls its runner runs at once (set by the runner)
         if stage.kind == "lm":
             if engine is None:
                 raise SpecError("no engine available", stage=stage.name, field="engine")
@@ -76,6 +82,25 @@ class StageFunction:
         else:
             assert stage.function is not None
             self.fn = resolve(stage.function, stage=stage.name, field_name="function")
+
+    def _threads(self) -> ThreadPoolExecutor:
+        """This stage's own threads for a plain function. Not the loop's default pool
+        (min(32, CPUs + 4) threads, shared with DNS lookups for engine connections and
+        every other stage): a call past `timeout_s` cannot be stopped and keeps its thread
+        until it returns, so a stage whose function hangs would starve all of them. Twice
+        the stage's concurrency leaves room for some hung calls before its own queue."""
+        if self._pool is None:
+            size = 2 * (self.slots or self.stage.concurrency or DEFAULT_THREADS)
+            self._pool = ThreadPoolExecutor(max_workers=size,
+                                            thread_name_prefix=f"alto-{self.stage.name}")
+        return self._pool
+
+    def close(self) -> None:
+        """Let the stage's threads go once they are idle (a hung call's thread ends when
+        its call returns; nothing waits for it)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def params(self, run: str) -> GenParams:
         s = self.stage
@@ -122,7 +147,8 @@ class StageFunction:
         if inspect.iscoroutinefunction(self.fn):
             result = await self.fn(arg, ctx)
         else:
-            result = await asyncio.to_thread(self.fn, arg, ctx)
+            call = functools.partial(contextvars.copy_context().run, self.fn, arg, ctx)
+            result = await asyncio.get_running_loop().run_in_executor(self._threads(), call)
         if inspect.isasyncgen(result):
             async for unit in result:
                 stats.incremental = True
@@ -197,8 +223,8 @@ async def _bounded(units: AsyncIterator[Any], limit_s: float, stage: str) -> Asy
     (the runner, committing a unit) is never interrupted, so a timeout cannot cut a commit
     in half. The call is cancelled at the deadline: an engine stream is closed (the engine
     aborts the request). A synchronous tool's thread cannot be stopped: it runs on
-    unobserved and keeps its place in the default thread pool (min(32, CPUs + 4) threads)
-    until it returns, so tools that can hang are better written async."""
+    unobserved and keeps its place in its stage's pool (`StageFunction._threads`) until it
+    returns, so tools that can hang are better written async."""
     deadline = asyncio.get_running_loop().time() + limit_s
     try:
         while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 from orchestrator.template import StageContext
@@ -71,3 +72,12 @@ def meddle(value: Any, ctx: StageContext) -> list[Any]:
     seen = ctx.params["seen"]
     seen.append(str(value))
     return list(seen)
+
+
+BLOCKED = threading.Event()  # `block` returns once a test sets it
+
+
+def block(value: Any, ctx: StageContext) -> str:
+    """A plain function that hangs (a blocking client without a timeout) until released."""
+    BLOCKED.wait()
+    return str(value)
