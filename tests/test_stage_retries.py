@@ -134,6 +134,29 @@ async def test_a_run_cancelled_during_the_backoff_is_not_retried(transport: Tran
     assert await dead_letters(transport, spec.name) == []  # cancelled, not failed
 
 
+async def test_a_draining_worker_leaves_a_call_in_backoff_pending(transport: Transport) -> None:
+    """SIGTERM during a retry's backoff (30 s here): the worker stops waiting at once and
+    leaves the input pending for another worker, instead of outlasting its grace period."""
+    faulty.FLAKY.update({"b": 99})
+    spec = _spec({"function": "tests.toy.faulty:flaky", "retries": 3, "retry_backoff_s": 30})
+    retrying = asyncio.Event()
+    rt = Runtime(transport, [spec], config=CONFIG,
+                 observer=lambda event, data: retrying.set() if event == "retry" else None)
+    await rt.start()
+    stopped = False
+    try:
+        await start_run(transport, spec, "b")
+        await asyncio.wait_for(retrying.wait(), 10)
+        await asyncio.wait_for(rt.stop(), 10)  # the drain: bounded, not 30 s
+        stopped = True
+    finally:
+        if not stopped:
+            await rt.stop(drain=False)
+    assert faulty.CALLS == {"b": 1}
+    assert await pending_total(transport, spec) >= 1  # not acknowledged: someone takes it
+    assert await dead_letters(transport, spec.name) == []
+
+
 async def test_a_call_whose_earlier_delivery_published_is_not_retried(
     transport: Transport,
 ) -> None:

@@ -191,6 +191,11 @@ async def _wait_event(event: asyncio.Event, timeout_s: float) -> None:
             await event.wait()
 
 
+class LeftPending(Exception):
+    """A call given up without failing its input: the entry stays pending, for this or
+    another worker to take again (a retry's backoff interrupted by a drain)."""
+
+
 _NO_PARAMS: Mapping[str, Any] = MappingProxyType({})
 RETRY_CANCEL_POLL_S = 0.5  # how often a retry's backoff looks at its run's cancel flag
 
@@ -258,6 +263,7 @@ class StageRunner:
         self._next_beat = self._next_claim = self._next_trim = self._next_touch = 0.0
         self._fired: OrderedDict[str, None] = OrderedDict()
         self._cancelled_runs: OrderedDict[str, None] = OrderedDict()
+        self._stop: asyncio.Event | None = None  # set: draining (run's `stop`)
         self.processed = 0
         self.inflight = 0
         self.sweeps = 0  # idle sweeps made (stats: tests wait on them)
@@ -265,6 +271,7 @@ class StageRunner:
 
     # ------------------------------------------------------------------ main loop
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         await self._ensure_groups()
         await self._heartbeat()
         backoff = 0.0
@@ -712,9 +719,10 @@ class StageRunner:
             await step(d)
         except asyncio.CancelledError:
             raise
-        except self.transport.transient_errors as exc:  # not the input's fault: retry later
-            log.warning("stage %s: transport unavailable on %s (%s); left pending",
-                        self.stage.name, d.envelope.id, exc)
+        except (LeftPending, *self.transport.transient_errors) as exc:  # retry later
+            log.warning("stage %s: %s on %s; left pending", self.stage.name,
+                        exc if isinstance(exc, LeftPending) else f"transport unavailable ({exc})",
+                        d.envelope.id)
         except Exception as exc:  # a stage error fails the run visibly, never silently
             log.exception("stage %s failed on %s", self.stage.name, d.envelope.id,
                           extra={"run": d.envelope.run, "stage": self.stage.name})
@@ -812,10 +820,9 @@ class StageRunner:
                 raise
             except FencedError:  # the lease moved while we fired: the new owner fires it
                 self._fenced_out(g, fence)
-            except self.transport.transient_errors as exc:
+            except (LeftPending, *self.transport.transient_errors) as exc:
                 # entries stay pending: forget the group; the next claim rebuilds and fires it
-                log.warning("stage %s: transport unavailable firing %s (%s)",
-                            self.stage.name, g.key, exc)
+                log.warning("stage %s: firing %s left pending (%s)", self.stage.name, g.key, exc)
                 self._drop_group(g)
             except Exception as exc:
                 log.exception("stage %s failed on key %s", self.stage.name, g.key)
@@ -960,6 +967,10 @@ class StageRunner:
             await asyncio.sleep(min(left, RETRY_CANCEL_POLL_S))
             if await self._is_cancelled(run):
                 return False
+            if self._stop is not None and self._stop.is_set():
+                # draining: a retry could outlast the pod's grace period; another worker
+                # claims the entry (still pending) and tries it afresh
+                raise LeftPending(f"stage {self.stage.name}: draining, retry left to others")
         return True
 
     def _emit(
