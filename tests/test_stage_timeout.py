@@ -8,6 +8,7 @@ stays pending, and the worker goes on."""
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import openai
@@ -157,21 +158,26 @@ async def test_hung_plain_functions_keep_only_their_own_stages_threads(
     transport: Transport,
 ) -> None:
     """A plain function past `timeout_s` keeps its thread (it cannot be stopped). Those
-    threads are the stage's own: the loop's default pool, which every other plain
-    function and the DNS lookups of engine connections used, stays free. With 20 hung
-    calls on the default pool (6 threads on 2 CPUs) nothing else could run in it."""
+    threads are the stage's own, twice its runner's slots: the loop's default pool, which
+    every other plain function and the DNS lookups of engine connections use, stays free.
+    The default pool here is as small as on a small machine (2 threads): on it, 10 hung
+    calls left nothing for anyone else."""
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(2))
     spec = _spec({"name": "slow", "kind": "tool", "function": "tests.toy.stages:block",
                   "timeout_s": 0.1, "concurrency": 2})
     stages.BLOCKED.clear()
-    rt = Runtime(transport, [spec], config=CONFIG)
+    rt = Runtime(transport, [spec], config=CONFIG, concurrency=3)  # 3 slots win over 2
     await rt.start()
     try:
         done = await asyncio.gather(*(  # 10 runs of one input each: 10 calls that hang
             run_to_completion(transport, spec, f"w{i}", deadline_s=60) for i in range(10)))
         free = await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 10)
+        pool = next(r for r in rt.runners if r.stage.name == "slow").function._pool
+        hung = len(pool._threads) if pool is not None else 0
     finally:
         stages.BLOCKED.set()  # the hung threads return, so the process can exit
         await rt.stop()
     assert all(ev[-1]["type"] == "error" and ev[-1]["code"] == "stage_timeout"
                for _, ev in done)
     assert free == "free"
+    assert hung == 6  # twice the runner's 3 slots; the calls after those waited and timed out

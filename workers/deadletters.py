@@ -105,11 +105,15 @@ async def replay(
     again, as new runs, then resolve the letters; returns {entry id: new run id}. One
     failed run can leave several letters (inputs that failed side by side before the cancel
     reached them): its input is submitted once, and all of its letters named here are
-    resolved with it. A letter without an input raises before anything is submitted. Each
+    resolved with it, named here or not (else a later replay of one left behind would submit
+    the same input again). A letter without an input raises before anything is submitted. Each
     run is started before its letters are resolved: if this process dies between the two,
     they stay unresolved and a later replay submits the input again (a duplicate run
     rather than a lost one)."""
-    letters = _pick(await unresolved(transport, spec.name, limit), entry_ids)
+    listed = await unresolved(transport, spec.name, limit)
+    letters = _pick(listed, entry_ids)
+    runs_named = {d.run for d in letters}  # a run's other letters go with it: its input is
+    letters = [d for d in listed if d.run in runs_named]  # submitted once, for all of them
     blank = [d.entry_id for d in letters if d.input is None]
     if blank:
         raise ValueError(f"dead letter(s) {', '.join(blank)} carry no run input to replay")

@@ -235,8 +235,8 @@ class _Target:
             try:
                 st = await transport.stats(self.lanes[j], group)
                 observed[s] = float(st.lag + st.pending)
-            except LookupError:  # the consumer group is not created yet: nothing queued
-                observed[s] = 0.0
+            except LookupError:  # no consumer group yet: all of the lane waits
+                observed[s] = float(await transport.length(self.lanes[j]))
         self.slots, self.observed, self.sent = slots, observed, {}
         if self.policy == CACHE_AWARE:
             self.ca.forget(slots)

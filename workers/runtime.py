@@ -142,14 +142,16 @@ class Runtime:
         if not drain:
             for r in self.runners:
                 await r.abort()
-        for t in self._tasks:
-            with contextlib.suppress(Exception):
-                await t
-        for e in self.engines.values():
-            with contextlib.suppress(Exception):
-                await e.aclose()
-        for r in self.runners:
-            r.function.close()
+        try:
+            for t in self._tasks:
+                with contextlib.suppress(Exception):
+                    await t
+            for e in self.engines.values():
+                with contextlib.suppress(Exception):
+                    await e.aclose()
+        finally:  # even if this stop is itself cancelled
+            for r in self.runners:
+                r.function.close()
 
     def failed(self) -> BaseException | None:
         for t in self._tasks:

@@ -96,8 +96,9 @@ class StageFunction:
         return self._pool
 
     def close(self) -> None:
-        """Let the stage's threads go once they are idle (a hung call's thread ends when
-        its call returns; nothing waits for it)."""
+        """Let the stage's threads go once they are idle. A hung call's thread ends only
+        when its call returns, and Python joins pool threads at exit: such a call delays
+        its process's exit (after SIGTERM, Kubernetes kills the pod at its grace period)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
