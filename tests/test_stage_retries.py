@@ -110,9 +110,9 @@ async def test_a_call_that_published_a_unit_is_not_retried(transport: Transport)
     assert "retry" not in seen
 
 
-async def test_a_run_cancelled_during_the_backoff_is_not_retried(transport: Transport) -> None:
-    """The backoff (30 s here) watches the cancel flag: the cancelled run's input is let go
-    at once, and the call is not made again for a run nobody wants."""
+async def _in_backoff(transport: Transport) -> tuple[Any, Runtime, str]:
+    """A runtime whose call on "b" has failed once and now waits 30 s to retry:
+    (spec, runtime, run id)."""
     faulty.FLAKY.update({"b": 99})
     spec = _spec({"function": "tests.toy.faulty:flaky", "retries": 3, "retry_backoff_s": 30})
     retrying = asyncio.Event()
@@ -122,6 +122,17 @@ async def test_a_run_cancelled_during_the_backoff_is_not_retried(transport: Tran
     try:
         run = await start_run(transport, spec, "b")
         await asyncio.wait_for(retrying.wait(), 10)
+    except BaseException:
+        await rt.stop(drain=False)
+        raise
+    return spec, rt, run
+
+
+async def test_a_run_cancelled_during_the_backoff_is_not_retried(transport: Transport) -> None:
+    """The backoff (30 s here) watches the cancel flag: the cancelled run's input is let go
+    at once, and the call is not made again for a run nobody wants."""
+    spec, rt, run = await _in_backoff(transport)
+    try:
         await transport.cancel(run, 60)
 
         async def let_go() -> bool:
@@ -137,16 +148,9 @@ async def test_a_run_cancelled_during_the_backoff_is_not_retried(transport: Tran
 async def test_a_draining_worker_leaves_a_call_in_backoff_pending(transport: Transport) -> None:
     """SIGTERM during a retry's backoff (30 s here): the worker stops waiting at once and
     leaves the input pending for another worker, instead of outlasting its grace period."""
-    faulty.FLAKY.update({"b": 99})
-    spec = _spec({"function": "tests.toy.faulty:flaky", "retries": 3, "retry_backoff_s": 30})
-    retrying = asyncio.Event()
-    rt = Runtime(transport, [spec], config=CONFIG,
-                 observer=lambda event, data: retrying.set() if event == "retry" else None)
-    await rt.start()
+    spec, rt, _ = await _in_backoff(transport)
     stopped = False
     try:
-        await start_run(transport, spec, "b")
-        await asyncio.wait_for(retrying.wait(), 10)
         await asyncio.wait_for(rt.stop(), 10)  # the drain: bounded, not 30 s
         stopped = True
     finally:
