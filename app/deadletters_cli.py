@@ -4,16 +4,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-T = TypeVar("T")
+WHY = ": dead letters live in Redis (an embedded runtime's end with its process)"
 app = typer.Typer(no_args_is_help=True, help="Inspect, replay or drop failed inputs.")
 err = Console(stderr=True)
 out = Console()
@@ -22,14 +21,6 @@ PipelineOpt = Annotated[Path, typer.Option("--pipeline", "-p", help="pipeline YA
 RedisOpt = Annotated[str | None, typer.Option(help="Redis URL (or ALTO_REDIS_URL)")]
 IdsArg = Annotated[list[str] | None, typer.Argument(help="dead-letter ids (from `list`)")]
 AllOpt = Annotated[bool, typer.Option("--all", help="every unresolved dead letter")]
-
-
-def _with_transport(pipeline: Path, redis_url: str | None,
-                    work: Callable[[Any, Any], Awaitable[T]]) -> T:
-    from app.cli import on_redis
-
-    return on_redis(pipeline, redis_url, work, ": dead letters live in Redis (an embedded "
-                    "runtime's end with its process)")
 
 
 def _short(value: Any, width: int) -> str:
@@ -46,13 +37,14 @@ def list_(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON record per line")] = False,
 ) -> None:
     """List the unresolved dead letters: which stage failed, on which run, why."""
+    from app.cli import on_redis
     from workers import deadletters
 
     async def work(t: Any, spec: Any) -> tuple[list[deadletters.DeadLetter], int]:
         return (await deadletters.unresolved(t, spec.name, limit),
                 await deadletters.count(t, spec.name))
 
-    letters, total = _with_transport(pipeline, redis_url, work)
+    letters, total = on_redis(pipeline, redis_url, work, WHY)
     if as_json:
         for d in letters:
             print(json.dumps({"id": d.entry_id, "stage": d.stage, "run": d.run,
@@ -79,6 +71,7 @@ def _chosen(ids: list[str] | None, every: bool) -> list[str] | None:
 def replay(pipeline: PipelineOpt, ids: IdsArg = None, every: AllOpt = False,
            redis_url: RedisOpt = None) -> None:
     """Submit each letter's run input again as a new run (after a fix), and resolve it."""
+    from app.cli import on_redis
     from workers import deadletters
 
     chosen = _chosen(ids, every)
@@ -87,7 +80,7 @@ def replay(pipeline: PipelineOpt, ids: IdsArg = None, every: AllOpt = False,
         return await deadletters.replay(t, spec, chosen)
 
     try:
-        runs = _with_transport(pipeline, redis_url, work)
+        runs = on_redis(pipeline, redis_url, work, WHY)
     except (LookupError, ValueError) as exc:
         err.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from None
@@ -100,6 +93,7 @@ def replay(pipeline: PipelineOpt, ids: IdsArg = None, every: AllOpt = False,
 def drop(pipeline: PipelineOpt, ids: IdsArg = None, every: AllOpt = False,
          redis_url: RedisOpt = None) -> None:
     """Resolve letters without replaying them."""
+    from app.cli import on_redis
     from workers import deadletters
 
     chosen = _chosen(ids, every)
@@ -108,7 +102,7 @@ def drop(pipeline: PipelineOpt, ids: IdsArg = None, every: AllOpt = False,
         return await deadletters.drop(t, spec.name, chosen)
 
     try:
-        n = _with_transport(pipeline, redis_url, work)
+        n = on_redis(pipeline, redis_url, work, WHY)
     except LookupError as exc:
         err.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from None

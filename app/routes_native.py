@@ -37,6 +37,7 @@ from app.streaming import ClientGone, ClosingEventSource, sse, unless_disconnect
 from orchestrator.spec import PipelineSpec
 from orchestrator.template import as_text
 from orchestrator.tracker import RunTracker
+from workers.engines import default_instances
 
 router = APIRouter(prefix="/v1", tags=["pipelines"])
 
@@ -86,7 +87,7 @@ def pipeline_info(spec: PipelineSpec) -> PipelineInfo:
             for s in spec.stages
         ],
         engines={
-            name: EngineInfo(kind=e.kind, model=e.model, instances=e.instances)
+            name: EngineInfo(kind=e.kind, model=e.model, instances=default_instances(e))
             for name, e in spec.engines.items()
         },
     )

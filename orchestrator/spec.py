@@ -48,33 +48,6 @@ class EngineSpec(BaseModel):
         """Engine-specific settings (everything not common to all kinds)."""
         return dict(self.model_extra or {})
 
-    @property
-    def servers(self) -> list[str]:
-        """The `base_url` option as a list of servers (one URL, a list, or a
-        comma-separated string of them); empty if there is none or it is malformed (the
-        engine names that error when it is built)."""
-        return split_urls((self.model_extra or {}).get("base_url"))
-
-    @model_validator(mode="after")
-    def _one_instance_per_server(self) -> EngineSpec:
-        """An `openai` engine given several servers has one instance per server unless
-        `instances` says otherwise (instance i uses server i modulo their number)."""
-        n = len(self.servers)
-        if self.kind == "openai" and n > 1 and "instances" not in self.model_fields_set:
-            if n > 256:
-                raise ValueError(f"base_url lists {n} servers; at most 256")
-            self.instances = n
-        return self
-
-
-def split_urls(value: Any) -> list[str]:
-    """URLs from one URL, a list of them or a comma-separated string (what fits an
-    environment variable); [] for anything else."""
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(u, str) for u in items):
-        return []
-    return [u.strip() for u in items if u.strip()]
-
 
 class StageSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 
 from app.cli import _default_instances
-from orchestrator.spec import EngineSpec, parse_pipeline, split_urls
+from orchestrator.spec import EngineSpec, parse_pipeline
 from orchestrator.transport import Transport
 from tests import fixtures_llama
 from tests.fixtures_llama import ScriptedSSEServer, chat_chunk, start_scripted
 from workers.client import run_to_completion
 from workers.engines import build_engine, default_instances, fleet
-from workers.engines.openai_compat import BASE_URL_ENV, OpenAIEngine
+from workers.engines.openai_compat import BASE_URL_ENV, OpenAIEngine, split_urls
 from workers.runner import RunnerConfig
 from workers.runtime import Runtime
 
@@ -42,14 +42,17 @@ def test_split_urls(value: Any, urls: list[str]) -> None:
     assert split_urls(value) == urls
 
 
-def test_a_list_of_servers_gives_one_instance_each() -> None:
-    assert EngineSpec(kind="openai", base_url=FLEET).instances == 3
-    assert EngineSpec(kind="openai", base_url="http://a,http://b").instances == 2
-    assert EngineSpec(kind="openai", base_url="http://a").instances == 1
-    assert EngineSpec(kind="openai", base_url=FLEET, instances=6).instances == 6  # said so
-    assert EngineSpec(kind="sim", base_url=FLEET).instances == 1  # only openai has servers
+def test_a_list_of_servers_gives_one_instance_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(BASE_URL_ENV, raising=False)
+    assert default_instances(EngineSpec(kind="openai", base_url=FLEET)) == 3
+    assert default_instances(EngineSpec(kind="openai", base_url="http://a,http://b")) == 2
+    assert default_instances(EngineSpec(kind="openai", base_url="http://a")) == 1
+    said = EngineSpec(kind="openai", base_url=FLEET, instances=6)
+    assert default_instances(said) == 6  # said so
+    sim = EngineSpec(kind="sim", base_url=FLEET)
+    assert default_instances(sim) == 1  # only openai has servers
     with pytest.raises(ValueError, match="at most 256"):
-        EngineSpec(kind="openai", base_url=[f"http://h{i}" for i in range(257)])
+        default_instances(EngineSpec(kind="openai", base_url=[f"http://h{i}" for i in range(257)]))
 
 
 def test_instance_i_talks_to_server_i(monkeypatch: pytest.MonkeyPatch) -> None:

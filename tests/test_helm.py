@@ -31,6 +31,8 @@ from app.cli import _default_instances, _engine_override
 from app.metrics import Metrics
 from orchestrator.routing import stage_group, stage_streams
 from orchestrator.spec import PipelineSpec, load_pipeline
+from workers.engines import default_instances
+from workers.engines import fleet as fleet_of
 from workers.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,7 +253,7 @@ def test_a_stage_in_front_of_a_fleet_gets_one_instance_per_server(tmp_path: Path
     docs = render(values)
     c = container(workers(docs)["verify"])
     engine = _engine_override(arg(c, "--engine")[0], arg(c, "--engine-opt"))
-    assert engine is not None and engine.servers == fleet and engine.instances == 3
+    assert engine is not None and fleet_of(engine) == fleet and default_instances(engine) == 3
     assert _default_instances(chart_spec(docs, tmp_path), "verify", engine) == 3
 
 

@@ -16,6 +16,8 @@ import pytest
 
 from orchestrator.spec import SpecError, parse_pipeline
 from orchestrator.transport import Transport
+from tests import fixtures_llama
+from tests.fixtures_llama import ScriptedSSEServer, chat_chunk, start_scripted
 from tests.gateway_fixtures import make_server, sdk
 from tests.test_faults import pending_total
 from tests.test_sim_engine import GatedSleep
@@ -28,6 +30,8 @@ from workers.engines.sim import SimEngine
 from workers.runner import RunnerConfig, StageRunner
 from workers.runtime import Runtime
 from workers.stagefn import StageFunction
+
+scripted_server = fixtures_llama.scripted_server  # a fixture of tests/fixtures_llama.py
 
 CONFIG = RunnerConfig(claim_idle_ms=200, block_ms=20, lease_ttl_ms=300, heartbeat_ms=50)
 
@@ -125,6 +129,30 @@ async def test_an_lm_call_past_its_timeout_aborts_the_engine_request(
     assert engine.cancelled == 1 and engine.completed == 0
     assert held_steps == 1  # it never got past the step it was held in
     assert runner.processed == 0
+
+
+async def test_an_upstream_that_stops_mid_answer_is_cut_off_at_the_timeout(
+    transport: Transport, scripted_server: list[ScriptedSSEServer],
+) -> None:
+    """The same with the OpenAI-compatible engine against a real socket: the upstream sends
+    one token and then nothing (a stuck vLLM server). At `timeout_s` the connection is
+    closed, which is how such a server learns to abort, and the run fails."""
+    server = await start_scripted(scripted_server, [chat_chunk("Hel")], ending="hang")
+    spec = parse_pipeline({
+        "name": "bounded_openai",
+        "engines": {"default": {"kind": "openai", "base_url": server.base_url}},
+        "stages": [{"name": "gen", "kind": "lm", "prompt": "{text}", "max_tokens": 8,
+                    "timeout_s": 0.3}],
+    })
+    rt = Runtime(transport, [spec], config=CONFIG)
+    await rt.start()
+    try:
+        _, events = await run_to_completion(transport, spec, "hello", deadline_s=60)
+        await asyncio.wait_for(server.disconnected.wait(), 10)
+    finally:
+        await rt.stop()
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "stage_timeout"
+    assert len(server.requests) == 1
 
 
 @pytest.mark.parametrize("bad", [0, -1, 86_401, "soon"])

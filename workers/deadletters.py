@@ -82,9 +82,7 @@ async def count(transport: Transport, pipeline: str) -> int:
 
 
 async def _resolve(transport: Transport, pipeline: str, entry_ids: Sequence[str]) -> None:
-    stream = dead_letter_stream(pipeline)
-    await transport.ack(stream, OPERATORS, list(entry_ids))
-    await transport.trim(stream)
+    await transport.ack(dead_letter_stream(pipeline), OPERATORS, list(entry_ids))
 
 
 def _pick(letters: list[DeadLetter], entry_ids: Sequence[str] | None) -> list[DeadLetter]:
@@ -101,15 +99,14 @@ async def replay(
     transport: Transport, spec: PipelineSpec, entry_ids: Sequence[str] | None = None,
     *, limit: int = 100_000,
 ) -> dict[str, str]:
-    """Submit the input of the runs these dead letters (all unresolved ones if None) failed
-    again, as new runs, then resolve the letters; returns {entry id: new run id}. One
-    failed run can leave several letters (inputs that failed side by side before the cancel
-    reached them): its input is submitted once, and all of its letters named here are
-    resolved with it, named here or not (else a later replay of one left behind would submit
-    the same input again). A letter without an input raises before anything is submitted. Each
-    run is started before its letters are resolved: if this process dies between the two,
-    they stay unresolved and a later replay submits the input again (a duplicate run
-    rather than a lost one)."""
+    """Submit the input of each run these dead letters (all unresolved ones if None) come
+    from again, as a new run, then resolve the letters; returns {entry id: new run id}.
+    One failed run can leave several letters (inputs that failed side by side before the
+    cancel reached them): its input is submitted once and all of its letters are resolved,
+    named or not (else a later replay of one left behind would submit it again). A letter
+    without an input raises before anything is submitted. Each run is started before its
+    letters are resolved: if this process dies between the two, they stay unresolved and a
+    later replay submits the input again (a duplicate run rather than a lost one)."""
     listed = await unresolved(transport, spec.name, limit)
     letters = _pick(listed, entry_ids)
     runs_named = {d.run for d in letters}  # a run's other letters go with it: its input is
@@ -128,6 +125,7 @@ async def replay(
         )
         await _resolve(transport, spec.name, [d.entry_id for d in group])
         runs.update((d.entry_id, run) for d in group)
+    await transport.trim(dead_letter_stream(spec.name))  # resolved letters go, once
     return runs
 
 
@@ -139,4 +137,5 @@ async def drop(
     letters = _pick(await unresolved(transport, pipeline, limit), entry_ids)
     if letters:
         await _resolve(transport, pipeline, [d.entry_id for d in letters])
+        await transport.trim(dead_letter_stream(pipeline))
     return len(letters)

@@ -75,12 +75,11 @@ from orchestrator.transport import (
     Transport,
 )
 from workers.router import Router
-from workers.stagefn import CallStats, StageFunction, StageTimeout
+from workers.stagefn import DEFAULT_SLOTS, CallStats, StageFunction, StageTimeout
 
 log = logging.getLogger("alto.runner")
 
 Observer = Callable[[str, dict[str, Any]], None]
-DEFAULT_SLOTS = 8  # runner slots of a stage without an engine and no `concurrency`
 _SCAN = 1_000  # pending entries listed per holder when looking for abandoned work
 
 
@@ -248,7 +247,6 @@ class StageRunner:
         self.is_sink = not self.successors
         self.is_output = stage == spec.output_stage
         self.streaming = spec.streaming_for(stage)
-        self._params = self.stage.params  # ctx.params: a fresh copy per call (_ctx_params)
         self._slots = asyncio.Semaphore(self.capacity)
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
@@ -948,7 +946,8 @@ class StageRunner:
     def _ctx_params(self) -> Mapping[str, Any]:
         """The stage's `params` for one call: a deep copy, read-only at the top, so a
         function that changes nested values changes nothing for the next call."""
-        return MappingProxyType(copy.deepcopy(self._params)) if self._params else _NO_PARAMS
+        params = self.stage.params
+        return MappingProxyType(copy.deepcopy(params)) if params else _NO_PARAMS
 
     async def _before_retry(self, cause: str, run: str, attempt: int, exc: Exception) -> bool:
         """A failed call that published nothing is tried again (the stage's `retries`),

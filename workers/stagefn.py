@@ -25,7 +25,7 @@ from orchestrator.template import StageContext, as_text, render
 
 StopCheck = Callable[[], Awaitable[bool]]
 CANCEL_POLL_S = 0.05  # how often a running LM call looks at its run's cancel flag
-DEFAULT_THREADS = 8  # a plain function's stage without `concurrency`: the runner's slots
+DEFAULT_SLOTS = 8  # calls at once of a stage without an engine and without `concurrency`
 
 
 def resolve(path: str, *, stage: str, field_name: str) -> Callable[..., Any]:
@@ -90,7 +90,7 @@ class StageFunction:
         until it returns, so a stage whose function hangs would starve all of them. Twice
         the stage's concurrency leaves room for some hung calls before its own queue."""
         if self._pool is None:
-            size = 2 * (self.slots or self.stage.concurrency or DEFAULT_THREADS)
+            size = 2 * (self.slots or DEFAULT_SLOTS)
             self._pool = ThreadPoolExecutor(max_workers=size,
                                             thread_name_prefix=f"alto-{self.stage.name}")
         return self._pool

@@ -8,11 +8,10 @@ install, at the moment that kind is asked for.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from orchestrator.engine import Engine
-from orchestrator.spec import EngineSpec, split_urls
+from orchestrator.spec import EngineSpec
 
 ENGINE_KINDS = ("sim", "openai", "local", "vllm")
 
@@ -67,22 +66,25 @@ def build_engine(spec: EngineSpec, instance: int = 0) -> Engine:
 
 
 def fleet(spec: EngineSpec) -> list[str]:
-    """The servers of an `openai` engine: its `base_url` option, else the comma-separated
-    ALTO_OPENAI_BASE_URL; [] for other kinds."""
+    """The servers of an `openai` engine (its `base_url` list, or ALTO_OPENAI_BASE_URL's);
+    [] for other kinds."""
     if spec.kind != "openai":
         return []
-    from workers.engines.openai_compat import BASE_URL_ENV
+    from workers.engines.openai_compat import servers
 
-    return spec.servers or split_urls(os.environ.get(BASE_URL_ENV, ""))
+    return servers(spec)
 
 
 def default_instances(spec: EngineSpec) -> int:
     """How many instances of the engine to run when the caller does not say: `instances`
-    as the spec sets it, else one per server of an `openai` fleet (from the spec, which
-    already counts them, or from the environment, which the spec cannot see)."""
+    when the spec sets it, else one per server of an `openai` fleet (the one place that
+    counts them: the spec is validated without the environment, which may list them)."""
     if "instances" in spec.model_fields_set:
         return spec.instances
-    return max(spec.instances, len(fleet(spec)))
+    n = len(fleet(spec))
+    if n > 256:
+        raise ValueError(f"base_url lists {n} servers; at most 256")
+    return max(spec.instances, n)
 
 
 __all__ = ["ENGINE_KINDS", "build_engine", "default_instances", "fleet"]

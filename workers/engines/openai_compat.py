@@ -37,7 +37,7 @@ import httpx
 from httpx_sse import EventSource, SSEError
 
 from orchestrator.engine import Delta, GenParams
-from orchestrator.spec import EngineSpec, split_urls
+from orchestrator.spec import EngineSpec
 from workers.engines.common import (
     EngineConnectError,
     EngineError,
@@ -84,17 +84,22 @@ def _retry_after(response: httpx.Response) -> float | None:
     return None
 
 
-def base_urls(value: Any) -> list[str]:
-    """The servers of an engine's instances: `base_url` is one URL, a list of URLs or a
-    comma-separated string of them (what fits an environment variable). Instance i talks
-    to the i-th (modulo their number), so each instance's prompts meet one server's prefix
-    cache: a fleet behind one load-balanced URL would scatter them."""
-    urls = split_urls(value)
-    if not urls and value not in ("", None, []):
-        raise ValueError(
-            f"openai engine option 'base_url' must be a URL or a list of URLs, got {value!r}"
-        )
-    return urls
+def split_urls(value: Any) -> list[str]:
+    """URLs from one URL, a list of them or a comma-separated string (what fits an
+    environment variable); [] for anything else."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(u, str) for u in items):
+        return []
+    return [u.strip() for u in items if u.strip()]
+
+
+def servers(spec: EngineSpec) -> list[str]:
+    """The servers of an engine's instances: its `base_url` option (one URL, a list, or a
+    comma-separated string), else ALTO_OPENAI_BASE_URL's; [] if none (or malformed:
+    `from_spec` names that error). Instance i talks to the i-th (modulo their number), so
+    each instance's prompts meet one server's prefix cache: a fleet behind one
+    load-balanced URL would scatter them."""
+    return split_urls(spec.options().get("base_url") or os.environ.get(BASE_URL_ENV, ""))
 
 
 def api_root(base_url: str) -> str:
@@ -155,7 +160,12 @@ class OpenAIEngine:
     @classmethod
     def from_spec(cls, spec: EngineSpec, instance: int = 0) -> OpenAIEngine:
         opts = Options("openai", spec.options())
-        urls = base_urls(opts.raw("base_url") or os.environ.get(BASE_URL_ENV, ""))
+        urls = servers(spec)
+        given = opts.raw("base_url")
+        if not urls and given not in (None, "", []):
+            raise ValueError(
+                f"openai engine option 'base_url' must be a URL or a list of URLs, got {given!r}"
+            )
         if not urls:
             raise MissingSetting(
                 f"openai engine: no base_url (set the engine option or {BASE_URL_ENV})"
