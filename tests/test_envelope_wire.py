@@ -48,6 +48,46 @@ def test_wire_json_reads_back_as_the_standard_library_would(value: Any) -> None:
     assert same(loads_json(dumps_json(value)), stdlib)
 
 
+@pytest.mark.parametrize("n", [
+    2**63 - 1, 2**63, 2**64 - 1, 2**64, 10**19 - 1, 10**19, 10**20, 10**25,
+    -(2**63), -(2**63) - 1, -(10**18), -(10**19 - 1), -(10**19), 1795786869381995799,
+])
+def test_wire_json_reads_integers_at_the_64_bit_edges_exactly(n: int) -> None:
+    for text in (f"{n}", f"[{n}]", f'{{"t":{n},"s":"{n}"}}', f"{n}.5", f"{n}e2"):
+        want = json.loads(text)
+        assert same(loads_json(text), want), text
+        assert same(loads_json(text.encode()), want), text
+
+
+def test_nanosecond_timestamps_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 19-digit integer (time.time_ns()) is in orjson's exact range: reading it must not
+    fall back to the standard library, which is several times slower on every hop."""
+    import orchestrator.envelope as envelope
+
+    def refuse(text: Any) -> Any:
+        raise AssertionError(f"standard-library path taken for {text!r}")
+
+    monkeypatch.setattr(envelope.json, "loads", refuse)
+    assert loads_json('{"h":[["s1",1795786869381995799,9999999999999999999]]}') == {
+        "h": [["s1", 1795786869381995799, 9999999999999999999]]}
+    text = "Paris is the capital of France (pop. 2102650, 2023). " * 100
+    assert loads_json(json.dumps({"x": text, "n": -(10**17)}).encode()) == {
+        "x": text, "n": -(10**17)}
+
+
+@given(digits=st.text("0123456789-.e\"a ", max_size=60))
+def test_wire_json_reads_any_digit_soup_as_the_standard_library(digits: str) -> None:
+    """Numbers, and digit runs inside strings, of every length around the 64-bit edge."""
+    for text in (digits, json.dumps(digits), f"[{digits}]"):
+        try:
+            want = json.loads(text)
+        except ValueError:
+            with pytest.raises(ValueError):
+                loads_json(text)
+            continue
+        assert same(loads_json(text), want), text
+
+
 @pytest.mark.parametrize("value", [{"a": object()}, [1, {2, 3}], {"t": (1, b"x")}])
 def test_wire_json_refuses_what_the_standard_library_refuses(value: Any) -> None:
     with pytest.raises(TypeError):
