@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -23,6 +25,27 @@ cli = typer.Typer(
 )
 console = Console(stderr=True)
 T = TypeVar("T")
+
+
+def _exit(code: int) -> None:
+    """End the process with `code` once its runtime has stopped. Python joins the threads
+    of plain-function calls at exit, so one that hangs would keep the process alive for
+    good (a pod until its grace period ends, a terminal until killed): with such calls
+    still running, exit without waiting for them. Nothing is lost: a call stopped in
+    flight was not acknowledged (its input stays pending for another worker), and one
+    past its stage's `timeout_s` has already failed its run."""
+    from workers.stagefn import running_plain_calls
+
+    hung = running_plain_calls()
+    if hung:
+        calls = ", ".join(f"{n} of stage {s!r}" for s, n in sorted(hung.items()))
+        console.print(f"[yellow]exiting without waiting for plain-function calls still "
+                      f"running in threads[/yellow] ({calls})", soft_wrap=True)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise typer.Exit(code)
 
 
 def _load(path: Path, stream: bool = True) -> PipelineSpec:
@@ -85,8 +108,7 @@ def run(
     settings = get_settings()
     spec = _load(pipeline, not no_stream)
     override = _engine_override(engine or settings.engine, engine_opt)
-    code = asyncio.run(_run(spec, input, redis_url or None, as_json, override, deadline))
-    raise typer.Exit(code)
+    _exit(asyncio.run(_run(spec, input, redis_url or None, as_json, override, deadline)))
 
 
 async def _show_events(transport: Any, spec: PipelineSpec, run_id: str, deadline: float,
@@ -198,8 +220,7 @@ def worker(
         instances = _default_instances(spec, stage, override)
     if metrics_port is not None:
         settings = settings.model_copy(update={"metrics_port": metrics_port})
-    raise typer.Exit(asyncio.run(_worker(spec, stage, url, override, concurrency, settings,
-                                         instances)))
+    _exit(asyncio.run(_worker(spec, stage, url, override, concurrency, settings, instances)))
 
 
 def _default_instances(spec: PipelineSpec, stage: str, override: EngineSpec | None) -> int:
@@ -259,7 +280,7 @@ async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec
     runners = [asyncio.ensure_future(t) for t in runtime._tasks]
     done, _ = await asyncio.wait([waiter, *runners], return_when=asyncio.FIRST_COMPLETED)
     failure = runtime.failed()
-    await runtime.stop(drain=True)
+    await _drain(runtime, stop)
     if http is not None:
         http.close()
     await transport.close()
@@ -267,6 +288,23 @@ async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec
         console.print(f"[red]worker failed[/red]: {failure}")
         return 1
     return 0
+
+
+async def _drain(runtime: Any, signalled: asyncio.Event) -> None:
+    """Finish what is in flight; a second SIGTERM/SIGINT stops at once instead (what has
+    not finished stays pending for the other workers, as after a crash)."""
+    signalled.clear()
+    console.print("[yellow]draining[/yellow]: finishing the calls in flight (a second "
+                  "SIGTERM/SIGINT stops at once)")
+    drain = asyncio.create_task(runtime.stop(drain=True))
+    again = asyncio.create_task(signalled.wait())
+    await asyncio.wait([drain, again], return_when=asyncio.FIRST_COMPLETED)
+    if not drain.done():
+        console.print("[yellow]second signal: stopping without finishing the calls in "
+                      "flight[/yellow]; their inputs stay pending for other workers")
+        await runtime.stop(drain=False)
+        await drain
+    again.cancel()
 
 
 def _serve_settings(
@@ -346,6 +384,7 @@ def serve(
     log_config = None if is_json() else uvicorn.config.LOGGING_CONFIG
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=log_config,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+    _exit(0)
 
 
 @cli.command()

@@ -12,7 +12,9 @@ import contextvars
 import functools
 import importlib
 import inspect
+import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +28,29 @@ from orchestrator.template import StageContext, as_text, render
 StopCheck = Callable[[], Awaitable[bool]]
 CANCEL_POLL_S = 0.05  # how often a running LM call looks at its run's cancel flag
 DEFAULT_SLOTS = 8  # calls at once of a stage without an engine and without `concurrency`
+
+
+_running_lock = threading.Lock()
+_running: Counter[str] = Counter()  # stage -> its plain-function calls running in threads
+
+
+def running_plain_calls() -> dict[str, int]:
+    """Per stage, the calls of plain functions still running in their threads (those of
+    this process's stage pools). Python joins pool threads at exit, so a call that hangs
+    keeps its process alive: the CLI asks this once its runtime has stopped, and exits
+    without waiting for them (`app.cli`)."""
+    with _running_lock:
+        return {k: v for k, v in _running.items() if v > 0}
+
+
+def _counted(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+    with _running_lock:
+        _running[stage] += 1
+    try:
+        return fn(*args)
+    finally:
+        with _running_lock:
+            _running[stage] -= 1
 
 
 def resolve(path: str, *, stage: str, field_name: str) -> Callable[..., Any]:
@@ -97,8 +122,8 @@ class StageFunction:
 
     def close(self) -> None:
         """Let the stage's threads go once they are idle. A hung call's thread ends only
-        when its call returns, and Python joins pool threads at exit: such a call delays
-        its process's exit (after SIGTERM, Kubernetes kills the pod at its grace period)."""
+        when its call returns, and Python joins pool threads at exit: the CLI does not wait
+        for such a call (`running_plain_calls`)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -148,7 +173,8 @@ class StageFunction:
         if inspect.iscoroutinefunction(self.fn):
             result = await self.fn(arg, ctx)
         else:
-            call = functools.partial(contextvars.copy_context().run, self.fn, arg, ctx)
+            call = functools.partial(_counted, self.stage.name, contextvars.copy_context().run,
+                                     self.fn, arg, ctx)
             result = await asyncio.get_running_loop().run_in_executor(self._threads(), call)
         if inspect.isasyncgen(result):
             async for unit in result:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from typing import Any
 
 from orchestrator.template import StageContext
@@ -78,3 +79,15 @@ async def fail_after_one_unit(value: Any, ctx: StageContext) -> Any:
         raise ConnectionError("lost the service mid-answer")
 
     return units()
+
+
+def hang_in_thread(value: Any, ctx: StageContext) -> str:
+    """A plain function that never returns (a blocking client without a timeout): it runs
+    in a thread nothing can stop. It first writes its input to the file named by
+    ALTO_TEST_HANG_MARKER, so a test knows the call has started."""
+    marker = os.environ["ALTO_TEST_HANG_MARKER"]
+    with open(marker + ".tmp", "w") as f:
+        f.write(str(value))
+    os.replace(marker + ".tmp", marker)
+    threading.Event().wait()
+    raise AssertionError("unreachable")
