@@ -4,7 +4,8 @@ Templates use `{name}` placeholders for: `input` (the run's input), `text` (the 
 this stage is processing), `items` (for an aggregating stage: its units, one per line,
 in lineage order) and any upstream stage's name (the text of that stage's unit on this
 message's lineage). Anything else in braces is left as written, so prompts can contain
-JSON examples without escaping.
+JSON examples without escaping. A placeholder's name in double braces, `{{input}}`, is
+written as `{input}`: the way to show a placeholder itself to the model.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 
 from orchestrator.envelope import Lineage
 
-_VAR = re.compile(r"\{([A-Za-z_][A-Za-z0-9_-]*)\}")
+_NAME = r"[A-Za-z_][A-Za-z0-9_-]*"
+# an escaped name first, so that `{{input}}` is one escape and not `{` + `{input}` + `}`
+_VAR = re.compile(rf"\{{\{{({_NAME})\}}\}}|\{{({_NAME})\}}")
 BUILTIN_VARS = frozenset({"input", "text", "items"})
 
 
@@ -28,12 +31,15 @@ def as_text(value: Any) -> str:
 
 
 def variables(template: str) -> list[str]:
-    return _VAR.findall(template)
+    """The placeholders of `template`, in order (escaped ones are text, not placeholders)."""
+    return [m.group(2) for m in _VAR.finditer(template) if m.group(2)]
 
 
 def render(template: str, values: dict[str, Any]) -> str:
     def sub(m: re.Match[str]) -> str:
-        name = m.group(1)
+        escaped, name = m.group(1), m.group(2)
+        if escaped:
+            return "{" + escaped + "}"
         return as_text(values[name]) if name in values else m.group(0)
 
     return _VAR.sub(sub, template)

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from orchestrator.lint import ancestors, lint
 from orchestrator.spec import parse_pipeline
@@ -166,3 +168,23 @@ def test_what_an_aggregation_or_a_join_drops_is_not_known_after_it() -> None:
 @pytest.mark.parametrize("prompt", ['Answer as {"verdict": true}.', 'A set: { 1, 2 }.', "{ input }"])
 def test_json_and_spaced_braces_are_not_placeholders(prompt: str) -> None:
     assert messages(spec_of(SPLIT, {"name": "ask", "kind": "lm", "prompt": prompt})) == []
+
+
+def test_an_escaped_placeholder_is_text_for_the_lint_and_the_model() -> None:
+    """`{{name}}` shows the model a placeholder itself: the lint does not take it for a
+    typo, and the prompt the stage sends has it in single braces."""
+    from orchestrator.template import render
+
+    prompt = "Fill {{claims}} and {{nowhere}} in with {input}."
+    assert messages(spec_of(SPLIT, {"name": "ask", "kind": "lm", "prompt": prompt})) == []
+    assert render(prompt, {"input": "I", "claims": "C"}) == "Fill {claims} and {nowhere} in with I."
+
+
+@given(name=st.from_regex(r"[A-Za-z_][A-Za-z0-9_-]{0,8}", fullmatch=True),
+       value=st.text(max_size=10), around=st.text(alphabet="ab {}\"", max_size=6))
+def test_escaped_names_render_as_written_and_others_fill(name: str, value: str, around: str) -> None:
+    from orchestrator.template import render, variables
+
+    escaped = render(around + "{{" + name + "}}" + around, {name: value})
+    assert ("{" + name + "}") in escaped and variables("{{" + name + "}}") == []
+    assert render("{" + name + "}", {name: value}) == value
