@@ -237,6 +237,23 @@ def recovery(
     console.print("wrote " + ", ".join(r["files"]))
 
 
+@app.command("hop-ab")
+def hop_ab(
+    base_ref: Annotated[str, typer.Argument(help="git revision of the baseline's workers")],
+    blocks: Annotated[int, typer.Option(help="alternating blocks of sequential runs")] = 24,
+    per_block: Annotated[int, typer.Option(help="sequential runs per block")] = 25,
+    rounds: Annotated[int, typer.Option(help="alternating preloaded drains")] = 4,
+    drain_runs: Annotated[int, typer.Option(help="runs preloaded per drain")] = 1_500,
+    out: Annotated[Path | None, typer.Option(help="JSON file for the results")] = None,
+) -> None:
+    """Hop latency and chain throughput, a git revision against this checkout, interleaved
+    in one run (both sides see the same machine noise)."""
+    from bench.hop_ab import HopABConfig, main
+
+    main(HopABConfig(base_ref=base_ref, blocks=blocks, per_block=per_block, rounds=rounds,
+                     drain_runs=drain_runs, out=out), log=lambda s: console.print(s))
+
+
 @app.command()
 def render(
     results: Annotated[list[Path], typer.Argument(help="bench/results/*.json files")],

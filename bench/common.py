@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import io
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import platform
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -253,6 +255,23 @@ def redis_server(timeout_s: float = 10.0) -> Iterator[RedisServer]:
 # ------------------------------------------------------------------------------------------
 # pipeline files for alto worker subprocesses
 # ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def source_tree(ref: str) -> Iterator[Path]:
+    """This repository's files at `ref`, in a temporary folder, for the workers of an A/B
+    run's baseline (`WorkerProcs(code_dir=...)`). `git archive` rather than a worktree or
+    checkout: it reads the object store only, so the checkout other people work in (index,
+    HEAD, worktree list) is left alone."""
+    tmp = Path(tempfile.mkdtemp(prefix="alto-bench-old-"))
+    try:
+        blob = subprocess.run(["git", "archive", ref], cwd=REPO, check=True,
+                              capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+            tar.extractall(tmp, filter="data")
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_spec(spec: PipelineSpec, path: Path) -> Path:

@@ -35,13 +35,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +55,7 @@ from bench.common import (
     machine,
     median,
     redis_server,
+    source_tree,
     update_markdown,
     write_json,
     write_spec,
@@ -140,32 +139,21 @@ def _git(*args: str) -> str:
 
 @contextlib.contextmanager
 def code_trees(cfg: RecoveryConfig) -> Iterator[dict[str, dict[str, Any]]]:
-    """{"new": this checkout, "old": `old_ref` extracted with `git archive`} (only those in
-    `cfg.codes`), each with the commit and whether its workers really import their tree.
-
-    `git archive` rather than a worktree or checkout: it reads the object store only, so the
-    checkout other people work in (index, HEAD, worktree list) is left alone."""
+    """{"new": this checkout, "old": `old_ref` extracted (`source_tree`)} (only those in
+    `cfg.codes`), each with the commit and whether its workers really import their tree."""
     trees: dict[str, dict[str, Any]] = {}
-    tmp: Path | None = None
-    try:
+    with contextlib.ExitStack() as stack:
         if "new" in cfg.codes:
             dirty = _git("status", "--porcelain", "--", "workers", "orchestrator", "app")
             trees["new"] = {"dir": REPO, "commit": _git("rev-parse", "HEAD"),
                             "uncommitted_runtime_changes": bool(dirty)}
         if "old" in cfg.codes:
-            tmp = Path(tempfile.mkdtemp(prefix="alto-bench-old-"))
-            blob = subprocess.run(["git", "archive", cfg.old_ref], cwd=REPO, check=True,
-                                  capture_output=True).stdout
-            with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-                tar.extractall(tmp, filter="data")
+            tmp = stack.enter_context(source_tree(cfg.old_ref))
             trees["old"] = {"dir": tmp, "commit": _git("rev-parse", cfg.old_ref),
                             "uncommitted_runtime_changes": False}
         for tree in trees.values():
             tree.update(_probe(tree["dir"]))
         yield trees
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _probe(code_dir: Path) -> dict[str, Any]:

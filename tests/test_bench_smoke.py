@@ -131,6 +131,25 @@ def test_recovery_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "recovery.png").read_bytes()[:8] == PNG
 
 
+@pytest.mark.redis
+def test_hop_ab_smoke(tmp_path: Path) -> None:
+    """`alto bench hop-ab REV`: the baseline's workers run from the revision's files, the
+    other side's from this checkout, and every run of both sides is measured."""
+    from app.cli import cli
+
+    res = CliRunner().invoke(cli, [
+        "bench", "hop-ab", "HEAD", "--blocks", "2", "--per-block", "3", "--rounds", "2",
+        "--drain-runs", "20", "--out", str(tmp_path / "ab.json"),
+    ])
+    assert res.exit_code == 0, res.output
+    data = _json(tmp_path / "ab.json")
+    for side in ("base", "new"):
+        # 2 blocks x 3 runs on each side, 2 worker-to-worker hops per run of 3 stages
+        assert data[side]["hops"] == 12
+        assert len(data[side]["drains_runs_per_s"]) == 2
+        assert 0 < data[side]["hop_p50_ms"] <= data[side]["hop_p99_ms"]
+
+
 # ---- pure helpers ------------------------------------------------------------------------
 
 
