@@ -10,14 +10,16 @@ another worker (or, past its timeout, the run has failed visibly); nothing is lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from bench.procs import WorkerProcs
+from bench.procs import Worker, WorkerProcs
 from orchestrator.routing import stage_group, stage_streams
-from orchestrator.spec import load_pipeline
+from orchestrator.spec import PipelineSpec, load_pipeline
 from tests.waiting import eventually
 from workers.client import start_run
 from workers.redis_transport import RedisTransport
@@ -48,10 +50,13 @@ async def _logged(log: Path, text: str) -> None:
     await eventually(found, 60, every=0.02)
 
 
-async def test_second_sigterm_ends_a_drain_held_by_a_hung_call(
-        tmp_path: Path, redis_url: str, redis_t: RedisTransport) -> None:
+@contextlib.asynccontextmanager
+async def _hung_call(tmp_path: Path, redis_url: str, redis_t: RedisTransport, extra: str = ""
+                     ) -> AsyncIterator[tuple[PipelineSpec, Worker, str]]:
+    """A worker of the one-stage pipeline whose plain function hangs, and a run whose call
+    has started (it wrote its marker)."""
     marker = tmp_path / "started"
-    pipeline = _pipeline(tmp_path)
+    pipeline = _pipeline(tmp_path, extra)
     spec = load_pipeline(pipeline)
     pool = WorkerProcs(redis_url, pipeline, {**ENV, "ALTO_TEST_HANG_MARKER": str(marker)},
                        logdir=tmp_path)
@@ -60,8 +65,17 @@ async def test_second_sigterm_ends_a_drain_held_by_a_hung_call(
         await pool.wait_ready(redis_t)
         run = await start_run(redis_t, spec, "the input")
         await _started(marker)
-        worker.proc.send_signal(signal.SIGTERM)
         assert worker.log is not None
+        yield spec, worker, run
+    finally:
+        pool.stop()
+
+
+async def test_second_sigterm_ends_a_drain_held_by_a_hung_call(
+        tmp_path: Path, redis_url: str, redis_t: RedisTransport) -> None:
+    async with _hung_call(tmp_path, redis_url, redis_t) as (spec, worker, run):
+        assert worker.log is not None
+        worker.proc.send_signal(signal.SIGTERM)
         await _logged(worker.log, "draining")  # the drain waits for the hung call ...
         assert worker.proc.poll() is None
         worker.proc.send_signal(signal.SIGTERM)  # ... until a second signal
@@ -74,22 +88,11 @@ async def test_second_sigterm_ends_a_drain_held_by_a_hung_call(
         assert stats.pending == 1
         events = await redis_t.read_events(run, None, 100, 0)
         assert not [e for _, e in events if e.get("type") in ("error", "result")]
-    finally:
-        pool.stop()
 
 
 async def test_worker_exits_after_its_drain_though_a_timed_out_call_still_hangs(
         tmp_path: Path, redis_url: str, redis_t: RedisTransport) -> None:
-    marker = tmp_path / "started"
-    pipeline = _pipeline(tmp_path, ", timeout_s: 0.5")
-    spec = load_pipeline(pipeline)
-    pool = WorkerProcs(redis_url, pipeline, {**ENV, "ALTO_TEST_HANG_MARKER": str(marker)},
-                       logdir=tmp_path)
-    try:
-        [worker] = pool.start("stuck")
-        await pool.wait_ready(redis_t)
-        run = await start_run(redis_t, spec, "the input")
-        await _started(marker)
+    async with _hung_call(tmp_path, redis_url, redis_t, ", timeout_s: 0.5") as (_, worker, run):
 
         async def failed() -> bool:
             events = await redis_t.read_events(run, None, 100, 0)
@@ -102,5 +105,3 @@ async def test_worker_exits_after_its_drain_though_a_timed_out_call_still_hangs(
         log = worker.log.read_text(errors="replace")
         assert "second signal" not in log
         assert "exiting without waiting" in log and "1 of stage 'stuck'" in log
-    finally:
-        pool.stop()
