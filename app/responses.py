@@ -29,6 +29,7 @@ _DESCRIPTIONS = {
     429: "Per-key rate limit, too many runs in flight, or a stage's queue at its bound "
          "(see Retry-After)",
     500: "The pipeline failed",
+    502: "An engine model's server failed or could not be reached",
     503: "No worker serves a stage of the pipeline, or an engine is unavailable",
     504: "The run did not finish within its deadline",
 }

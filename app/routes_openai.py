@@ -331,7 +331,8 @@ async def _engine_final(
             if d.prompt_tokens is not None or d.completion_tokens is not None:
                 usage = _usage(d.prompt_tokens or 0, d.completion_tokens or 0)
     except Exception as exc:  # noqa: BLE001
-        raise ApiError(500, f"engine error: {exc}", code="engine_error") from exc
+        # the engine's server failed, not the gateway: a bad gateway, as a proxy says
+        raise ApiError(502, f"engine error: {exc}", code="engine_error") from exc
     finally:
         aclose = getattr(gen, "aclose", None)
         if aclose is not None:
@@ -346,6 +347,7 @@ async def _engine_final(
 async def _serve_engine(
     request: Request, gw: Gateway, model: EngineModel, prompt: str, system: str | None,
     body: ChatCompletionRequest | CompletionRequest, fmt: _Format,
+    messages: list[dict[str, str]] | None = None,
 ) -> Any:
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
     params = GenParams(
@@ -353,6 +355,9 @@ async def _serve_engine(
         temperature=1.0 if body.temperature is None else body.temperature,
         stop=body.stop_list(),
         system=system,
+        top_p=body.top_p,
+        seed=body.seed,
+        messages=messages,
         tags={"run": fmt.id, "stage": "proxy", "pipeline": model.pipeline},
     )
     slot: Slot = gw.admit()
@@ -383,6 +388,13 @@ async def _serve_engine(
     return Response(content=_json(out), media_type="application/json")
 
 
+def _chat_turns(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The conversation as an engine that takes chat messages gets it: every turn, in
+    order (`developer` as `system`, which chat templates know)."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in messages]
+
+
 def _chat_prompt(messages: list[ChatMessage]) -> tuple[str, str | None]:
     """Messages -> (prompt, system) for an engine that takes one prompt."""
     system = "\n\n".join(m.text() for m in messages if m.role in ("system", "developer"))
@@ -401,7 +413,7 @@ def _chat_prompt(messages: list[ChatMessage]) -> tuple[str, str | None]:
 @router.post(
     "/chat/completions",
     response_model=ChatCompletion,
-    responses={**CHAT_SSE, **errors(400, 401, 404, 413, 429, 500, 503, 504)},
+    responses={**CHAT_SSE, **errors(400, 401, 404, 413, 429, 500, 502, 503, 504)},
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     """OpenAI chat completions over a pipeline (input: the last user message) or an
@@ -422,13 +434,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
                                      include_usage)
     prompt, system = _chat_prompt(body.messages)
     check_prompt(gw.settings, prompt + (system or ""), "messages")
-    return await _serve_engine(request, gw, target, prompt, system, body, fmt)
+    return await _serve_engine(request, gw, target, prompt, system, body, fmt,
+                               _chat_turns(body.messages))
 
 
 @router.post(
     "/completions",
     response_model=Completion,
-    responses={**COMPLETION_SSE, **errors(400, 401, 404, 413, 429, 500, 503, 504)},
+    responses={**COMPLETION_SSE, **errors(400, 401, 404, 413, 429, 500, 502, 503, 504)},
 )
 async def completions(body: CompletionRequest, request: Request) -> Any:
     """Legacy completions over a pipeline (input: the prompt) or an engine model."""

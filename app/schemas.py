@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    model_validator,
+)
 
 # ---------------------------------------------------------------------------------------
 # errors
@@ -74,6 +82,21 @@ Probability = Annotated[float, Field(ge=0, le=1), BeforeValidator(_number_only)]
 OnlyOne = Annotated[int, Field(ge=1, le=1), BeforeValidator(_number_only)]
 
 
+def _unicode_only(value: str) -> str:
+    """JSON may spell a lone UTF-16 surrogate (`"\\ud83d"`), which is no Unicode text: no
+    engine can read it and no response holding it can be encoded. Refused here, before a
+    run starts, instead of failing its response after the whole pipeline ran."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds a lone surrogate ({value[exc.start]!r} at character "
+                         f"{exc.start}), which is not valid Unicode text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode_only)]
+
+
 class ContentPart(BaseModel):
     model_config = _REQUEST
 
@@ -88,12 +111,20 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _unicode_content(self) -> ChatMessage:
+        # checked on the message, not inside the union: a union's error would report its
+        # first branch ("should be a valid string") instead of the surrogate
+        _unicode_only(self.text())
+        return self
+
     def text(self) -> str:
+        """The message's text; text parts joined by a newline, as vLLM joins them."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text or "" for p in self.content if p.type in ("text", "input_text"))
+        return "\n".join(p.text or "" for p in self.content if p.type in ("text", "input_text"))
 
 
 class StreamOptions(BaseModel):
@@ -114,8 +145,9 @@ class _Sampling(BaseModel):
     temperature: Temperature | None = None
     top_p: Probability | None = None
     n: OnlyOne | None = Field(default=None, description="only 1 is supported")
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     user: str | None = None
+    seed: Annotated[int, BeforeValidator(_number_only)] | None = None
 
     def stop_list(self) -> list[str] | None:
         if self.stop is None:
@@ -196,12 +228,12 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)] = Field(
         description="the input; a list must hold exactly one prompt",
         examples=["Paris is the capital of France."],
     )
     echo: StrictBool = False
-    suffix: str | None = None
+    suffix: Text | None = None
 
 
 class CompletionChoice(BaseModel):
@@ -282,7 +314,7 @@ class PipelineList(BaseModel):
 class RunRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    input: str = Field(
+    input: Text = Field(
         description="the run's input text (bounded by the body size limit)",
         examples=["Paris is the capital of France."],
     )

@@ -25,7 +25,15 @@ OnClose = Callable[[], Awaitable[None]]
 
 
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON, UTF-8 where it can be: text holding a lone surrogate (which a tool may
+    return) is written with ASCII escapes instead, so its response still encodes."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
+    return text
 
 
 def sse(data: Any, *, event: str | None = None, id: str | None = None) -> ServerSentEvent:

@@ -20,6 +20,13 @@ class GenParams:
     temperature: float = 0.0
     stop: list[str] | None = None
     system: str | None = None
+    # nucleus sampling and a sampling seed, where a client asked for them (the gateway's
+    # engine models); None leaves the engine's own defaults
+    top_p: float | None = None
+    seed: int | None = None
+    # a whole conversation ({"role", "content"} dicts, system turns included) for engines
+    # that take chat messages; `prompt` is then its flat form, for engines that take text
+    messages: list[dict[str, str]] | None = None
     # free-form routing/statistics hints (prompt class, stage name, run id)
     tags: dict[str, Any] = field(default_factory=dict)
 

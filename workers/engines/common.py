@@ -134,7 +134,10 @@ class Options:
 
 
 def chat_messages(prompt: str, params: GenParams) -> list[dict[str, str]]:
-    """The chat form of a prompt: an optional system message, then the user's turn."""
+    """The chat form of a prompt: the client's conversation where it sent one, else an
+    optional system message, then the user's turn."""
+    if params.messages:
+        return [dict(m) for m in params.messages]
     messages = [{"role": "system", "content": params.system}] if params.system else []
     messages.append({"role": "user", "content": prompt})
     return messages

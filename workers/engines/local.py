@@ -65,9 +65,21 @@ def _import_llama_cpp() -> Any:
 
 def gemma_turns(prompt: str, params: GenParams) -> str:
     """Gemma's turn format, as Google's Gemma 3 template renders it (system text goes at the
-    top of the first user turn); used for Gemma GGUFs that ship without a template."""
-    system = f"{params.system}\n\n" if params.system else ""
-    return f"<bos><start_of_turn>user\n{system}{prompt}<end_of_turn>\n<start_of_turn>model\n"
+    top of the first user turn; assistant turns are the model's); used for Gemma GGUFs that
+    ship without a template."""
+    messages = chat_messages(prompt, params)
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    out = ["<bos>"]
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        role = "model" if m["role"] == "assistant" else "user"
+        text = m["content"]
+        if role == "user" and system:
+            text, system = f"{system}\n\n{text}", ""
+        out.append(f"<start_of_turn>{role}\n{text}<end_of_turn>\n")
+    out.append("<start_of_turn>model\n")
+    return "".join(out)
 
 
 class _Formatter:
@@ -312,7 +324,12 @@ class LocalEngine:
         finish = "length"
         tail = ""
         temp = max(params.temperature, 0.0)
-        stream = llm.generate(tokens, temp=temp, reset=True, **self.sampling)
+        sampling = dict(self.sampling)
+        if params.top_p is not None:
+            sampling["top_p"] = params.top_p
+        if params.seed is not None:
+            llm.set_seed(params.seed)
+        stream = llm.generate(tokens, temp=temp, reset=True, **sampling)
         try:
             # llama.cpp's generator never ends by itself: every exit is one of these breaks
             for token in stream:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -48,6 +49,9 @@ from workers.engines.common import (
     chat_messages,
     plain_prompt,
 )
+from workers.redact import redact_url
+
+log = logging.getLogger("alto.engine.openai")
 
 BASE_URL_ENV = "ALTO_OPENAI_BASE_URL"
 API_KEY_ENV = "ALTO_OPENAI_API_KEY"
@@ -55,6 +59,13 @@ DEFAULT_CAPACITY = 16
 _CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
 RETRY_AFTER_MAX_S = 30.0  # a longer Retry-After is cut to this (the stage's timeout_s and
 # the run's deadline bound the whole call anyway)
+
+
+def _where(request: httpx.Request) -> str:
+    """What an error message says of a request: its method and path, not its host. Error
+    messages reach API clients (a run's error, a proxied call's 502); the server's address
+    is internal, and goes to the log instead."""
+    return f"{request.method} {request.url.path}"
 
 
 def _retryable(response: httpx.Response) -> bool:
@@ -225,6 +236,10 @@ class OpenAIEngine:
             body["model"] = self.model
         if params.stop:
             body["stop"] = list(params.stop)
+        if params.top_p is not None:
+            body["top_p"] = params.top_p
+        if params.seed is not None:
+            body["seed"] = params.seed
         if self.api == "chat":
             body["messages"] = chat_messages(prompt, params)
         else:
@@ -263,18 +278,26 @@ class OpenAIEngine:
                 response = await self._client.send(request, stream=True)
             except _CONNECT_ERRORS as exc:
                 if attempt >= self.retries:
+                    log.warning("%s: cannot connect to %s after %d attempt(s): %r", self.name,
+                                redact_url(str(request.url)), attempt + 1, exc)
                     raise EngineConnectError(
-                        f"{self.name}: cannot connect to {request.url} after "
-                        f"{attempt + 1} attempt(s): {exc!r}"
+                        f"{self.name}: cannot connect to its server ({_where(request)}) "
+                        f"after {attempt + 1} attempt(s): {type(exc).__name__}"
                     ) from exc
                 await self._sleep(backoff)
                 attempt += 1
                 continue
             except httpx.TimeoutException as exc:
                 # the request may have reached the server: never re-sent
-                raise EngineError(f"{self.name}: {request.url} timed out: {exc!r}") from exc
+                log.warning("%s: %s timed out: %r", self.name, redact_url(str(request.url)), exc)
+                raise EngineError(
+                    f"{self.name}: {_where(request)} timed out ({type(exc).__name__})"
+                ) from exc
             except httpx.TransportError as exc:
-                raise EngineError(f"{self.name}: {request.url} failed: {exc!r}") from exc
+                log.warning("%s: %s failed: %r", self.name, redact_url(str(request.url)), exc)
+                raise EngineError(
+                    f"{self.name}: {_where(request)} failed ({type(exc).__name__})"
+                ) from exc
             if response.status_code == 200:
                 return response
             try:

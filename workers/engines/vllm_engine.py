@@ -209,6 +209,10 @@ class VLLMEngine:
             "temperature": params.temperature,
             "stop": list(params.stop) if params.stop else None,
         }
+        if params.top_p is not None:
+            kwargs["top_p"] = params.top_p
+        if params.seed is not None:
+            kwargs["seed"] = params.seed
         if delta_kind is not None:
             kwargs["output_kind"] = delta_kind
         sampling = sampling_cls(**kwargs)

@@ -1,0 +1,113 @@
+"""What the gateway makes of a request's text before anything runs, and what an engine
+model's upstream receives: a lone surrogate is refused with a 400 (it used to run the whole
+pipeline and then fail its response with a 500 or a cut stream); text parts are joined as
+vLLM joins them; and an engine model passes the conversation, top_p and seed through to an
+OpenAI-compatible server (and its failure is a 502 that does not name the server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from app.main import create_app
+from orchestrator.spec import parse_pipeline
+from tests.fixtures_llama import (
+    ScriptedSSEServer,
+    chat_chunk,
+    scripted_server,  # noqa: F401 - fixture
+    start_scripted,
+)
+from tests.gateway_fixtures import *  # noqa: F403
+from tests.gateway_fixtures import LiveServer, assert_error_shape, idle
+from workers.settings import Settings
+
+LONE = "x \\ud83d y"  # JSON text: a high surrogate with no low one after it
+
+
+def _post(server: LiveServer, path: str, raw: str) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", content=raw.encode(),
+                      headers={"Content-Type": "application/json"}, timeout=30)
+
+
+@pytest.mark.parametrize(("path", "raw", "param"), [
+    ("/v1/chat/completions",
+     '{"model":"toy","messages":[{"role":"user","content":"@"}]}', "messages"),
+    ("/v1/chat/completions",
+     '{"model":"toy","stream":true,"messages":[{"role":"user","content":[{"type":"text",'
+     '"text":"@"}]}]}', "messages"),
+    ("/v1/completions", '{"model":"toy","prompt":"@"}', "prompt"),
+    ("/v1/pipelines/toy/runs", '{"input":"@"}', "input"),
+])
+def test_a_lone_surrogate_is_refused_before_a_run_starts(
+        gateway: LiveServer, path: str, raw: str, param: str) -> None:
+    idle(gateway)
+    started = gateway.gateway.metrics.runs_started.labels("toy")._value.get()
+    err = assert_error_shape(_post(gateway, path, raw.replace("@", LONE)), 400, "invalid_value")
+    assert "surrogate" in err["message"] and (err["param"] or "").startswith(param)
+    assert gateway.gateway.metrics.runs_started.labels("toy")._value.get() == started
+
+
+def test_text_parts_are_joined_by_a_newline(gateway: LiveServer) -> None:
+    raw = json.dumps({"model": "toy", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Paris is"}, {"type": "text", "text": "the capital"}]}]})
+    r = _post(gateway, "/v1/chat/completions", raw)
+    assert r.status_code == 200, r.text
+    # toy upper-cases each whitespace-separated word: "Paris isthe capital" had 3 of them
+    assert r.json()["choices"][0]["message"]["content"] == "PARIS IS THE CAPITAL"
+
+
+async def test_an_engine_model_passes_the_conversation_and_sampling_through(
+        scripted_server: list[ScriptedSSEServer]) -> None:  # noqa: F811
+    up = await start_scripted(scripted_server, [
+        chat_chunk("You said hi."), chat_chunk(finish="stop"),
+        chat_chunk(usage={"prompt_tokens": 9, "completion_tokens": 3}), "[DONE]"])
+    spec = parse_pipeline({
+        "name": "proxy",
+        "engines": {"default": {"kind": "openai", "base_url": up.base_url, "model": "m"}},
+        "stages": [{"name": "ask", "kind": "lm", "prompt": "{input}"}],
+    })
+    server = LiveServer(create_app(Settings(), [spec])).start()
+    messages = [
+        {"role": "developer", "content": "Be nice."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "What did I say?"},
+    ]
+    try:
+        r = await asyncio.to_thread(
+            httpx.post, f"{server.url}/v1/chat/completions", timeout=30,
+            json={"model": "proxy/default", "messages": messages, "top_p": 0.5, "seed": 7,
+                  "max_tokens": 20})
+    finally:
+        server.stop()
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "You said hi."
+    sent = up.requests[-1]
+    assert sent["messages"] == [{"role": "system", "content": "Be nice."}, *messages[1:]]
+    assert (sent["top_p"], sent["seed"], sent["max_tokens"]) == (0.5, 7, 20)
+
+
+async def test_an_unreachable_engine_is_a_502_that_hides_its_address() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = parse_pipeline({
+        "name": "proxy",
+        "engines": {"default": {"kind": "openai", "base_url": f"http://127.0.0.1:{port}/v1",
+                                "model": "m", "retries": 0}},
+        "stages": [{"name": "ask", "kind": "lm", "prompt": "{input}"}],
+    })
+    server = LiveServer(create_app(Settings(), [spec])).start()
+    try:
+        r = await asyncio.to_thread(
+            httpx.post, f"{server.url}/v1/chat/completions", timeout=30,
+            json={"model": "proxy/default", "messages": [{"role": "user", "content": "Hi"}]})
+    finally:
+        server.stop()
+    err = assert_error_shape(r, 502, "engine_error")
+    assert "cannot connect" in err["message"] and str(port) not in err["message"]
