@@ -43,7 +43,8 @@ class Metrics:
             "alto_errors", "Error responses and run errors by code", ["code"], registry=r
         )
         self.runs = Counter(
-            "alto_runs", "Finished runs by outcome (completed, failed, cancelled, timeout)",
+            "alto_runs", "Runs by outcome (completed, failed, cancelled, timeout; detached: "
+            "client gone, left to the resume grace period)",
             ["pipeline", "outcome"], registry=r,
         )
         self.runs_started = Counter("alto_runs_started", "Runs started", ["pipeline"], registry=r)
