@@ -18,6 +18,7 @@ import json
 import re
 import shlex
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from orchestrator.spec import PipelineSpec, load_pipeline
 from workers.engines import default_instances
 from workers.engines import fleet as fleet_of
 from workers.metrics import WorkerMetrics
+from workers.redis_transport import stream_key
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "alto"
@@ -287,7 +289,9 @@ def _check_scaled_objects(docs: list[Doc], spec: PipelineSpec, values: dict[str,
         stage = deployments[so["spec"]["scaleTargetRef"]["name"]]
         assert 1 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
         triggers = so["spec"]["triggers"]
-        assert sorted(t["metadata"]["stream"] for t in triggers) == sorted(stage_streams(spec, stage))
+        # the Redis keys the workers' streams really have, not the streams' names
+        assert sorted(t["metadata"]["stream"] for t in triggers) == sorted(
+            stream_key(s) for s in stage_streams(spec, stage))
         for t in triggers:
             md = t["metadata"]
             assert t["type"] == "redis-streams"
@@ -315,6 +319,38 @@ def test_keda_scales_each_stage_on_its_streams(tmp_path: Path) -> None:
     assert scaled[f"{PREFIX}-worker-verify"]["spec"]["maxReplicaCount"] == 20
     assert scaled[f"{PREFIX}-worker-claims"]["spec"]["maxReplicaCount"] == 10
     assert workers(docs)["report"]["spec"]["replicas"] == 1
+
+
+@pytest.mark.redis
+async def test_keda_triggers_read_the_streams_and_groups_workers_create(
+        tmp_path: Path, redis_url: str) -> None:
+    """What KEDA would read (XINFO GROUPS on each trigger's stream, its consumerGroup's lag)
+    exists once a worker has set its stage up, and counts what waits for it."""
+    from orchestrator.envelope import Envelope
+    from workers.redis_transport import RedisTransport
+
+    docs = render(load_values(CHART / "ci" / "autoscaling-keda-values.yaml"))
+    spec = chart_spec(docs, tmp_path)
+    t = RedisTransport(redis_url)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        for stage in spec.by_name:
+            for s in stage_streams(spec, stage):  # what a worker of the stage does at start
+                await t.ensure_group(s, stage_group(spec.name, stage))
+        entry = stage_streams(spec, spec.entry_stage)[0]
+        await t.publish(entry, Envelope(run="r", pipeline=spec.name, stage=spec.entry_stage,
+                                        lineage=(), kind="unit", credit=Fraction(1),
+                                        payload="x"))
+        for so in by_kind(docs, "ScaledObject").values():
+            for trig in so["spec"]["triggers"]:
+                md = trig["metadata"]
+                groups = {g["name"]: g for g in r.xinfo_groups(md["stream"])}
+                assert md["consumerGroup"] in groups, md
+                waiting = 1 if md["stream"] == stream_key(entry) else 0
+                assert groups[md["consumerGroup"]]["lag"] == waiting
+    finally:
+        r.close()
+        await t.close()
 
 
 def test_external_redis_url_and_keda_address(tmp_path: Path) -> None:

@@ -361,13 +361,22 @@ class _Script:
             return await self._script(keys=keys, args=args)
 
 
+DEFAULT_PREFIX = "alto:"
+
+
+def stream_key(stream: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The Redis key of a transport stream (`orchestrator.routing` names the streams). What
+    reads Redis from outside, such as the Helm chart's KEDA triggers, must use the same."""
+    return f"{prefix}stream:{stream}"
+
+
 class RedisTransport(Transport):
     """`Transport` on Redis Streams (Redis >= 7.0). See the module docstring."""
 
     def __init__(
         self,
         url: str,
-        prefix: str = "alto:",
+        prefix: str = DEFAULT_PREFIX,
         *,
         max_connections: int = 64,
         pool_timeout_s: float = 30.0,
@@ -414,7 +423,7 @@ class RedisTransport(Transport):
 
     # ---- keys ---------------------------------------------------------------------------
     def _stream_key(self, stream: str) -> str:
-        return f"{self.prefix}stream:{stream}"
+        return stream_key(stream, self.prefix)
 
     def _run_key(self, run: str, part: str) -> str:
         return f"{self.prefix}run:{run}:{part}"

@@ -61,8 +61,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{/* The streams a stage's consumer group reads (orchestrator/routing.py stage_streams). */}}
+{{- /* The Redis keys of a stage's streams, as workers.redis_transport.stream_key names them:
+the transport's prefix "alto:", "stream:", then the stream's name (orchestrator.routing). */}}
 {{- define "alto.stageStreams" -}}
-{{- $base := printf "alto:%s:%s" .pipeline .stage.name -}}
+{{- $base := printf "alto:stream:alto:%s:%s" .pipeline .stage.name -}}
 {{- $streams := list -}}
 {{- if .stage.aggregate_by -}}
 {{- range $i := until (int (.stage.partitions | default 4)) -}}
