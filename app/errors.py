@@ -37,6 +37,7 @@ _TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    502: "server_error",
     503: "service_unavailable",
     504: "timeout_error",
 }
@@ -98,6 +99,14 @@ def field_path(loc: Sequence[Any]) -> str | None:
     return out or None
 
 
+# where a resume position is given (GET /v1/runs/{id}/events); the document keeps their
+# pattern, and a value that does not match it gets the API's own code for that
+_EVENT_ID_LOCS = {("header", "Last-Event-ID"), ("query", "after")}
+# what Starlette answers when a body cannot be decoded at all (invalid UTF-8, nesting
+# deeper than the parser's recursion limit): the same code as any JSON that does not parse
+_UNPARSABLE_BODY = "There was an error parsing the body"
+
+
 def validation_error(exc: RequestValidationError) -> ApiError:
     errors = exc.errors()
     first = errors[0] if errors else {}
@@ -105,6 +114,10 @@ def validation_error(exc: RequestValidationError) -> ApiError:
         why = first.get("ctx", {}).get("error", "parse error")
         return ApiError(400, f"the request body is not valid JSON: {why}", code="invalid_json")
     param = field_path(first.get("loc", ()))
+    loc = tuple(first.get("loc", ()))
+    if loc in _EVENT_ID_LOCS and first.get("type") == "string_pattern_mismatch":
+        return ApiError(400, f"not an event id of this API: {first.get('input')!r}",
+                        code="invalid_event_id", param=param)
     msg = first.get("msg", "invalid value")
     if first.get("type") == "missing":
         message = f"missing required field {param!r}" if param else "missing request body"
@@ -135,6 +148,8 @@ def install(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 400 and message == _UNPARSABLE_BODY:
+            code, message = "invalid_json", "the request body is not valid JSON (or not UTF-8)"
         err = ApiError(exc.status_code, message, code=code, headers=dict(exc.headers or {}))
         return err.response()
 

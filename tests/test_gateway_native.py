@@ -127,6 +127,20 @@ def test_events_of_unknown_run_and_bad_ids(gateway: LiveServer) -> None:
         run = http.post("/v1/pipelines/toy/runs", json={"input": "x"}).json()["id"]
         bad = http.get(f"/v1/runs/{run}/events", headers={"Last-Event-ID": "not-an-id"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
+        assert bad.json()["error"]["code"] == "invalid_event_id"  # as docs/API.md says
+        assert "not-an-id" in bad.json()["error"]["message"]
+        by_query = http.get(f"/v1/runs/{run}/events", params={"after": "garbage"})
+        assert by_query.status_code == 400 and by_query.json()["error"] == {
+            "message": "not an event id of this API: 'garbage'", "type": "invalid_request_error",
+            "param": "after", "code": "invalid_event_id"}
+
+
+@pytest.mark.parametrize("body", [b'{"input": "\xff"}', b"[" * 100_000 + b"]" * 100_000])
+def test_a_body_that_cannot_be_decoded_is_invalid_json(gateway: LiveServer, body: bytes) -> None:
+    r = httpx.post(f"{gateway.url}/v1/pipelines/toy/runs", content=body,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_json"
 
 
 @pytest.mark.parametrize(
