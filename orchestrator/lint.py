@@ -77,13 +77,21 @@ def _why(spec: PipelineSpec, stage: StageSpec, name: str, before: set[str]) -> s
 
 
 def lint(spec: PipelineSpec) -> list[SpecWarning]:
-    """Placeholders of each LM stage's prompt that the runtime cannot fill. Only prompts
-    are rendered (`system` is sent as written)."""
+    """Placeholders of each LM stage's prompt that the runtime cannot fill (only prompts
+    are rendered: `system` is sent as written), and LM stages left on the simulator
+    because no engine kind was written (a pipeline without `engines:` answers with
+    pseudo-text, which looks like a model that has gone wrong)."""
     before, into = ancestors(spec), carried(spec)
     warnings: list[SpecWarning] = []
     for stage in spec.stages:
         if not stage.prompt:
             continue
+        engine = stage.engine or "default"
+        if "kind" not in spec.engines[engine].model_fields_set:
+            warnings.append(SpecWarning(stage.name, "engine", (
+                f"runs on the simulated engine: engine {engine!r} names no kind (give "
+                "`engines:` an entry with kind: openai, local, vllm or sim), unless "
+                "--engine or ALTO_ENGINE sets one at run time")))
         known = _known(stage, into)
         for name in dict.fromkeys(variables(stage.prompt)):
             if name not in known:

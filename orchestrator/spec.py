@@ -49,6 +49,11 @@ class EngineSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+# fields only an lm stage reads: set on a tool or reduce stage, they would do nothing
+_LM_ONLY = ("engine", "prompt", "system", "max_tokens", "temperature", "stop", "responder",
+            "policy")
+
+
 class StageSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -235,6 +240,9 @@ def _validate_graph(p: PipelineSpec) -> None:
         if len(set(s.to)) != len(s.to):
             raise SpecError("duplicate target", stage=s.name, field="to")
         if s.kind == "lm":
+            if s.function:
+                raise SpecError("function is for tool and reduce stages; an lm stage renders "
+                                "its prompt for its engine", stage=s.name, field="function")
             if not s.prompt:
                 raise SpecError("an lm stage needs a prompt template", stage=s.name, field="prompt")
             if (s.engine or "default") not in p.engines:
@@ -252,6 +260,14 @@ def _validate_graph(p: PipelineSpec) -> None:
                     "options", stage=s.name, field="params",
                 )
         else:
+            for name in _LM_ONLY:
+                # compared with the default, not "was it set": a spec dumped and validated
+                # again (with_streaming) has every field set
+                if getattr(s, name) != StageSpec.model_fields[name].default:
+                    raise SpecError(
+                        f"{name} is for lm stages; a {s.kind} stage calls its function, which "
+                        "reads its settings from params (ctx.params)", stage=s.name, field=name,
+                    )
             if not s.function:
                 raise SpecError(
                     f"a {s.kind} stage needs a function (module:name)",

@@ -188,3 +188,15 @@ def test_escaped_names_render_as_written_and_others_fill(name: str, value: str, 
     escaped = render(around + "{{" + name + "}}" + around, {name: value})
     assert ("{" + name + "}") in escaped and variables("{{" + name + "}}") == []
     assert render("{" + name + "}", {name: value}) == value
+
+
+def test_an_lm_stage_left_on_the_implicit_simulator_is_a_warning() -> None:
+    """No `engines:` (or an engine without `kind`) means the simulator: say so, since its
+    pseudo-text looks like a model gone wrong. A written `kind: sim` is a choice."""
+    ask = {"name": "ask", "kind": "lm", "prompt": "{input}"}
+    implicit = parse_pipeline({"name": "p", "stages": [ask]})
+    assert [(w.stage, w.field) for w in lint(implicit)] == [("ask", "engine")]
+    assert "simulated engine" in str(lint(implicit)[0])
+    no_kind = parse_pipeline({"name": "p", "engines": {"default": {"model": "m"}}, "stages": [ask]})
+    assert [(w.stage, w.field) for w in lint(no_kind)] == [("ask", "engine")]
+    assert lint(parse_pipeline(chain(ask))) == []  # kind: sim, written

@@ -77,6 +77,23 @@ def test_invalid_specs_name_stage_and_field(path: list[Any], value: Any, where: 
     assert where in str(exc.value)
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("prompt", "say {text}"), ("system", "be brief"), ("engine", "default"), ("max_tokens", 9),
+    ("temperature", 0.7), ("stop", ["\n"]), ("responder", "x:y"), ("policy", "cache_aware"),
+])
+def test_lm_fields_on_a_tool_or_reduce_stage_are_refused(field: str, value: Any) -> None:
+    """They would do nothing there: the stage calls its function (QA: `prompt` and
+    `max_tokens` on a tool passed `alto check`)."""
+    for index, name in ((0, "a"), (3, "d")):
+        with pytest.raises(SpecError, match=f"stages\\.{name}\\.{field}: .*for lm stages"):
+            parse_pipeline(mutate(["stages", index, field], value))
+
+
+def test_a_function_on_an_lm_stage_is_refused() -> None:
+    with pytest.raises(SpecError, match=r"stages\.b\.function: .*tool and reduce"):
+        parse_pipeline(mutate(["stages", 1, "function"], T + "upper"))
+
+
 def test_aggregator_around_which_units_escape_is_rejected() -> None:
     raw = copy.deepcopy(BASE)
     raw["stages"][0]["to"] = ["b", "side"]
