@@ -36,7 +36,13 @@ from app.schemas import (
     ModelInfo,
     ModelList,
 )
-from app.streaming import ClientGone, ClosingEventSource, sse, unless_disconnected
+from app.streaming import (
+    ClientGone,
+    ClosingEventSource,
+    shutting_down,
+    sse,
+    unless_disconnected,
+)
 from orchestrator.engine import Engine, GenParams
 from orchestrator.spec import PipelineSpec
 from orchestrator.template import as_text
@@ -252,6 +258,7 @@ async def _serve_pipeline(
             on_close=handle.close,  # no grace: an OpenAI client cannot resume
             ping_s=gw.settings.sse_ping_s,
             headers=headers,
+            farewell=shutting_down(),
         )
     try:
         body = await unless_disconnected(request, _pipeline_final(handle, fmt))
@@ -376,6 +383,7 @@ async def _serve_engine(
             _engine_chunks(engine, prompt, params, fmt, include_usage, gw, body.model),
             on_close=on_close,
             ping_s=gw.settings.sse_ping_s,
+            farewell=shutting_down(),
         )
     try:
         out = await unless_disconnected(

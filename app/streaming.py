@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -22,6 +22,9 @@ from starlette.types import Receive, Scope, Send
 
 T = TypeVar("T")
 OnClose = Callable[[], Awaitable[None]]
+# how long a stream may take to send its farewell once the server is shutting down (under
+# the gateway's graceful-shutdown timeout, 5 s, or uvicorn cuts it anyway)
+SHUTDOWN_GRACE_S = 1.0
 
 
 def dumps(obj: Any) -> str:
@@ -43,7 +46,44 @@ def sse(data: Any, *, event: str | None = None, id: str | None = None) -> Server
     return ServerSentEvent(data=text, event=event, id=id or None, sep="\n")
 
 
+async def _until(content: AsyncIterator[ServerSentEvent], stopping: anyio.Event,
+                 farewell: Sequence[ServerSentEvent]) -> AsyncIterator[ServerSentEvent]:
+    """`content`, until the server starts shutting down: then `farewell` instead of the
+    rest. Without it the stream would just stop, and a client that waits for an end
+    marker (OpenAI's `[DONE]`) could not tell a cut answer from a whole one."""
+    it = aiter(content)
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(it))
+            stop = asyncio.ensure_future(stopping.wait())
+            try:
+                await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                if not step.done():
+                    step.cancel()
+                    with contextlib.suppress(BaseException):
+                        await step
+            if step.cancelled():
+                for event in farewell:
+                    yield event
+                return
+            try:
+                event = step.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
 class ClosingEventSource(EventSourceResponse):
+    """`farewell`: events sent instead of the rest of the stream when the server shuts
+    down while it is open (none: the stream just stops, which a resumable stream may)."""
+
     def __init__(
         self,
         content: AsyncIterator[ServerSentEvent],
@@ -51,8 +91,14 @@ class ClosingEventSource(EventSourceResponse):
         on_close: OnClose,
         ping_s: float,
         headers: dict[str, str] | None = None,
+        farewell: Sequence[ServerSentEvent] = (),
     ) -> None:
-        super().__init__(content, ping=ping_s, sep="\n", headers=headers)
+        stopping = anyio.Event() if farewell else None
+        if stopping is not None:
+            content = _until(content, stopping, farewell)
+        super().__init__(content, ping=ping_s, sep="\n", headers=headers,
+                         shutdown_event=stopping,
+                         shutdown_grace_period=SHUTDOWN_GRACE_S if farewell else 0)
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -92,3 +138,13 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             await watch
         if not task.done():
             task.cancel()
+
+
+def shutting_down() -> list[ServerSentEvent]:
+    """The end of an OpenAI-format stream cut by the server's shutdown: an error chunk (the
+    SDK raises it) and `[DONE]`."""
+    from app.errors import error_body
+
+    return [sse(error_body("the server is shutting down; this answer is incomplete and its "
+                           "run was cancelled", "server_error", None, "server_shutting_down")),
+            sse("[DONE]")]

@@ -1,0 +1,74 @@
+"""A gateway stopped (SIGTERM, as in a rolling update) while it streams an OpenAI-format
+answer ends that stream with an error chunk and `[DONE]`: the stream used to stop
+mid-answer, which an OpenAI client cannot tell from a whole answer. Real `alto serve`
+process, real socket, real signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+
+from tests.gateway_fixtures import REPO, free_port
+from tests.waiting import eventually_sync
+
+PIPELINE = REPO / "tests" / "gateway_pipelines" / "slow.yaml"
+
+
+@pytest.mark.parametrize("model", ["slow", "slow/default"])  # a pipeline; an engine model
+def test_sigterm_ends_an_open_stream_with_an_error_and_done(model: str) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "ALTO_SIM_TIME_SCALE": "1.0"}  # calibrated speed: seconds of output
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "-p", str(PIPELINE), "--port", str(port),
+         "--host", "127.0.0.1"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    datas: list[str] = []
+    flowing = threading.Event()
+
+    def read() -> None:
+        body = {"model": model, "stream": True, "max_tokens": 20000,
+                "messages": [{"role": "user", "content": "400"}]}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    datas.append(line[6:])
+                    if len(datas) >= 3:
+                        flowing.set()
+
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        assert eventually_sync(ready, timeout=60, every=0.1), "alto serve did not start"
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert flowing.wait(60), "the stream did not start"
+        proc.send_signal(signal.SIGTERM)
+        reader.join(60)
+        assert not reader.is_alive(), "the stream did not end"
+        # uvicorn re-raises the signal it handled once it has shut down gracefully
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    assert datas[-1] == "[DONE]", datas[-3:]
+    last = json.loads(datas[-2])
+    assert last["error"]["code"] == "server_shutting_down", datas[-3:]
+    chunks = [json.loads(d) for d in datas[:-2]]
+    assert not any(c.get("choices") and c["choices"][0].get("finish_reason") for c in chunks)
