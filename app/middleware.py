@@ -17,7 +17,9 @@ import json
 import re
 import time
 from collections.abc import Sequence
+from typing import Any
 
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import ApiError
@@ -31,6 +33,32 @@ async def _send_error(send: Send, err: ApiError) -> None:
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _route_template(scope: Scope) -> str | None:
+    """The template of the route a request was (or would have been) served by. A request
+    that a middleware answered before routing (401, 413, 429) has no route in its scope:
+    it is matched here, so it is counted under its route and not as unmatched."""
+    route = scope.get("route")
+    if route is not None:
+        return getattr(route, "path", None)
+    return _match(getattr(scope.get("app"), "routes", ()), scope)
+
+
+def _match(routes: Sequence[Any], scope: Scope) -> str | None:
+    for candidate in routes:
+        match, _ = candidate.matches(scope)
+        if match != Match.FULL:
+            continue
+        path = getattr(candidate, "path", None)
+        if path is not None:
+            return str(path)
+        # an included APIRouter (FastAPI keeps it whole): its own routes carry the prefix
+        inner = getattr(getattr(candidate, "original_router", None), "routes", None)
+        found = _match(inner, scope) if inner else None
+        if found is not None:
+            return found
+    return None
 
 
 class MetricsMiddleware:
@@ -54,9 +82,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
             # the route template, never the raw path: unknown paths would explode cardinality
-            label = getattr(route, "path", None) or "unmatched"
+            label = _route_template(scope) or "unmatched"
             self.metrics.requests.labels(scope["method"], label, str(status)).inc()
             self.metrics.request_seconds.labels(label).observe(time.perf_counter() - started)
             if status >= 400:

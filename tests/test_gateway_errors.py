@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 from httpx_sse import connect_sse
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.gateway_fixtures import *  # noqa: F403
 from tests.gateway_fixtures import (
@@ -54,6 +55,27 @@ def test_keys_are_required_on_v1(strict: LiveServer) -> None:
     assert_error_shape(r, 401, "invalid_api_key")
     assert {m.id for m in sdk(strict).models.list()} >= {"toy", "slow"}
     assert sdk(strict, "second-key").models.list().data
+
+
+def test_refusals_before_routing_are_counted_under_their_route(strict: LiveServer) -> None:
+    """A 401 or 413 is answered by a middleware before the router runs: it still counts
+    under its route's template, not as `unmatched` (and an unknown path still is)."""
+    def count(route: str, status: str) -> float:
+        for family in text_string_to_metric_families(httpx.get(f"{strict.url}/metrics").text):
+            for sample in family.samples:
+                if (sample.name == "alto_http_requests_total"
+                        and sample.labels.get("route") == route
+                        and sample.labels.get("status") == status):
+                    return sample.value
+        return 0.0
+
+    before = (count("/v1/models", "401"), count("/v1/runs/{run_id}", "401"),
+              count("unmatched", "401"))
+    assert httpx.get(f"{strict.url}/v1/models").status_code == 401
+    assert httpx.get(f"{strict.url}/v1/runs/run_x").status_code == 401
+    assert httpx.get(f"{strict.url}/v1/no-such-thing").status_code == 401
+    assert (count("/v1/models", "401"), count("/v1/runs/{run_id}", "401"),
+            count("unmatched", "401")) == (before[0] + 1, before[1] + 1, before[2] + 1)
 
 
 def test_health_and_metrics_need_no_key(strict: LiveServer) -> None:
