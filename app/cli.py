@@ -10,9 +10,10 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
@@ -57,23 +58,96 @@ def _load(path: Path, stream: bool = True) -> PipelineSpec:
     return spec if stream else with_streaming(spec, False)
 
 
-def _engine_override(kind: str | None, options: list[str] | None = None) -> EngineSpec | None:
-    if not kind:
-        return None
+def _say_error(message: str) -> None:
+    console.print(f"[red]error[/red]: {escape(message)}", soft_wrap=True)  # one line
+
+
+def _usage(message: str) -> NoReturn:
+    """A mistake in how alto was started (an option, a setting): one line, exit 2."""
+    _say_error(message)
+    raise typer.Exit(2)
+
+
+def _problems(exc: ValidationError, name: Callable[[tuple[Any, ...]], str],
+              show_input: bool = False) -> str:
+    """A pydantic error as `name: why; ...` on one line (never the input of a setting,
+    which may be a secret)."""
+    out = []
+    for e in exc.errors():
+        why = str(e["msg"]).removeprefix("Value error, ")
+        if isinstance(e.get("ctx", {}).get("error"), json.JSONDecodeError):
+            why = f"not valid JSON ({why})"
+        shown = f" {e['input']!r}" if show_input and "input" in e else ""
+        out.append(f"{name(tuple(e['loc']))}{shown}: {why}")
+    return "; ".join(out)
+
+
+def _setting_name(loc: tuple[Any, ...]) -> str:
+    head = f"ALTO_{str(loc[0]).upper()}" if loc else "settings"
+    return ".".join([head, *(str(x) for x in loc[1:])])
+
+
+def _engine_options(options: list[str] | None) -> dict[str, Any]:
+    """`--engine-opt KEY=VALUE`s: VALUE as JSON where it parses, else as a string."""
     extra: dict[str, Any] = {}
     for opt in options or []:
-        k, _, v = opt.partition("=")
+        k, eq, v = opt.partition("=")
+        if not eq or not k:
+            _usage(f"--engine-opt {opt!r}: expected KEY=VALUE")
+        if k == "kind":
+            _usage("--engine-opt kind=...: the engine kind is --engine's")
         try:
             extra[k] = json.loads(v)
         except json.JSONDecodeError:
             extra[k] = v
-    return EngineSpec(kind=kind, **extra)  # type: ignore[arg-type]
+    return extra
 
 
-async def _make_transport(redis_url: str | None):  # noqa: ANN202 - returns a Transport
+def _engine_spec(kind: str, options: dict[str, Any], kind_from: str,
+                 option_from: Callable[[str], str]) -> EngineSpec:
+    """The override engine, or exit 2 naming the option or setting that is wrong."""
+    try:
+        return EngineSpec(**{**options, "kind": kind})
+    except ValidationError as exc:
+        def name(loc: tuple[Any, ...]) -> str:
+            return kind_from if loc and loc[0] == "kind" else option_from(str(loc[0]))
+
+        _usage(f"invalid engine override: {_problems(exc, name, show_input=True)}")
+
+
+def _engine_override(engine: str | None, options: list[str] | None = None,
+                     settings: Any = None) -> EngineSpec | None:
+    """--engine (or ALTO_ENGINE, from `settings`) with its --engine-opt options, for
+    every LM stage; exit 2 on options without an engine or that do not validate."""
+    kind = engine or (settings.engine if settings is not None else None)
+    if options and not kind:
+        _usage("--engine-opt needs --engine (or ALTO_ENGINE): it sets an option of the "
+               "engine that overrides the pipeline's")
+    extra = _engine_options(options)
+    if not kind:
+        return None
+    return _engine_spec(kind, extra, "--engine" if engine else "ALTO_ENGINE",
+                        lambda k: f"--engine-opt {k}")
+
+
+def _check_redis_url(url: str, source: str) -> None:
+    """Exit 2 on a URL redis-py cannot use (a wrong scheme, a bad query option), before
+    anything connects or starts."""
+    from redis.asyncio import ConnectionPool
+
+    from workers.redact import redact_url  # never print a URL's password
+
+    try:
+        ConnectionPool.from_url(url)  # parses only: no connection is made
+    except (ValueError, TypeError) as exc:
+        _usage(f"invalid {source} {redact_url(url)}: {exc}")
+
+
+async def _make_transport(redis_url: str | None, source: str = "--redis-url"):  # noqa: ANN202 - returns a Transport
     if redis_url:
         from workers.redis_transport import RedisTransport
 
+        _check_redis_url(redis_url, source)
         t = RedisTransport(redis_url)
         try:
             await t.ping()
@@ -93,22 +167,51 @@ async def _make_transport(redis_url: str | None):  # noqa: ANN202 - returns a Tr
 def run(
     pipeline: Annotated[Path, typer.Argument(help="pipeline YAML")],
     input: Annotated[str, typer.Option("--input", "-i", help="the run's input text")],
-    redis_url: Annotated[str | None, typer.Option(help="use Redis and running `alto worker`s")] = None,
+    redis_url: Annotated[str | None, typer.Option(
+        help="use Redis and running `alto worker`s (they run their own spec and engines)")] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="barrier mode")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON event per line")] = False,
     engine: Annotated[str | None, typer.Option(help="override every LM stage's engine kind")] = None,
     engine_opt: Annotated[
         list[str] | None, typer.Option("--engine-opt", help="KEY=VALUE engine option")
     ] = None,
-    deadline: Annotated[float, typer.Option(help="seconds before giving up")] = 600.0,
+    deadline: Annotated[float, typer.Option(
+        min=0, help="seconds before giving up (and cancelling the run); 0: never")] = 600.0,
 ) -> None:
-    """Run one request through a pipeline and print partial outputs as they arrive."""
+    """Run one request through a pipeline and print partial outputs as they arrive.
+    Ctrl-C (SIGINT) or SIGTERM cancels the run, as its deadline passing does."""
     from workers.settings import get_settings
 
     settings = get_settings()
+    override = None
+    if redis_url:
+        # the workers load the pipeline and build the engines: these would change nothing
+        local = [name for name, given in (("--no-stream", no_stream), ("--engine", engine),
+                                          ("--engine-opt", engine_opt)) if given]
+        if local:
+            _usage(f"{', '.join(local)} cannot be combined with --redis-url: the workers "
+                   "run their own pipeline spec and engines (give it to `alto worker`)")
+        _check_redis_url(redis_url, "--redis-url")
+    else:
+        override = _engine_override(engine, engine_opt, settings)
     spec = _load(pipeline, not no_stream)
-    override = _engine_override(engine or settings.engine, engine_opt)
     _exit(asyncio.run(_run(spec, input, redis_url or None, as_json, override, deadline)))
+
+
+async def _cancel_run(transport: Any, run_id: str, code: str, message: str) -> None:
+    """End the run as the gateway does: its cancel flag (workers stop its calls and drop
+    its inputs) and an `error` event, so whoever follows it sees why it ended."""
+    from orchestrator.transport import Commit
+
+    event = {"type": "error", "mid": f"error:{code}:{run_id}", "run": run_id, "code": code,
+             "message": message}
+    try:
+        async with asyncio.timeout(10):
+            await transport.cancel(run_id)
+            await transport.commit(Commit(events=[(run_id, event)]))
+    except Exception as exc:  # noqa: BLE001 - say so; the process is ending anyway
+        console.print(f"[red]could not cancel run {run_id}[/red]: {type(exc).__name__}: "
+                      f"{escape(str(exc))}", soft_wrap=True)
 
 
 async def _show_events(transport: Any, spec: PipelineSpec, run_id: str, deadline: float,
@@ -140,10 +243,19 @@ async def _show_events(transport: Any, spec: PipelineSpec, run_id: str, deadline
                 console.print(f"[red]error[/red] {ev.get('stage', '')}: {escape(ev['message'])}")
                 code = 1
     except TimeoutError as exc:
-        await transport.cancel(run_id)
-        console.print(f"[red]{exc}[/red]")
+        await _cancel_run(transport, run_id, "deadline_exceeded",
+                          f"the run did not finish within --deadline ({deadline:g} s)")
+        console.print(f"[red]{exc}[/red]; cancelled it", soft_wrap=True)
         code = 1
     return code
+
+
+async def _missing_stages(transport: Any, spec: PipelineSpec) -> list[str]:
+    """Stages of `spec` with no live worker (heartbeat) on the transport right now."""
+    from orchestrator.routing import stage_group
+
+    return [stage for stage in spec.topo_order
+            if not await transport.members(stage_group(spec.name, stage))]
 
 
 async def _run(spec: PipelineSpec, text: str, redis_url: str | None, as_json: bool,
@@ -161,29 +273,68 @@ async def _run(spec: PipelineSpec, text: str, redis_url: str | None, as_json: bo
         try:
             await runtime.start()
         except Exception as exc:  # noqa: BLE001
-            console.print(f"[red]cannot start the pipeline[/red]: {exc}")
+            console.print(f"[red]cannot start the pipeline[/red]: {escape(str(exc))}",
+                          soft_wrap=True)
             return 1
+    else:  # what the gateway answers with 503 no_workers: the run would wait for nothing
+        missing = await _missing_stages(transport, spec)
+        if missing:
+            await transport.close()
+            console.print(f"[red]no worker serves stage(s) {', '.join(missing)}[/red] of "
+                          f"pipeline {spec.name!r} on {_redacted(redis_url)}; start them with "
+                          "`alto worker --pipeline FILE --stage NAME`", soft_wrap=True)
+            return 1
+    # from here a signal cancels the run (its workers stop working on it) before exiting
+    signalled: list[int] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: int) -> None:
+        signalled.append(sig)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
     code = 0
     try:
         run_id = await start_run(transport, spec, text)
         show = asyncio.create_task(_show_events(transport, spec, run_id, deadline, as_json))
-        waiters: list[asyncio.Future[Any]] = [show]
+        stopped = asyncio.ensure_future(stop.wait())
+        waiters: list[asyncio.Future[Any]] = [show, stopped]
         if runtime is not None:
             waiters.append(asyncio.ensure_future(runtime.wait_failure()))
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if show.done():
             code = show.result()
+        elif stop.is_set():
+            show.cancel()
+            await asyncio.wait([show])
+            name = signal.Signals(signalled[0]).name
+            await _cancel_run(transport, run_id, "cancelled",
+                              f"`alto run` was stopped ({name}) before the run finished")
+            console.print(f"[yellow]{name}[/yellow]: cancelled run {run_id}")
+            code = 128 + signalled[0]
         else:  # a stage runner crashed: say so instead of waiting for the deadline
             show.cancel()
+            await asyncio.wait([show])
+            assert runtime is not None
             console.print(f"[red]a stage runner crashed[/red]: {escape(repr(runtime.failed()))}")
             code = 1
         for w in waiters[1:]:
             w.cancel()
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         if runtime is not None:
             await runtime.stop()
         await transport.close()
     return code
+
+
+def _redacted(url: str) -> str:
+    from workers.redact import redact_url
+
+    return redact_url(url)
 
 
 @cli.command()
@@ -193,7 +344,7 @@ def worker(
     redis_url: Annotated[str | None, typer.Option(help="Redis URL (or ALTO_REDIS_URL)")] = None,
     engine: Annotated[str | None, typer.Option(help="override the engine kind")] = None,
     engine_opt: Annotated[list[str] | None, typer.Option("--engine-opt", help="KEY=VALUE")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="max inputs in flight")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="max inputs in flight")] = None,
     instances: Annotated[int | None, typer.Option(
         min=1, max=256, help="engine instances this process runs, each with its own runner "
         "(default 1, or one per server of an openai engine's base_url list; instance i "
@@ -211,11 +362,12 @@ def worker(
     if not url:
         console.print("[red]--redis-url (or ALTO_REDIS_URL) is required[/red]")
         raise typer.Exit(2)
+    _check_redis_url(url, "--redis-url" if redis_url else "ALTO_REDIS_URL")
     spec = _load(pipeline, not no_stream)
     if stage not in spec.by_name:
         console.print(f"[red]pipeline {spec.name!r} has no stage {stage!r}[/red] (has {list(spec.by_name)})")
         raise typer.Exit(2)
-    override = _engine_override(engine or settings.engine, engine_opt)
+    override = _engine_override(engine, engine_opt, settings)
     if instances is None:
         instances = _default_instances(spec, stage, override)
     if metrics_port is not None:
@@ -246,7 +398,7 @@ async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec
 
     set_defaults(pipeline=spec.name, stage=stage)
     metrics = WorkerMetrics()
-    transport = await _make_transport(url)
+    transport = await _make_transport(url, "Redis URL")
     config = RunnerConfig.from_settings(settings)
     from workers.tracing import SpanRecorder, combine
     from workers.tracing import configure as configure_tracing
@@ -266,7 +418,8 @@ async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec
     try:
         await runtime.start([StageSelection(spec.name, stage)])
     except Exception as exc:  # noqa: BLE001
-        console.print(f"[red]cannot start stage {stage!r}[/red]: {exc}")
+        console.print(f"[red]cannot start stage {stage!r}[/red]: {escape(str(exc))}",
+                      soft_wrap=True)
         if http is not None:
             http.close()
         await transport.close()
@@ -329,14 +482,7 @@ def _serve_settings(
     if engine:
         update["engine"] = engine
     if engine_opt:
-        options: dict[str, Any] = dict(settings.engine_options)
-        for opt in engine_opt:
-            k, _, v = opt.partition("=")
-            try:
-                options[k] = json.loads(v)
-            except json.JSONDecodeError:
-                options[k] = v
-        update["engine_options"] = options
+        update["engine_options"] = {**settings.engine_options, **_engine_options(engine_opt)}
     if host:
         update["host"] = host
     if port is not None:
@@ -361,30 +507,73 @@ def serve(
     import uvicorn
 
     from app.main import create_app, load_pipelines
+    from app.middleware import key_digests
+    from workers.redact import redact_url
+    from workers.settings import reveal
 
     settings = _serve_settings(pipeline, redis_url, engine, engine_opt, host, port)
+    # what create_app and its lifespan would fail on, said in one line before uvicorn starts
+    if engine_opt and not settings.engine:
+        _usage("--engine-opt needs --engine (or ALTO_ENGINE): it sets an option of the "
+               "engine that overrides the pipelines'")
+    if settings.engine:
+        if "kind" in settings.engine_options:
+            _usage("ALTO_ENGINE_OPTIONS: has 'kind', which is ALTO_ENGINE's (or --engine's)")
+        given = set(_engine_options(engine_opt))
+        _engine_spec(settings.engine, dict(settings.engine_options),
+                     "--engine" if engine else "ALTO_ENGINE",
+                     lambda k: f"--engine-opt {k}" if k in given else f"ALTO_ENGINE_OPTIONS {k}")
+    url = reveal(settings.redis_url)
+    if url:
+        _check_redis_url(url, "--redis-url" if redis_url else "ALTO_REDIS_URL")
+    try:
+        key_digests([reveal(k) or "" for k in settings.api_keys])
+    except ValueError as exc:
+        _usage(str(exc))
     try:
         specs = load_pipelines(settings.pipelines)
     except (SpecError, ValueError) as exc:
         console.print(f"[red]invalid pipeline[/red]: {exc}")
         raise typer.Exit(2) from None
+    if not url:  # embedded: this process runs every stage (on Redis the workers do)
+        _check_functions(specs)
     app = create_app(settings, specs)
-    from workers.redact import redact_url
-    from workers.settings import reveal
-
-    url = reveal(settings.redis_url)
     mode = f"redis {redact_url(url)}" if url else "embedded"
     console.print(
         f"[green]alto gateway[/green] http://{settings.host}:{settings.port} ({mode}; "
         f"pipelines: {', '.join(s.name for s in specs)})"
     )
-    from app.logs import is_json
+    from app.logs import is_json, own_handler
 
-    # JSON logs: uvicorn's records go through our root handler, not its own text handlers
-    log_config = None if is_json() else uvicorn.config.LOGGING_CONFIG
+    # JSON logs: uvicorn's records get a JSON handler like the root's, at uvicorn's level
+    # (as its own text handlers would be), instead of its text handlers
+    log_config = None
+    if is_json():
+        own_handler("uvicorn", settings.log_level)
+    else:
+        log_config = uvicorn.config.LOGGING_CONFIG
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=log_config,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
     _exit(0)
+
+
+def _check_functions(specs: list[PipelineSpec]) -> None:
+    """Exit 2 naming the first stage whose function (or responder) does not import, as
+    `alto worker` and `alto run` say it when they start that stage."""
+    from workers.stagefn import resolve
+
+    for spec in specs:
+        for stage in spec.stages:
+            field = "responder" if stage.kind == "lm" else "function"
+            path = getattr(stage, field)
+            if not path:
+                continue
+            try:
+                resolve(path, stage=stage.name, field_name=field)
+            except SpecError as exc:
+                console.print(f"[red]cannot start stage {stage.name!r}[/red]: {escape(str(exc))}",
+                              soft_wrap=True)
+                raise typer.Exit(2) from None
 
 
 @cli.command()
@@ -547,11 +736,21 @@ def main() -> None:
         sys.path.insert(0, str(Path.cwd()))
     from app.logs import configure
 
-    configure()  # ALTO_LOG_FORMAT=text|json, ALTO_LOG_LEVEL
+    try:
+        configure()  # ALTO_LOG_FORMAT=text|json, ALTO_LOG_LEVEL
+    except ValueError as exc:
+        _say_error(str(exc))
+        sys.exit(2)
     try:
         cli()
     except KeyboardInterrupt:
         sys.exit(130)
+    except ValidationError as exc:
+        if exc.title != "Settings":  # a bug, not the environment: the whole traceback
+            raise
+        # ALTO_* (or .env) that does not validate, wherever a command reads its settings
+        _say_error(f"invalid setting {_problems(exc, _setting_name)}")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

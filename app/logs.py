@@ -84,23 +84,61 @@ class TextFormatter(logging.Formatter):
         return f"{text} [{' '.join(tags)}]" if tags else text
 
 
-def configure(fmt: str | None = None, level: str | None = None) -> None:
-    """Install one stderr handler on the root logger (replacing any), from the arguments
-    or ALTO_LOG_FORMAT (text|json) and ALTO_LOG_LEVEL (default: warning)."""
-    fmt = (fmt or os.environ.get("ALTO_LOG_FORMAT") or "text").strip().lower()
-    if fmt not in ("text", "json"):
-        raise ValueError(f"ALTO_LOG_FORMAT must be text or json, not {fmt!r}")
-    level_name = (level or os.environ.get("ALTO_LOG_LEVEL") or "warning").strip().upper()
+def _level(name: str, source: str) -> int:
+    levels = logging.getLevelNamesMapping()
+    level = levels.get(name.strip().upper())
+    if level is None:
+        names = ", ".join(n.lower() for n in levels if n not in ("NOTSET", "WARN", "FATAL"))
+        raise ValueError(f"{source} must be one of {names}, not {name!r}")
+    return level
+
+
+def _handler(fmt: str, level: int) -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
+    # the level is the handler's too: a library that sets its own logger's level (bm25s
+    # sets DEBUG) must not get records below ours printed
+    handler.setLevel(level)
     handler.addFilter(ContextFilter())
     handler.setFormatter(
         JsonFormatter() if fmt == "json" else TextFormatter("%(levelname)s %(name)s: %(message)s")
     )
+    return handler
+
+
+def configure(fmt: str | None = None, level: str | None = None) -> None:
+    """Install one stderr handler on the root logger (replacing any), from the arguments
+    or ALTO_LOG_FORMAT (text|json, default text) and ALTO_LOG_LEVEL (default warning).
+
+    Records below that level are not printed, whatever level a library gives its own
+    logger. The default differs from `Settings.log_level`'s (info, workers/settings.py):
+    that one is the level `alto serve` gives uvicorn's loggers (which log through handlers
+    of their own, `own_handler` for JSON), so with ALTO_LOG_LEVEL unset the gateway shows
+    uvicorn's startup and access lines and alto's own warnings. Raises ValueError (naming
+    the variable) for a format or level it does not know."""
+    fmt = (fmt or os.environ.get("ALTO_LOG_FORMAT") or "text").strip().lower()
+    if fmt not in ("text", "json"):
+        raise ValueError(f"ALTO_LOG_FORMAT must be text or json, not {fmt!r}")
+    level_no = _level(level or os.environ.get("ALTO_LOG_LEVEL") or "warning", "ALTO_LOG_LEVEL")
+    handler = _handler(fmt, level_no)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     root.addHandler(handler)
-    root.setLevel(level_name)
+    root.setLevel(level_no)
+
+
+def own_handler(name: str, level: str) -> None:
+    """Give logger `name` (and its children) a handler like the root's but at `level`,
+    and stop its records at it: `alto serve` gives uvicorn its own level this way when
+    logging JSON, as uvicorn's own text handlers have in text mode."""
+    fmt = "json" if is_json() else "text"
+    level_no = _level(level, f"the log level of {name!r}")
+    logger = logging.getLogger(name)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    logger.addHandler(_handler(fmt, level_no))
+    logger.setLevel(level_no)
+    logger.propagate = False
 
 
 def is_json() -> bool:
