@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,18 @@ console = Console(stderr=True)
 T = TypeVar("T")
 
 
+def _flush_traces() -> None:
+    """Send the spans still batched (when tracing is on), within 2 s."""
+    if "opentelemetry.trace" not in sys.modules:
+        return
+    from opentelemetry import trace
+
+    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    if flush is not None:
+        with contextlib.suppress(Exception):  # the process is ending either way
+            flush(timeout_millis=2000)
+
+
 def _exit(code: int) -> None:
     """End the process with `code` once its runtime has stopped. Python joins the threads
     of plain-function calls at exit, so one that hangs would keep the process alive for
@@ -42,6 +55,7 @@ def _exit(code: int) -> None:
         calls = ", ".join(f"{n} of stage {s!r}" for s, n in sorted(hung.items()))
         console.print(f"[yellow]exiting without waiting for plain-function calls still "
                       f"running in threads[/yellow] ({calls})", soft_wrap=True)
+        _flush_traces()  # os._exit skips atexit: the span exporter's own flush
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -323,10 +337,12 @@ async def _run(spec: PipelineSpec, text: str, redis_url: str | None, as_json: bo
         for w in waiters[1:]:
             w.cancel()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         if runtime is not None:
-            await runtime.stop()
+            # embedded: the run is over (or cancelled) and nothing outlives this process,
+            # so no drain (a hung call would hold it); `_exit` does not wait for threads
+            await runtime.stop(drain=False)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # only now: a signal meanwhile is ours
+            loop.remove_signal_handler(sig)
         await transport.close()
     return code
 
@@ -424,16 +440,17 @@ async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec
             http.close()
         await transport.close()
         return 1
-    stop = asyncio.Event()
+    signals = _Signals()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signals)
     console.print(f"[green]worker ready[/green] {spec.name}.{stage}")
-    waiter = asyncio.create_task(stop.wait())
+    waiter = asyncio.create_task(signals.first.wait())
     runners = [asyncio.ensure_future(t) for t in runtime._tasks]
     done, _ = await asyncio.wait([waiter, *runners], return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
     failure = runtime.failed()
-    await _drain(runtime, stop)
+    await _drain(runtime, signals.second)
     if http is not None:
         http.close()
     await transport.close()
@@ -443,14 +460,27 @@ async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec
     return 0
 
 
-async def _drain(runtime: Any, signalled: asyncio.Event) -> None:
-    """Finish what is in flight; a second SIGTERM/SIGINT stops at once instead (what has
-    not finished stays pending for the other workers, as after a crash)."""
-    signalled.clear()
-    console.print("[yellow]draining[/yellow]: finishing the calls in flight (a second "
+class _Signals:
+    """SIGTERM/SIGINT counted: the first asks for a drain, the second for a stop. Counted,
+    not one event cleared in between, so two signals handled in one loop turn are two."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first = asyncio.Event()
+        self.second = asyncio.Event()
+
+    def __call__(self) -> None:
+        self.count += 1
+        (self.first if self.count == 1 else self.second).set()
+
+
+async def _drain(runtime: Any, second: asyncio.Event) -> None:
+    """Finish what is in flight; a second SIGTERM/SIGINT (`second`) stops at once instead
+    (what has not finished stays pending for the other workers, as after a crash)."""
+    console.print("[yellow]draining[/yellow]: finishing the calls in flight (another "
                   "SIGTERM/SIGINT stops at once)")
     drain = asyncio.create_task(runtime.stop(drain=True))
-    again = asyncio.create_task(signalled.wait())
+    again = asyncio.create_task(second.wait())
     await asyncio.wait([drain, again], return_when=asyncio.FIRST_COMPLETED)
     if not drain.done():
         console.print("[yellow]second signal: stopping without finishing the calls in "
@@ -552,8 +582,11 @@ def serve(
         own_handler("uvicorn", settings.log_level)
     else:
         log_config = uvicorn.config.LOGGING_CONFIG
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=log_config,
-                log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_config=log_config,
+                    log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down on
+        _exit(130)
     _exit(0)
 
 

@@ -33,7 +33,7 @@ from app.schemas import (
     RunResult,
     StageInfo,
 )
-from app.streaming import ClientGone, ClosingEventSource, sse, unless_disconnected
+from app.streaming import ClientGone, ClosingEventSource, dumps, sse, unless_disconnected
 from orchestrator.spec import PipelineSpec
 from orchestrator.template import as_text
 from orchestrator.tracker import RunTracker
@@ -205,7 +205,9 @@ async def create_run(name: PipelineName, body: RunRequest, request: Request) -> 
     finally:
         await handle.close()
     return Response(
-        content=result.model_dump_json(), media_type="application/json", headers=headers
+        # app.streaming.dumps, not model_dump_json: a tool may return a lone surrogate
+        content=dumps(result.model_dump(mode="json")), media_type="application/json",
+        headers=headers
     )
 
 

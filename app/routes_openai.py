@@ -46,6 +46,7 @@ from app.streaming import (
 from orchestrator.engine import Engine, GenParams
 from orchestrator.spec import PipelineSpec
 from orchestrator.template import as_text
+from workers.engines.common import EngineHTTPError
 from workers.engines.tokens import count_tokens
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -258,7 +259,7 @@ async def _serve_pipeline(
             on_close=handle.close,  # no grace: an OpenAI client cannot resume
             ping_s=gw.settings.sse_ping_s,
             headers=headers,
-            farewell=shutting_down(),
+            farewell=shutting_down("its run was cancelled"),
         )
     try:
         body = await unless_disconnected(request, _pipeline_final(handle, fmt))
@@ -278,6 +279,21 @@ def _json(body: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------
 # engine models
 # ---------------------------------------------------------------------------------------
+
+
+# an upstream's 4xx that says the request was wrong, not the gateway's setup or its load
+_UPSTREAM_AUTH_OR_LOAD = frozenset({401, 403, 408, 409, 429})
+
+
+def _engine_error(exc: Exception) -> ApiError:
+    """A failed engine-model call: the engine's server failed or could not be reached (a
+    bad gateway, as a proxy says), or it refused what the client asked (an upstream 4xx
+    such as a context length exceeded or an invalid value: the client's to fix, a 400)."""
+    if isinstance(exc, EngineHTTPError) and 400 <= exc.status < 500 \
+            and exc.status not in _UPSTREAM_AUTH_OR_LOAD:
+        return ApiError(400, f"the engine refused the request: {exc}",
+                        code="engine_rejected_request")
+    return ApiError(502, f"engine error: {exc}", code="engine_error")
 
 
 async def _engine_for(gw: Gateway, model: EngineModel) -> Engine:
@@ -307,7 +323,7 @@ async def _engine_chunks(
             if d.prompt_tokens is not None or d.completion_tokens is not None:
                 usage = _usage(d.prompt_tokens or 0, d.completion_tokens or 0)
     except Exception as exc:  # noqa: BLE001 - reported in-stream, as OpenAI does
-        yield sse(error_body(f"engine error: {exc}", "server_error", None, "engine_error"))
+        yield sse(_engine_error(exc).body())
         yield sse("[DONE]")
         return
     finally:
@@ -338,8 +354,7 @@ async def _engine_final(
             if d.prompt_tokens is not None or d.completion_tokens is not None:
                 usage = _usage(d.prompt_tokens or 0, d.completion_tokens or 0)
     except Exception as exc:  # noqa: BLE001
-        # the engine's server failed, not the gateway: a bad gateway, as a proxy says
-        raise ApiError(502, f"engine error: {exc}", code="engine_error") from exc
+        raise _engine_error(exc) from exc
     finally:
         aclose = getattr(gen, "aclose", None)
         if aclose is not None:
@@ -383,7 +398,7 @@ async def _serve_engine(
             _engine_chunks(engine, prompt, params, fmt, include_usage, gw, body.model),
             on_close=on_close,
             ping_s=gw.settings.sse_ping_s,
-            farewell=shutting_down(),
+            farewell=shutting_down("the engine call was stopped"),
         )
     try:
         out = await unless_disconnected(
@@ -398,9 +413,18 @@ async def _serve_engine(
 
 def _chat_turns(messages: list[ChatMessage]) -> list[dict[str, str]]:
     """The conversation as an engine that takes chat messages gets it: every turn, in
-    order (`developer` as `system`, which chat templates know)."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in messages]
+    order, in the roles every chat template knows: `developer` as `system`, and a `tool`
+    or `function` result as a user turn saying what it is (alto does no tool calling, and
+    servers refuse a tool turn without the `tool_call_id` of a call they made)."""
+    turns = []
+    for m in messages:
+        if m.role in ("tool", "function"):
+            label = f"{m.role} {m.name}" if m.name else m.role
+            turns.append({"role": "user", "content": f"[{label} result]\n{m.text()}"})
+        else:
+            role = "system" if m.role == "developer" else m.role
+            turns.append({"role": role, "content": m.text()})
+    return turns
 
 
 def _chat_prompt(messages: list[ChatMessage]) -> tuple[str, str | None]:

@@ -52,17 +52,16 @@ async def _until(content: AsyncIterator[ServerSentEvent], stopping: anyio.Event,
     rest. Without it the stream would just stop, and a client that waits for an end
     marker (OpenAI's `[DONE]`) could not tell a cut answer from a whole one."""
     it = aiter(content)
+    stop = asyncio.ensure_future(stopping.wait())  # one waiter for the whole stream
     try:
         while True:
             step = asyncio.ensure_future(anext(it))
-            stop = asyncio.ensure_future(stopping.wait())
             try:
                 await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                stop.cancel()
                 if not step.done():
                     step.cancel()
-                    with contextlib.suppress(BaseException):
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                         await step
             if step.cancelled():
                 for event in farewell:
@@ -74,6 +73,7 @@ async def _until(content: AsyncIterator[ServerSentEvent], stopping: anyio.Event,
                 return
             yield event
     finally:
+        stop.cancel()
         aclose = getattr(it, "aclose", None)
         if aclose is not None:
             with contextlib.suppress(Exception):
@@ -140,11 +140,11 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
 
 
-def shutting_down() -> list[ServerSentEvent]:
+def shutting_down(what: str) -> list[ServerSentEvent]:
     """The end of an OpenAI-format stream cut by the server's shutdown: an error chunk (the
-    SDK raises it) and `[DONE]`."""
+    SDK raises it) and `[DONE]`. `what`: what became of the work behind the answer."""
     from app.errors import error_body
 
-    return [sse(error_body("the server is shutting down; this answer is incomplete and its "
-                           "run was cancelled", "server_error", None, "server_shutting_down")),
+    return [sse(error_body(f"the server is shutting down; this answer is incomplete ({what})",
+                           "server_error", None, "server_shutting_down")),
             sse("[DONE]")]

@@ -32,6 +32,7 @@ from bench.overhead import (
     wait_drained,
 )
 from bench.procs import REPO, WorkerProcs
+from orchestrator.routing import stage_group, stage_streams
 
 
 @dataclass
@@ -50,12 +51,14 @@ class HopABConfig:
 class Side:
     hops_ms: list[float] = field(default_factory=list)
     drains_runs_per_s: list[float] = field(default_factory=list)
+    left_after_drains: list[int] = field(default_factory=list)  # 0: a drain ended whole
 
     def summary(self) -> dict[str, Any]:
         h = sorted(self.hops_ms)
         return {"hop_p50_ms": statistics.median(h), "hop_p99_ms": h[int(len(h) * 0.99)],
                 "hops": len(h), "drains_runs_per_s": self.drains_runs_per_s,
-                "drain_runs_per_s_median": statistics.median(self.drains_runs_per_s)}
+                "drain_runs_per_s_median": statistics.median(self.drains_runs_per_s),
+                "left_after_drains": self.left_after_drains}
 
 
 async def run_hop_ab(cfg: HopABConfig, log: Log = print) -> dict[str, Any]:
@@ -88,18 +91,22 @@ async def _run(cfg: HopABConfig, trees: dict[str, Path], log: Log) -> dict[str, 
                 for name in (trees if b % 2 == 0 else reversed(list(trees))):
                     traces = await sequential(transport, specs[name], cfg.per_block)
                     sides[name].hops_ms += stage_hops(hops_of(traces))
-            last = cfg.stages
-            done = dict.fromkeys(trees, 0)
+            last = f"s{cfg.stages}"
             for r in range(cfg.rounds):
                 for name in (trees if r % 2 == 0 else reversed(list(trees))):
+                    spec = specs[name]
+                    where = (stage_streams(spec, last)[0], stage_group(spec.name, last))
+                    # the group's read counter already holds every earlier run's entries
+                    before = (await transport.stats(*where)).entries_read
                     t0 = time.perf_counter()
-                    await preload(transport, specs[name], cfg.drain_runs)
-                    done[name] += cfg.drain_runs
+                    await preload(transport, spec, cfg.drain_runs)
                     # the last stage reads one unit and (stages - 1) end markers per run
-                    await wait_drained(transport, specs[name], f"s{last}", done[name] * last,
-                                       timeout_s=300)
+                    await wait_drained(transport, spec, last,
+                                       before + cfg.drain_runs * cfg.stages, timeout_s=300)
                     sides[name].drains_runs_per_s.append(
                         cfg.drain_runs / (time.perf_counter() - t0))
+                    after = await transport.stats(*where)
+                    sides[name].left_after_drains.append(after.lag + after.pending)
         finally:
             for pool in pools:
                 pool.stop()

@@ -204,3 +204,21 @@ def test_stop_matcher_equals_cutting_the_whole_text(
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     assert out == (text[: min(hits)] if hits else text)
     assert matcher.stopped == bool(hits)
+
+
+def test_gemma_turns_render_a_conversation_as_googles_template_does() -> None:
+    """One turn as before; a conversation turn by turn (assistant = model), the system
+    text at the top of the first user turn, or a user turn of its own without one."""
+    from workers.engines.local import gemma_turns
+
+    one = gemma_turns("Hi", GenParams(system="Be brief."))
+    assert one == ("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+                   "<start_of_turn>model\n")
+    talk = gemma_turns("(flat)", GenParams(messages=[
+        {"role": "system", "content": "S"}, {"role": "user", "content": "A"},
+        {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"}]))
+    assert talk == ("<bos><start_of_turn>user\nS\n\nA<end_of_turn>\n<start_of_turn>model\n"
+                    "B<end_of_turn>\n<start_of_turn>user\nC<end_of_turn>\n"
+                    "<start_of_turn>model\n")
+    alone = gemma_turns("(flat)", GenParams(messages=[{"role": "system", "content": "S"}]))
+    assert alone == "<bos><start_of_turn>user\nS<end_of_turn>\n<start_of_turn>model\n"

@@ -74,6 +74,7 @@ async def test_an_engine_model_passes_the_conversation_and_sampling_through(
         {"role": "developer", "content": "Be nice."},
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
+        {"role": "tool", "name": "clock", "content": "12:00"},
         {"role": "user", "content": "What did I say?"},
     ]
     try:
@@ -86,7 +87,11 @@ async def test_an_engine_model_passes_the_conversation_and_sampling_through(
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "You said hi."
     sent = up.requests[-1]
-    assert sent["messages"] == [{"role": "system", "content": "Be nice."}, *messages[1:]]
+    # roles every chat template knows; a tool result (no tool_call_id: alto makes no tool
+    # calls, and servers refuse such a turn) goes as a user turn saying what it is
+    assert sent["messages"] == [
+        {"role": "system", "content": "Be nice."}, *messages[1:3],
+        {"role": "user", "content": "[tool clock result]\n12:00"}, messages[4]]
     assert (sent["top_p"], sent["seed"], sent["max_tokens"]) == (0.5, 7, 20)
 
 
@@ -111,3 +116,48 @@ async def test_an_unreachable_engine_is_a_502_that_hides_its_address() -> None:
         server.stop()
     err = assert_error_shape(r, 502, "engine_error")
     assert "cannot connect" in err["message"] and str(port) not in err["message"]
+
+
+@pytest.mark.parametrize(("status", "code", "want"), [
+    (500, "engine_error", 502),  # the server failed: a bad gateway
+    (400, "engine_rejected_request", 400),  # it refused what the client asked
+])
+async def test_an_engine_answering_an_error_status(
+        scripted_server: list[ScriptedSSEServer], status: int, code: str,  # noqa: F811
+        want: int) -> None:
+    up = await start_scripted(scripted_server, [])
+    up.errors.append((status, {}))
+    spec = parse_pipeline({
+        "name": "proxy",
+        "engines": {"default": {"kind": "openai", "base_url": up.base_url, "model": "m",
+                                "retries": 0}},
+        "stages": [{"name": "ask", "kind": "lm", "prompt": "{input}"}],
+    })
+    server = LiveServer(create_app(Settings(), [spec])).start()
+    try:
+        r = await asyncio.to_thread(
+            httpx.post, f"{server.url}/v1/chat/completions", timeout=30,
+            json={"model": "proxy/default", "messages": [{"role": "user", "content": "Hi"}]})
+    finally:
+        server.stop()
+    err = assert_error_shape(r, want, code)
+    assert f"HTTP {status}" in err["message"] and "scripted" in err["message"]
+    assert str(up.port) not in err["message"] and "127.0.0.1" not in err["message"]
+
+
+def test_a_lone_surrogate_a_tool_returns_is_escaped_not_a_500() -> None:
+    spec = parse_pipeline({"name": "odd", "stages": [
+        {"name": "t", "kind": "tool", "function": "tests.toy.faulty:lone_surrogate"}]})
+    server = LiveServer(create_app(Settings(), [spec])).start()
+    try:
+        native = httpx.post(f"{server.url}/v1/pipelines/odd/runs", json={"input": "x"},
+                            timeout=30)
+        chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
+                          json={"model": "odd", "messages": [{"role": "user", "content": "x"}]})
+    finally:
+        server.stop()
+    assert native.status_code == 200, native.text
+    assert native.json()["output"] == "x \ud83d"  # as JSON escapes it
+    assert b"\\ud83d" in native.content
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"] == "x \ud83d"

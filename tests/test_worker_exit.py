@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -105,3 +108,21 @@ async def test_worker_exits_after_its_drain_though_a_timed_out_call_still_hangs(
         log = worker.log.read_text(errors="replace")
         assert "second signal" not in log
         assert "exiting without waiting" in log and "1 of stage 'stuck'" in log
+
+
+def test_embedded_alto_run_past_its_deadline_exits_though_a_call_hangs(tmp_path: Path) -> None:
+    """`alto run` without Redis: the deadline cancels the run, the runtime stops without a
+    drain (nothing outlives the process) and the process exits without the hung thread."""
+    from tests.worker_procs import ROOT
+
+    marker = tmp_path / "started"
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "run", str(_pipeline(tmp_path)), "--input", "x",
+         "--deadline", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "ALTO_TEST_HANG_MARKER": str(marker)},
+    )
+    assert marker.exists()  # the call did start and hang
+    assert proc.returncode == 1, proc.stderr
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert "did not finish within" in out and "exiting without waiting" in out

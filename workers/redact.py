@@ -13,11 +13,27 @@ from urllib.parse import urlsplit, urlunsplit
 MASK = "***"
 
 
+_SECRET_QUERY = ("password", "api-key", "api_key", "apikey", "key", "token", "access_token")
+
+
+def _mask_query(query: str) -> str:
+    """`password=...` (redis-py reads it from the query too) and API keys masked."""
+    if not query:
+        return query
+    pairs = [p.partition("=") for p in query.split("&")]
+    return "&".join(f"{k}={MASK}" if eq and k.lower() in _SECRET_QUERY else f"{k}{eq}{v}"
+                    for k, eq, v in pairs)
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password (if any) replaced by `***`; unparseable input is
-    masked whole rather than risked."""
+    """The URL with its password (if any, in the netloc or the query) and API keys in its
+    query replaced by `***`; unparseable input is masked whole rather than risked."""
     try:
         parts = urlsplit(url)
+        query = _mask_query(parts.query)
+        if query != parts.query:
+            parts = parts._replace(query=query)
+            url = urlunsplit(parts)
         if parts.password is None:
             return url
         user = parts.username or ""

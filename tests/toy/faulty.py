@@ -91,3 +91,9 @@ def hang_in_thread(value: Any, ctx: StageContext) -> str:
     os.replace(marker + ".tmp", marker)
     threading.Event().wait()
     raise AssertionError("unreachable")
+
+
+def lone_surrogate(value: Any, ctx: StageContext) -> str:
+    """Returns text no UTF-8 can hold (a high surrogate alone), as a tool decoding bytes
+    with errors="surrogateescape" might."""
+    return f"{value} \ud83d"

@@ -78,6 +78,8 @@ def gemma_turns(prompt: str, params: GenParams) -> str:
         if role == "user" and system:
             text, system = f"{system}\n\n{text}", ""
         out.append(f"<start_of_turn>{role}\n{text}<end_of_turn>\n")
+    if system:  # no user turn to carry it: a user turn of its own
+        out.insert(1, f"<start_of_turn>user\n{system}<end_of_turn>\n")
     out.append("<start_of_turn>model\n")
     return "".join(out)
 
@@ -151,6 +153,7 @@ class LocalEngine:
         self.n_ctx = n_ctx
         self.n_threads = n_threads or os.cpu_count() or 1
         self.seed = seed
+        self._client_seeded = False  # the last call set a client's seed on the model
         self.sampling = {
             "top_k": top_k,
             "top_p": top_p,
@@ -270,6 +273,10 @@ class LocalEngine:
         self.model_path = path
         self._llm = llm
 
+    def _engine_seed(self) -> int:
+        """The engine's own seed (its `seed` option)."""
+        return self.seed
+
     def _unload(self) -> None:
         llm, self._llm = self._llm, None
         if llm is not None:
@@ -327,8 +334,11 @@ class LocalEngine:
         sampling = dict(self.sampling)
         if params.top_p is not None:
             sampling["top_p"] = params.top_p
-        if params.seed is not None:
-            llm.set_seed(params.seed)
+        if params.seed is not None or self._client_seeded:
+            # a client's seed is for its own call: the next call without one goes back to
+            # the engine's (the model is shared by every call of this engine)
+            self._client_seeded = params.seed is not None
+            llm.set_seed(params.seed if params.seed is not None else self._engine_seed())
         stream = llm.generate(tokens, temp=temp, reset=True, **sampling)
         try:
             # llama.cpp's generator never ends by itself: every exit is one of these breaks

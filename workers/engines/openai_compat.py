@@ -317,13 +317,16 @@ class OpenAIEngine:
             raw = b""
         detail = _error_message(raw) or response.reason_phrase
         status = response.status_code
+        where = _where(response.request)
+        log.warning("%s: HTTP %d from %s: %s", self.name, status,
+                    redact_url(str(response.url)), detail)
         if status in (401, 403):
             message = (
-                f"{self.name}: authentication failed (HTTP {status}) at {response.url}: "
+                f"{self.name}: authentication failed (HTTP {status}) at {where}: "
                 f"{detail}; check the engine's api_key option or {API_KEY_ENV}"
             )
         else:
-            message = f"{self.name}: HTTP {status} from {response.url}: {detail}"
+            message = f"{self.name}: HTTP {status} from {where}: {detail}"
         if attempts > 1:
             message += f" (after {attempts} attempts)"
         return EngineHTTPError(message, status=status, retry_after=_retry_after(response))
