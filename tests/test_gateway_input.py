@@ -95,25 +95,30 @@ async def test_an_engine_model_passes_the_conversation_and_sampling_through(
     assert (sent["top_p"], sent["seed"], sent["max_tokens"]) == (0.5, 7, 20)
 
 
+async def _ask_engine(base_url: str) -> httpx.Response:
+    """One chat completion from an engine model in front of `base_url` (no retries)."""
+    spec = parse_pipeline({
+        "name": "proxy",
+        "engines": {"default": {"kind": "openai", "base_url": base_url, "model": "m",
+                                "retries": 0}},
+        "stages": [{"name": "ask", "kind": "lm", "prompt": "{input}"}],
+    })
+    server = LiveServer(create_app(Settings(), [spec])).start()
+    try:
+        return await asyncio.to_thread(
+            httpx.post, f"{server.url}/v1/chat/completions", timeout=30,
+            json={"model": "proxy/default", "messages": [{"role": "user", "content": "Hi"}]})
+    finally:
+        server.stop()
+
+
 async def test_an_unreachable_engine_is_a_502_that_hides_its_address() -> None:
     import socket
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    spec = parse_pipeline({
-        "name": "proxy",
-        "engines": {"default": {"kind": "openai", "base_url": f"http://127.0.0.1:{port}/v1",
-                                "model": "m", "retries": 0}},
-        "stages": [{"name": "ask", "kind": "lm", "prompt": "{input}"}],
-    })
-    server = LiveServer(create_app(Settings(), [spec])).start()
-    try:
-        r = await asyncio.to_thread(
-            httpx.post, f"{server.url}/v1/chat/completions", timeout=30,
-            json={"model": "proxy/default", "messages": [{"role": "user", "content": "Hi"}]})
-    finally:
-        server.stop()
+    r = await _ask_engine(f"http://127.0.0.1:{port}/v1")
     err = assert_error_shape(r, 502, "engine_error")
     assert "cannot connect" in err["message"] and str(port) not in err["message"]
 
@@ -127,19 +132,7 @@ async def test_an_engine_answering_an_error_status(
         want: int) -> None:
     up = await start_scripted(scripted_server, [])
     up.errors.append((status, {}))
-    spec = parse_pipeline({
-        "name": "proxy",
-        "engines": {"default": {"kind": "openai", "base_url": up.base_url, "model": "m",
-                                "retries": 0}},
-        "stages": [{"name": "ask", "kind": "lm", "prompt": "{input}"}],
-    })
-    server = LiveServer(create_app(Settings(), [spec])).start()
-    try:
-        r = await asyncio.to_thread(
-            httpx.post, f"{server.url}/v1/chat/completions", timeout=30,
-            json={"model": "proxy/default", "messages": [{"role": "user", "content": "Hi"}]})
-    finally:
-        server.stop()
+    r = await _ask_engine(up.base_url)
     err = assert_error_shape(r, want, code)
     assert f"HTTP {status}" in err["message"] and "scripted" in err["message"]
     assert str(up.port) not in err["message"] and "127.0.0.1" not in err["message"]
