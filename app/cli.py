@@ -55,12 +55,18 @@ def _exit(code: int) -> None:
         calls = ", ".join(f"{n} of stage {s!r}" for s, n in sorted(hung.items()))
         console.print(f"[yellow]exiting without waiting for plain-function calls still "
                       f"running in threads[/yellow] ({calls})", soft_wrap=True)
-        _flush_traces()  # os._exit skips atexit: the span exporter's own flush
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _hard_exit(code)
     raise typer.Exit(code)
+
+
+def _hard_exit(code: int) -> None:
+    """End the process now: threads are not joined and atexit does not run, so what it
+    would flush is flushed first (spans, log handlers, stdio)."""
+    _flush_traces()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _load(path: Path, stream: bool = True) -> PipelineSpec:
@@ -338,10 +344,14 @@ async def _run(spec: PipelineSpec, text: str, redis_url: str | None, as_json: bo
             w.cancel()
     finally:
         if runtime is not None:
+            # a signal while the runtime stops (an engine that cannot be interrupted at
+            # once) ends the process: it is asked to stop and nothing more is to be done
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, _hard_exit, 128 + sig)
             # embedded: the run is over (or cancelled) and nothing outlives this process,
             # so no drain (a hung call would hold it); `_exit` does not wait for threads
             await runtime.stop(drain=False)
-        for sig in (signal.SIGINT, signal.SIGTERM):  # only now: a signal meanwhile is ours
+        for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await transport.close()
     return code
@@ -450,6 +460,8 @@ async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec
     done, _ = await asyncio.wait([waiter, *runners], return_when=asyncio.FIRST_COMPLETED)
     waiter.cancel()
     failure = runtime.failed()
+    if not signals.count:  # a runner crashed: the drain starts without a signal, and the
+        signals()          # first one to come stops it (as the drain's message says)
     await _drain(runtime, signals.second)
     if http is not None:
         http.close()

@@ -306,17 +306,17 @@ async def _status(gw: Gateway, spec: PipelineSpec, run: str, first: dict[str, An
 
 
 @router.get("/runs/{run_id}", response_model=RunStatus, responses=errors(401, 404, 429))
-async def run_status(run_id: RunId, request: Request) -> RunStatus:
+async def run_status(run_id: RunId, request: Request) -> Response:
     """Whether a run is running, completed, failed or cancelled (from its event log; 404
     once the log has expired, and for a run created with another API key)."""
     gw = gateway(request)
     spec, first = await gw.lookup_run(run_id, owner(request))
-    return await _status(gw, spec, run_id, first)
+    return _json(await _status(gw, spec, run_id, first))
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunStatus,
              responses=errors(401, 404, 429))
-async def cancel_run(run_id: RunId, request: Request) -> RunStatus:
+async def cancel_run(run_id: RunId, request: Request) -> Response:
     """Cancel a run: its remaining work is dropped everywhere, its followers get an
     `error` event with code `cancelled`, and its log expires after `run_ttl_s`. A run
     that already ended is left as it is (the answer says how it ended)."""
@@ -324,6 +324,13 @@ async def cancel_run(run_id: RunId, request: Request) -> RunStatus:
     spec, first = await gw.lookup_run(run_id, owner(request))
     status = await _status(gw, spec, run_id, first)
     if status.status != "running":
-        return status
+        return _json(status)
     await gw.fail(run_id, "cancelled", "cancelled by the client (POST /v1/runs/{id}/cancel)")
-    return await _status(gw, spec, run_id, first)
+    return _json(await _status(gw, spec, run_id, first))
+
+
+def _json(model: BaseModel) -> Response:
+    """A response body through app.streaming.dumps, not FastAPI's serializer: a run's
+    output or error message may hold a lone surrogate a tool produced (escaped here, a 500
+    there)."""
+    return Response(dumps(model.model_dump(mode="json")), media_type="application/json")

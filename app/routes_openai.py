@@ -281,18 +281,23 @@ def _json(body: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-# an upstream's 4xx that says the request was wrong, not the gateway's setup or its load
-_UPSTREAM_AUTH_OR_LOAD = frozenset({401, 403, 408, 409, 429})
+# upstream statuses that say the client's request was wrong (a context length exceeded,
+# an invalid value, too large); any other 4xx (404 for a wrong model, 401...) is the
+# gateway's setup, and 429 the upstream's load
+_UPSTREAM_CLIENT_ERRORS = frozenset({400, 413, 422})
 
 
 def _engine_error(exc: Exception) -> ApiError:
-    """A failed engine-model call: the engine's server failed or could not be reached (a
-    bad gateway, as a proxy says), or it refused what the client asked (an upstream 4xx
-    such as a context length exceeded or an invalid value: the client's to fix, a 400)."""
-    if isinstance(exc, EngineHTTPError) and 400 <= exc.status < 500 \
-            and exc.status not in _UPSTREAM_AUTH_OR_LOAD:
-        return ApiError(400, f"the engine refused the request: {exc}",
-                        code="engine_rejected_request")
+    """A failed engine-model call: the engine's server refused what the client asked (400,
+    the client's to fix), is overloaded (503 with its Retry-After), or failed or could not
+    be reached (502, a bad gateway, as a proxy says)."""
+    if isinstance(exc, EngineHTTPError):
+        if exc.status in _UPSTREAM_CLIENT_ERRORS:
+            return ApiError(400, f"the engine refused the request: {exc}",
+                            code="engine_rejected_request")
+        if exc.status == 429:
+            return ApiError(503, f"the engine is overloaded: {exc}", code="engine_overloaded",
+                            retry_after_s=exc.retry_after or 1.0)
     return ApiError(502, f"engine error: {exc}", code="engine_error")
 
 
@@ -416,14 +421,18 @@ def _chat_turns(messages: list[ChatMessage]) -> list[dict[str, str]]:
     order, in the roles every chat template knows: `developer` as `system`, and a `tool`
     or `function` result as a user turn saying what it is (alto does no tool calling, and
     servers refuse a tool turn without the `tool_call_id` of a call they made)."""
-    turns = []
+    turns: list[dict[str, str]] = []
     for m in messages:
         if m.role in ("tool", "function"):
             label = f"{m.role} {m.name}" if m.name else m.role
-            turns.append({"role": "user", "content": f"[{label} result]\n{m.text()}"})
+            role, text = "user", f"[{label} result]\n{m.text()}"
         else:
-            role = "system" if m.role == "developer" else m.role
-            turns.append({"role": role, "content": m.text()})
+            role, text = ("system" if m.role == "developer" else m.role), m.text()
+        if role == "user" and turns and turns[-1]["role"] == "user":
+            # one user turn: templates that need roles to alternate refuse two in a row
+            turns[-1]["content"] += f"\n\n{text}"
+        else:
+            turns.append({"role": role, "content": text})
     return turns
 
 

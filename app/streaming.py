@@ -59,19 +59,21 @@ async def _until(content: AsyncIterator[ServerSentEvent], stopping: anyio.Event,
             try:
                 await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                if not step.done():
+                if not step.done():  # shutting down, or we are cancelled ourselves
                     step.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await step
-            if step.cancelled():
-                for event in farewell:
-                    yield event
-                return
-            try:
-                event = step.result()
-            except StopAsyncIteration:
-                return
-            yield event
+                    # asyncio.wait: our own cancellation still reaches us; the step's
+                    # CancelledError does not
+                    await asyncio.wait({step})
+            if not step.cancelled():
+                try:
+                    event = step.result()
+                except StopAsyncIteration:
+                    return
+                yield event
+                continue
+            for event in farewell:  # the step was cut short: the server is shutting down
+                yield event
+            return
     finally:
         stop.cancel()
         aclose = getattr(it, "aclose", None)

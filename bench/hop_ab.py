@@ -52,13 +52,17 @@ class Side:
     hops_ms: list[float] = field(default_factory=list)
     drains_runs_per_s: list[float] = field(default_factory=list)
     left_after_drains: list[int] = field(default_factory=list)  # 0: a drain ended whole
+    # entries the last stage read during each timed drain: drain_runs x stages when the
+    # timing covered the whole drain and nothing else
+    read_per_drain: list[int] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         h = sorted(self.hops_ms)
         return {"hop_p50_ms": statistics.median(h), "hop_p99_ms": h[int(len(h) * 0.99)],
                 "hops": len(h), "drains_runs_per_s": self.drains_runs_per_s,
                 "drain_runs_per_s_median": statistics.median(self.drains_runs_per_s),
-                "left_after_drains": self.left_after_drains}
+                "left_after_drains": self.left_after_drains,
+                "read_per_drain": self.read_per_drain}
 
 
 async def run_hop_ab(cfg: HopABConfig, log: Log = print) -> dict[str, Any]:
@@ -107,6 +111,7 @@ async def _run(cfg: HopABConfig, trees: dict[str, Path], log: Log) -> dict[str, 
                         cfg.drain_runs / (time.perf_counter() - t0))
                     after = await transport.stats(*where)
                     sides[name].left_after_drains.append(after.lag + after.pending)
+                    sides[name].read_per_drain.append(after.entries_read - before)
         finally:
             for pool in pools:
                 pool.stop()

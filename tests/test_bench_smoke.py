@@ -147,7 +147,9 @@ def test_hop_ab_smoke(tmp_path: Path) -> None:
         # 2 blocks x 3 runs on each side, 2 worker-to-worker hops per run of 3 stages
         assert data[side]["hops"] == 12
         assert len(data[side]["drains_runs_per_s"]) == 2
-        # each drain was timed to its end: nothing of it left in the last stage's stream
+        # each drain was timed to its end: its 20 runs' 60 entries (1 unit + 2 end markers
+        # each) read by the last stage, and nothing left in its stream
+        assert data[side]["read_per_drain"] == [60, 60]
         assert data[side]["left_after_drains"] == [0, 0]
         assert 0 < data[side]["hop_p50_ms"] <= data[side]["hop_p99_ms"]
 

@@ -89,9 +89,10 @@ async def test_an_engine_model_passes_the_conversation_and_sampling_through(
     sent = up.requests[-1]
     # roles every chat template knows; a tool result (no tool_call_id: alto makes no tool
     # calls, and servers refuse such a turn) goes as a user turn saying what it is
+    # (merged with the user turn after it: some templates need roles to alternate)
     assert sent["messages"] == [
         {"role": "system", "content": "Be nice."}, *messages[1:3],
-        {"role": "user", "content": "[tool clock result]\n12:00"}, messages[4]]
+        {"role": "user", "content": "[tool clock result]\n12:00\n\nWhat did I say?"}]
     assert (sent["top_p"], sent["seed"], sent["max_tokens"]) == (0.5, 7, 20)
 
 
@@ -125,7 +126,9 @@ async def test_an_unreachable_engine_is_a_502_that_hides_its_address() -> None:
 
 @pytest.mark.parametrize(("status", "code", "want"), [
     (500, "engine_error", 502),  # the server failed: a bad gateway
+    (404, "engine_error", 502),  # a wrong model or base_url: the gateway's setup
     (400, "engine_rejected_request", 400),  # it refused what the client asked
+    (429, "engine_overloaded", 503),  # its load: try again later
 ])
 async def test_an_engine_answering_an_error_status(
         scripted_server: list[ScriptedSSEServer], status: int, code: str,  # noqa: F811

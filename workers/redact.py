@@ -8,12 +8,14 @@ password there) rather than the connection's parameters.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 MASK = "***"
 
 
-_SECRET_QUERY = ("password", "api-key", "api_key", "apikey", "key", "token", "access_token")
+# a query parameter whose name holds one of these is masked (api-key, subscription-key,
+# client_secret, access_token, sig, auth, ...)
+_SECRET_PARTS = ("password", "passwd", "key", "token", "secret", "sig", "auth")
 
 
 def _mask_query(query: str) -> str:
@@ -21,8 +23,11 @@ def _mask_query(query: str) -> str:
     if not query:
         return query
     pairs = [p.partition("=") for p in query.split("&")]
-    return "&".join(f"{k}={MASK}" if eq and k.lower() in _SECRET_QUERY else f"{k}{eq}{v}"
-                    for k, eq, v in pairs)
+    def secret(name: str) -> bool:
+        plain = unquote(name).lower()
+        return any(part in plain for part in _SECRET_PARTS)
+
+    return "&".join(f"{k}={MASK}" if eq and secret(k) else f"{k}{eq}{v}" for k, eq, v in pairs)
 
 
 def redact_url(url: str) -> str:

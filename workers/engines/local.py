@@ -274,8 +274,9 @@ class LocalEngine:
         self._llm = llm
 
     def _engine_seed(self) -> int:
-        """The engine's own seed (its `seed` option)."""
-        return self.seed
+        """The engine's own seed, as llama.cpp took it at load: its `seed` option, where 0
+        (the default) means llama.cpp's LLAMA_DEFAULT_SEED, a new random seed per call."""
+        return self.seed or 0xFFFFFFFF
 
     def _unload(self) -> None:
         llm, self._llm = self._llm, None
