@@ -219,16 +219,12 @@ def run(
 
 
 async def _cancel_run(transport: Any, run_id: str, code: str, message: str) -> None:
-    """End the run as the gateway does: its cancel flag (workers stop its calls and drop
-    its inputs) and an `error` event, so whoever follows it sees why it ended."""
-    from orchestrator.transport import Commit
+    """End the run as the gateway does (`fail_run`), within 10 s; a failure is said."""
+    from workers.client import fail_run
 
-    event = {"type": "error", "mid": f"error:{code}:{run_id}", "run": run_id, "code": code,
-             "message": message}
     try:
         async with asyncio.timeout(10):
-            await transport.cancel(run_id)
-            await transport.commit(Commit(events=[(run_id, event)]))
+            await fail_run(transport, run_id, code, message)
     except Exception as exc:  # noqa: BLE001 - say so; the process is ending anyway
         console.print(f"[red]could not cancel run {run_id}[/red]: {type(exc).__name__}: "
                       f"{escape(str(exc))}", soft_wrap=True)
@@ -270,14 +266,6 @@ async def _show_events(transport: Any, spec: PipelineSpec, run_id: str, deadline
     return code
 
 
-async def _missing_stages(transport: Any, spec: PipelineSpec) -> list[str]:
-    """Stages of `spec` with no live worker (heartbeat) on the transport right now."""
-    from orchestrator.routing import stage_group
-
-    return [stage for stage in spec.topo_order
-            if not await transport.members(stage_group(spec.name, stage))]
-
-
 async def _run(spec: PipelineSpec, text: str, redis_url: str | None, as_json: bool,
                override: EngineSpec | None, deadline: float) -> int:
     from workers.client import start_run
@@ -297,43 +285,42 @@ async def _run(spec: PipelineSpec, text: str, redis_url: str | None, as_json: bo
                           soft_wrap=True)
             return 1
     else:  # what the gateway answers with 503 no_workers: the run would wait for nothing
-        missing = await _missing_stages(transport, spec)
+        from workers.redact import redact_url
+        from workers.status import missing_stages
+
+        missing = await missing_stages(transport, spec)
         if missing:
             await transport.close()
             console.print(f"[red]no worker serves stage(s) {', '.join(missing)}[/red] of "
-                          f"pipeline {spec.name!r} on {_redacted(redis_url)}; start them with "
+                          f"pipeline {spec.name!r} on {redact_url(redis_url)}; start them with "
                           "`alto worker --pipeline FILE --stage NAME`", soft_wrap=True)
             return 1
     # from here a signal cancels the run (its workers stop working on it) before exiting
-    signalled: list[int] = []
-    stop = asyncio.Event()
+    signals = _Signals()
     loop = asyncio.get_running_loop()
 
-    def on_signal(sig: int) -> None:
-        signalled.append(sig)
-        stop.set()
-
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
+        loop.add_signal_handler(sig, signals, sig)
     code = 0
     try:
         run_id = await start_run(transport, spec, text)
         show = asyncio.create_task(_show_events(transport, spec, run_id, deadline, as_json))
-        stopped = asyncio.ensure_future(stop.wait())
+        stopped = asyncio.ensure_future(signals.first.wait())
         waiters: list[asyncio.Future[Any]] = [show, stopped]
         if runtime is not None:
             waiters.append(asyncio.ensure_future(runtime.wait_failure()))
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if show.done():
             code = show.result()
-        elif stop.is_set():
+        elif signals.count:
             show.cancel()
             await asyncio.wait([show])
-            name = signal.Signals(signalled[0]).name
+            assert signals.first_signal is not None
+            name = signal.Signals(signals.first_signal).name
             await _cancel_run(transport, run_id, "cancelled",
                               f"`alto run` was stopped ({name}) before the run finished")
             console.print(f"[yellow]{name}[/yellow]: cancelled run {run_id}")
-            code = 128 + signalled[0]
+            code = 128 + signals.first_signal
         else:  # a stage runner crashed: say so instead of waiting for the deadline
             show.cancel()
             await asyncio.wait([show])
@@ -355,12 +342,6 @@ async def _run(spec: PipelineSpec, text: str, redis_url: str | None, as_json: bo
             loop.remove_signal_handler(sig)
         await transport.close()
     return code
-
-
-def _redacted(url: str) -> str:
-    from workers.redact import redact_url
-
-    return redact_url(url)
 
 
 @cli.command()
@@ -478,11 +459,14 @@ class _Signals:
 
     def __init__(self) -> None:
         self.count = 0
+        self.first_signal: int | None = None
         self.first = asyncio.Event()
         self.second = asyncio.Event()
 
-    def __call__(self) -> None:
+    def __call__(self, sig: int | None = None) -> None:
         self.count += 1
+        if self.count == 1:
+            self.first_signal = sig
         (self.first if self.count == 1 else self.second).set()
 
 

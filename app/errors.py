@@ -73,10 +73,9 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
     def response(self) -> Response:
-        from app.streaming import dumps  # escapes a lone surrogate a message may carry
+        from app.streaming import json_response  # a message may carry a lone surrogate
 
-        return Response(dumps(self.body()), status_code=self.status, headers=self.headers,
-                        media_type="application/json")
+        return json_response(self.body(), status=self.status, headers=self.headers)
 
 
 def error_body(

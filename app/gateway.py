@@ -33,14 +33,14 @@ from app.admission import QueueGuard, same_owner
 from app.engines import EnginePool
 from app.errors import ApiError
 from app.metrics import Metrics
-from orchestrator.routing import stage_group
 from orchestrator.spec import PipelineSpec
 from orchestrator.tracker import RunTracker, event_order
-from orchestrator.transport import Commit, Transport
-from workers.client import follow_run, start_run
+from orchestrator.transport import Transport
+from workers.client import fail_run, follow_run, start_run
 from workers.router import PolicyRouter, Router, entry_router
 from workers.runtime import Runtime
 from workers.settings import Settings
+from workers.status import missing_stages
 from workers.tracing import start_run_span
 
 log = logging.getLogger("alto.gateway")
@@ -217,11 +217,7 @@ class Gateway:
 
     async def missing_stages(self, spec: PipelineSpec) -> list[str]:
         """Stages of `spec` with no live instance (heartbeat) right now."""
-        missing = []
-        for stage in spec.topo_order:
-            if await self._live(stage_group(spec.name, stage)) == 0:
-                missing.append(stage)
-        return missing
+        return await missing_stages(self.transport, spec, self._live)
 
     async def require_workers(self, spec: PipelineSpec) -> None:
         if self.runtime is not None and (failure := self.runtime.failed()) is not None:
@@ -371,10 +367,7 @@ class Gateway:
 
     async def fail(self, run: str, code: str, message: str) -> None:
         """End a run with an error event (first one wins for followers) and cancel it."""
-        await self.transport.cancel(run, ttl_s=max(1, self.settings.run_ttl_s))
-        event = {"type": "error", "mid": f"error:{code}:{run}", "run": run, "code": code,
-                 "message": message}
-        await self.transport.commit(Commit(events=[(run, event)]))
+        await fail_run(self.transport, run, code, message, max(1, self.settings.run_ttl_s))
         await self.expire(run)
 
     async def cancel(self, run: str, reason: str) -> None:

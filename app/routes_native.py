@@ -33,7 +33,13 @@ from app.schemas import (
     RunResult,
     StageInfo,
 )
-from app.streaming import ClientGone, ClosingEventSource, dumps, sse, unless_disconnected
+from app.streaming import (
+    ClientGone,
+    ClosingEventSource,
+    json_response,
+    sse,
+    unless_disconnected,
+)
 from orchestrator.spec import PipelineSpec
 from orchestrator.template import as_text
 from orchestrator.tracker import RunTracker
@@ -204,11 +210,7 @@ async def create_run(name: PipelineName, body: RunRequest, request: Request) -> 
         return Response(status_code=499)
     finally:
         await handle.close()
-    return Response(
-        # app.streaming.dumps, not model_dump_json: a tool may return a lone surrogate
-        content=dumps(result.model_dump(mode="json")), media_type="application/json",
-        headers=headers
-    )
+    return json_response(result, headers=headers)
 
 
 @router.get(
@@ -311,7 +313,7 @@ async def run_status(run_id: RunId, request: Request) -> Response:
     once the log has expired, and for a run created with another API key)."""
     gw = gateway(request)
     spec, first = await gw.lookup_run(run_id, owner(request))
-    return _json(await _status(gw, spec, run_id, first))
+    return json_response(await _status(gw, spec, run_id, first))
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunStatus,
@@ -324,13 +326,7 @@ async def cancel_run(run_id: RunId, request: Request) -> Response:
     spec, first = await gw.lookup_run(run_id, owner(request))
     status = await _status(gw, spec, run_id, first)
     if status.status != "running":
-        return _json(status)
+        return json_response(status)
     await gw.fail(run_id, "cancelled", "cancelled by the client (POST /v1/runs/{id}/cancel)")
-    return _json(await _status(gw, spec, run_id, first))
+    return json_response(await _status(gw, spec, run_id, first))
 
-
-def _json(model: BaseModel) -> Response:
-    """A response body through app.streaming.dumps, not FastAPI's serializer: a run's
-    output or error message may hold a lone surrogate a tool produced (escaped here, a 500
-    there)."""
-    return Response(dumps(model.model_dump(mode="json")), media_type="application/json")

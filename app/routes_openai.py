@@ -39,6 +39,7 @@ from app.schemas import (
 from app.streaming import (
     ClientGone,
     ClosingEventSource,
+    json_response,
     shutting_down,
     sse,
     unless_disconnected,
@@ -267,13 +268,7 @@ async def _serve_pipeline(
         return Response(status_code=499)
     finally:
         await handle.close()
-    return Response(content=_json(body), media_type="application/json", headers=headers)
-
-
-def _json(body: dict[str, Any]) -> str:
-    from app.streaming import dumps
-
-    return dumps(body)
+    return json_response(body, headers=headers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -413,7 +408,7 @@ async def _serve_engine(
         return Response(status_code=499)
     finally:
         slot.release()
-    return Response(content=_json(out), media_type="application/json")
+    return json_response(out)
 
 
 def _chat_turns(messages: list[ChatMessage]) -> list[dict[str, str]]:

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
-from fastapi import Request
+from fastapi import Request, Response
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
+
+from orchestrator.envelope import dumps_json
 
 T = TypeVar("T")
 OnClose = Callable[[], Awaitable[None]]
@@ -28,15 +30,18 @@ SHUTDOWN_GRACE_S = 1.0
 
 
 def dumps(obj: Any) -> str:
-    """Compact JSON, UTF-8 where it can be: text holding a lone surrogate (which a tool may
-    return) is written with ASCII escapes instead, so its response still encodes."""
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return json.dumps(obj, ensure_ascii=True, separators=(",", ":"))
-    return text
+    """Compact JSON as the wire writes it (`dumps_json`: orjson where it agrees with the
+    standard library; a lone surrogate a tool returns is escaped, so a response encodes)."""
+    return dumps_json(obj).decode()
+
+
+def json_response(body: BaseModel | dict[str, Any], *, status: int = 200,
+                  headers: dict[str, str] | None = None) -> Response:
+    """A JSON answer written by `dumps`, not FastAPI's serializer (which fails on a lone
+    surrogate a tool returned: a 500 instead of the answer)."""
+    data = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
+    return Response(dumps(data), status_code=status, headers=headers,
+                    media_type="application/json")
 
 
 def sse(data: Any, *, event: str | None = None, id: str | None = None) -> ServerSentEvent:

@@ -37,13 +37,19 @@ def dumps_json(value: Any) -> bytes:
     library (a cheap substring test; end markers omit their null payload to stay fast).
     Integers beyond 64 bits, non-string keys and subclasses of built-in types also take
     that path, and whatever the standard library refuses raises its TypeError/ValueError.
+    Text with a lone UTF-16 surrogate (which no UTF-8 holds) is written with ASCII escapes,
+    which read back as the same text.
     """
     try:
         out = orjson.dumps(value, option=_ORJSON_OPTS)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         out = b"null"
     if b"null" in out:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        try:
+            return text.encode()
+        except UnicodeEncodeError:  # a lone surrogate (orjson refuses it too): escaped
+            return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode()
     return out
 
 

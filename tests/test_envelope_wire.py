@@ -109,3 +109,15 @@ def test_old_writers_are_still_read() -> None:
     assert b'"x"' not in end.to_wire()  # a None payload is left out ...
     assert Envelope.from_json(end.to_wire()) == end  # ... and reads back as None
     assert Envelope.from_json(end.to_json()) == end
+
+
+def test_a_lone_surrogate_is_escaped_and_reads_back() -> None:
+    """A tool may return text no UTF-8 holds (a lone surrogate): the wire (and every JSON
+    answer the gateway writes with it) escapes it instead of failing the commit."""
+    value = {"x": "a \ud83d b", "y": ["\udcff"]}
+    out = dumps_json(value)
+    assert b"\\ud83d" in out and out.isascii()
+    assert loads_json(out) == value
+    e = Envelope(run="r", pipeline="p", stage="s", lineage=(), kind="unit",
+                 credit=Fraction(1), payload=value["x"])
+    assert Envelope.from_json(e.to_wire()) == e

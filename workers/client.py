@@ -27,6 +27,17 @@ def new_run_id() -> str:
     return "run_" + secrets.token_hex(16)
 
 
+async def fail_run(transport: Transport, run: str, code: str, message: str,
+                   ttl_s: int = 3600) -> None:
+    """End a run from outside its stages: its cancel flag (workers stop its calls and drop
+    its inputs) and an `error` event, the first of which followers take as its end. The
+    gateway (deadline, disconnect, POST cancel) and `alto run` (Ctrl-C, deadline) both."""
+    await transport.cancel(run, ttl_s=ttl_s)
+    event = {"type": "error", "mid": f"error:{code}:{run}", "run": run, "code": code,
+             "message": message}
+    await transport.commit(Commit(events=[(run, event)]))
+
+
 async def start_run(
     transport: Transport,
     spec: PipelineSpec,

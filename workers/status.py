@@ -5,6 +5,7 @@ at a terminal), so the two never disagree."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from orchestrator.embedded import NoGroupError
@@ -57,3 +58,16 @@ async def pipeline_status(transport: Transport, spec: PipelineSpec) -> PipelineS
         instances = len(await transport.members(stage_group(spec.name, stage)))
         stages.append(StageStatus(stage, instances, *depth))
     return PipelineStatus(spec.name, stages, await deadletters.count(transport, spec.name))
+
+
+async def missing_stages(transport: Transport, spec: PipelineSpec,
+                         live: Callable[[str], Awaitable[int]] | None = None) -> list[str]:
+    """Stages of `spec` with no live instance (heartbeat) right now: a run started then
+    would wait for nothing (the gateway answers 503 no_workers, `alto run` exits). `live`
+    counts a stage group's instances (the gateway's is cached); default: its members."""
+    async def members(group: str) -> int:
+        return len(await transport.members(group))
+
+    count = live or members
+    return [stage for stage in spec.topo_order
+            if await count(stage_group(spec.name, stage)) == 0]
