@@ -7,12 +7,13 @@ ends even before the engine's first delta."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
 from orchestrator.engine import Engine
-from orchestrator.spec import parse_pipeline
+from orchestrator.spec import PipelineSpec, parse_pipeline
 from orchestrator.transport import Transport
 from tests import fixtures_llama
 from tests.fixtures_llama import ScriptedSSEServer, start_scripted
@@ -22,7 +23,7 @@ from workers.client import start_run
 from workers.engines.openai_compat import OpenAIEngine
 from workers.engines.sim import SimEngine
 from workers.runner import RunnerConfig, StageRunner, _wait_event
-from workers.stagefn import StageFunction
+from workers.stagefn import StageFunction, running_plain_calls
 
 scripted_server = fixtures_llama.scripted_server  # a fixture of tests/fixtures_llama.py
 
@@ -130,3 +131,103 @@ async def test_a_cancelled_run_drops_an_upstream_request_that_sent_no_token(
         await engine.aclose()
     assert len(server.requests) == 1 and server.requests[0]["stream"] is True
     assert runner.processed == 0
+
+
+# A tool that hangs: the run's cancel must end the call (tool calls watch the flag too)
+_hang: dict[str, object] = {}
+
+
+async def hang_async(value: object, ctx: object) -> str:
+    _hang["entered"] = True
+    try:
+        await asyncio.Event().wait()  # never set
+    except asyncio.CancelledError:
+        _hang["cancelled"] = True
+        raise
+    return "never"
+
+
+def hang_sync(value: object, ctx: object) -> str:
+    gate = _hang["gate"]
+    assert isinstance(gate, threading.Event)
+    _hang["entered"] = True
+    gate.wait(60)  # released by the test once it has its answer
+    return "late"
+
+
+async def hang_between_units(value: object, ctx: object) -> AsyncIterator[str]:
+    try:
+        yield "first"
+        _hang["entered"] = True
+        await asyncio.Event().wait()
+        yield "never"
+    finally:
+        _hang["closed"] = True
+
+
+def _tool_spec(function: str) -> PipelineSpec:
+    return parse_pipeline({
+        "name": "hung",
+        "stages": [{"name": "tool", "kind": "tool", "function": f"tests.test_runner_cancel:{function}",
+                    "concurrency": 1}],
+    })
+
+
+async def _cancel_while_tool_hangs(transport: Transport, spec: PipelineSpec) -> StageRunner:
+    """Start a run whose tool call hangs, cancel the run once the call is in, and wait
+    until the runner has acknowledged the input (no `timeout_s`: only the cancel ends it)."""
+    runner = StageRunner(spec, "tool", transport, StageFunction(spec, spec.stage("tool")),
+                         instance="tool-0", config=RunnerConfig(block_ms=20, heartbeat_ms=50))
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        run = await start_run(transport, spec, "hello")
+        await eventually(lambda: _hang.get("entered") is True, 10)
+        await transport.cancel(run, 60)
+
+        async def acknowledged() -> bool:
+            return (await transport.stats(runner.streams[0], runner.group)).pending == 0
+
+        await eventually(acknowledged, 10)
+        assert runner.processed == 0  # nothing was committed as its output
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    return runner
+
+
+@pytest.fixture
+def hang_state() -> Iterator[dict[str, object]]:
+    _hang.clear()
+    _hang["gate"] = threading.Event()
+    yield _hang
+    gate = _hang["gate"]
+    assert isinstance(gate, threading.Event)
+    gate.set()
+
+
+async def test_a_cancelled_run_ends_its_hung_async_tool_call(
+    transport: Transport, hang_state: dict[str, object],
+) -> None:
+    await _cancel_while_tool_hangs(transport, _tool_spec("hang_async"))
+    assert hang_state.get("cancelled") is True  # the coroutine itself was cancelled
+
+
+async def test_a_cancelled_run_frees_the_slot_of_a_hung_sync_tool_call(
+    transport: Transport, hang_state: dict[str, object],
+) -> None:
+    """A thread cannot be stopped: the call is abandoned (its thread runs on, counted),
+    the input acknowledged and the stage's slot free for the next input."""
+    await _cancel_while_tool_hangs(transport, _tool_spec("hang_sync"))
+    assert running_plain_calls().get("tool") == 1  # still in its thread, abandoned
+    gate = hang_state["gate"]
+    assert isinstance(gate, threading.Event)
+    gate.set()
+    await eventually(lambda: "tool" not in running_plain_calls(), 10)
+
+
+async def test_a_cancelled_run_ends_a_generator_tool_hung_between_units(
+    transport: Transport, hang_state: dict[str, object],
+) -> None:
+    await _cancel_while_tool_hangs(transport, _tool_spec("hang_between_units"))
+    assert hang_state.get("closed") is True  # the generator was closed, not left suspended

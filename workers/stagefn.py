@@ -27,6 +27,7 @@ from orchestrator.template import StageContext, as_text, render
 
 StopCheck = Callable[[], Awaitable[bool]]
 CANCEL_POLL_S = 0.05  # how often a running LM call looks at its run's cancel flag
+TOOL_CANCEL_POLL_S = 0.2  # how often a tool/reduce call still running looks at it
 DEFAULT_SLOTS = 8  # calls at once of a stage without an engine and without `concurrency`
 
 
@@ -170,18 +171,28 @@ class StageFunction:
             return
         assert self.fn is not None
         arg = items if self.stage.aggregates else value
+        watch = _CancelWatch(stop)
         if inspect.iscoroutinefunction(self.fn):
-            result = await self.fn(arg, ctx)
+            call = self.fn(arg, ctx)
         else:
-            call = functools.partial(_counted, self.stage.name, contextvars.copy_context().run,
-                                     self.fn, arg, ctx)
-            result = await asyncio.get_running_loop().run_in_executor(self._threads(), call)
-        if inspect.isasyncgen(result):
-            async for unit in result:
-                stats.incremental = True
-                for u in frame_value(self.stage.framing, unit):
-                    yield u
+            call = asyncio.get_running_loop().run_in_executor(self._threads(), functools.partial(
+                _counted, self.stage.name, contextvars.copy_context().run, self.fn, arg, ctx))
+        with watch:
+            result = await call
+        if watch.hit:
             return
+        if inspect.isasyncgen(result):
+            try:
+                while True:
+                    with watch:
+                        unit = await anext(result, _END)
+                    if watch.hit or unit is _END:
+                        return
+                    stats.incremental = True
+                    for u in frame_value(self.stage.framing, unit):
+                        yield u
+            finally:
+                await result.aclose()
         stats.incremental = False
         for u in frame_value(self.stage.framing, result):
             yield u
@@ -241,6 +252,68 @@ class StageFunction:
 
 
 _CANCELLED = object()
+_END = object()
+
+
+class _CancelWatch:
+    """Ends a tool or reduce call whose run is cancelled while it runs, as an LM call ends
+    (`_first_delta`): otherwise a hung call of a cancelled run keeps its slot until its
+    `timeout_s`, or for ever. Used as `with watch: await call`; afterwards `hit` says the
+    call was cut short (there is nothing to publish; the runner acknowledges its input).
+
+    Most calls are instant, so nothing is polled in their first `TOOL_CANCEL_POLL_S`: a
+    timer (one loop handle, as `asyncio.timeout` uses) starts a look at the flag only once a
+    call has run that long, and cancels the awaiting task the way `asyncio.timeout` does,
+    taking back only its own cancellation. A synchronous function's thread cannot be
+    stopped: it runs on, unobserved and counted (`running_plain_calls`), until it returns."""
+
+    def __init__(self, stop: StopCheck, poll_s: float | None = None) -> None:
+        self._stop = stop
+        self._poll_s = TOOL_CANCEL_POLL_S if poll_s is None else poll_s
+        self._task: asyncio.Task[Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._inside = False
+        self._cancelling = False
+        self.hit = False
+
+    def __enter__(self) -> None:
+        self._task = asyncio.current_task()
+        self._inside, self._cancelling = True, False
+        self._timer = asyncio.get_running_loop().call_later(self._poll_s, self._look)
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> bool:
+        self._inside = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._cancelling and self._task is not None and self._task.uncancel() == 0 \
+                and exc_type is asyncio.CancelledError:
+            self.hit = True
+            return True  # our own cancellation: the call is over, the task goes on
+        return False
+
+    def _look(self) -> None:
+        self._timer = None
+        if self._inside:
+            looking = asyncio.ensure_future(self._poll())
+            _looks.add(looking)
+            looking.add_done_callback(_looks.discard)
+
+    async def _poll(self) -> None:
+        try:
+            cancelled = await self._stop()
+        except Exception:  # noqa: BLE001 - a failed look is retried at the next poll
+            cancelled = False
+        if not self._inside or self._task is None:
+            return  # the call ended meanwhile
+        if cancelled:
+            self._cancelling = True
+            self._task.cancel()
+        else:
+            self._timer = asyncio.get_running_loop().call_later(self._poll_s, self._look)
+
+
+_looks: set[asyncio.Future[Any]] = set()  # running looks, referenced until they end
 
 
 async def _bounded(units: AsyncIterator[Any], limit_s: float, stage: str) -> AsyncIterator[Any]:
