@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -137,17 +138,66 @@ def _engine_spec(kind: str, options: dict[str, Any], kind_from: str,
 
 def _engine_override(engine: str | None, options: list[str] | None = None,
                      settings: Any = None) -> EngineSpec | None:
-    """--engine (or ALTO_ENGINE, from `settings`) with its --engine-opt options, for
-    every LM stage; exit 2 on options without an engine or that do not validate."""
-    kind = engine or (settings.engine if settings is not None else None)
-    if options and not kind:
+    """The engine of every LM stage: --engine (else ALTO_ENGINE) with ALTO_ENGINE_OPTIONS
+    and the --engine-opt options on top, from `settings` when given. One resolution for
+    `alto run`, `alto worker` and `alto serve`, so a setting means the same to each; exit
+    2 naming the flag or setting that is wrong."""
+    return _build_engine(_engine_choice(engine, options, settings))
+
+
+def _build_engine(choice: _EngineChoice) -> EngineSpec | None:
+    """`choice` validated (None without a kind), or exit 2 naming where the bad part came
+    from."""
+    if choice.kind is None:
+        return None
+    flags = choice.from_flags
+    return _engine_spec(choice.kind, choice.options, choice.kind_from,
+                        lambda k: f"--engine-opt {k}" if k in flags else f"ALTO_ENGINE_OPTIONS {k}")
+
+
+@dataclass(frozen=True)
+class _EngineChoice:
+    """The override engine's kind and options before validation, and which options the
+    command line gave (so an error names the flag or the setting it came from)."""
+
+    kind: str | None
+    kind_from: str  # "--engine" or "ALTO_ENGINE"
+    options: dict[str, Any]
+    from_flags: frozenset[str]
+
+
+def _engine_choice(engine: str | None, options: list[str] | None,
+                   settings: Any = None) -> _EngineChoice:
+    """ALTO_ENGINE/ALTO_ENGINE_OPTIONS (from `settings`) with --engine and --engine-opt
+    overriding them, option by option. Options without a kind are refused: nothing would
+    use them, and ignoring them silently hides the mistake."""
+    env_kind = settings.engine if settings is not None else None
+    env_options = dict(settings.engine_options) if settings is not None else {}
+    flags = _engine_options(options)
+    if "kind" in env_options:
+        _usage("ALTO_ENGINE_OPTIONS: has 'kind', which is ALTO_ENGINE's (or --engine's)")
+    kind = engine or env_kind or None
+    if flags and not kind:
         _usage("--engine-opt needs --engine (or ALTO_ENGINE): it sets an option of the "
                "engine that overrides the pipeline's")
-    extra = _engine_options(options)
-    if not kind:
-        return None
-    return _engine_spec(kind, extra, "--engine" if engine else "ALTO_ENGINE",
-                        lambda k: f"--engine-opt {k}")
+    if env_options and not kind:
+        _usage("ALTO_ENGINE_OPTIONS needs ALTO_ENGINE (or --engine): it sets options of "
+               "the engine that overrides the pipeline's")
+    return _EngineChoice(kind, "--engine" if engine else "ALTO_ENGINE",
+                         {**env_options, **flags}, frozenset(flags))
+
+
+def _redis_url(flag: str | None, settings: Any) -> tuple[str | None, str]:
+    """The Redis URL a command uses, and what to call it in messages: --redis-url, else
+    ALTO_REDIS_URL (empty or unset: none, i.e. the embedded transport for `alto run` and
+    `alto serve`). Exit 2 on a URL redis-py cannot use, before anything connects."""
+    from workers.settings import reveal
+
+    url, source = (flag, "--redis-url") if flag else (reveal(settings.redis_url),
+                                                      "ALTO_REDIS_URL")
+    if url:
+        _check_redis_url(url, source)
+    return url or None, source
 
 
 def _check_redis_url(url: str, source: str) -> None:
@@ -188,34 +238,40 @@ def run(
     pipeline: Annotated[Path, typer.Argument(help="pipeline YAML")],
     input: Annotated[str, typer.Option("--input", "-i", help="the run's input text")],
     redis_url: Annotated[str | None, typer.Option(
-        help="use Redis and running `alto worker`s (they run their own spec and engines)")] = None,
+        help="run on Redis, by the `alto worker`s there (they run their own spec and "
+        "engines); default ALTO_REDIS_URL; neither set: every stage runs in this process")
+    ] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="barrier mode")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON event per line")] = False,
-    engine: Annotated[str | None, typer.Option(help="override every LM stage's engine kind")] = None,
-    engine_opt: Annotated[
-        list[str] | None, typer.Option("--engine-opt", help="KEY=VALUE engine option")
-    ] = None,
+    engine: Annotated[str | None, typer.Option(
+        help="override every LM stage's engine kind (or ALTO_ENGINE)")] = None,
+    engine_opt: Annotated[list[str] | None, typer.Option(
+        "--engine-opt", help="KEY=VALUE engine option (over ALTO_ENGINE_OPTIONS)")] = None,
     deadline: Annotated[float, typer.Option(
         min=0, help="seconds before giving up (and cancelling the run); 0: never")] = 600.0,
 ) -> None:
     """Run one request through a pipeline and print partial outputs as they arrive.
+    With --redis-url, or else ALTO_REDIS_URL, the run goes to the `alto worker`s on that
+    Redis; with neither (ALTO_REDIS_URL unset or empty) every stage runs in this process.
     Ctrl-C (SIGINT) or SIGTERM cancels the run, as its deadline passing does."""
     from workers.settings import get_settings
 
     settings = get_settings()
+    url, source = _redis_url(redis_url, settings)
     override = None
-    if redis_url:
+    if url:
         # the workers load the pipeline and build the engines: these would change nothing
+        # (ALTO_ENGINE and friends are theirs too, so they are not read here)
         local = [name for name, given in (("--no-stream", no_stream), ("--engine", engine),
                                           ("--engine-opt", engine_opt)) if given]
         if local:
-            _usage(f"{', '.join(local)} cannot be combined with --redis-url: the workers "
-                   "run their own pipeline spec and engines (give it to `alto worker`)")
-        _check_redis_url(redis_url, "--redis-url")
+            hint = " (or set ALTO_REDIS_URL= empty to run here)" if source != "--redis-url" else ""
+            _usage(f"{', '.join(local)} cannot be combined with {source}: the workers "
+                   f"run their own pipeline spec and engines (give it to `alto worker`){hint}")
     else:
         override = _engine_override(engine, engine_opt, settings)
     spec = _load(pipeline, not no_stream)
-    _exit(asyncio.run(_run(spec, input, redis_url or None, as_json, override, deadline)))
+    _exit(asyncio.run(_run(spec, input, url, source, as_json, override, deadline)))
 
 
 async def _cancel_run(transport: Any, run_id: str, code: str, message: str) -> None:
@@ -266,12 +322,12 @@ async def _show_events(transport: Any, spec: PipelineSpec, run_id: str, deadline
     return code
 
 
-async def _run(spec: PipelineSpec, text: str, redis_url: str | None, as_json: bool,
-               override: EngineSpec | None, deadline: float) -> int:
+async def _run(spec: PipelineSpec, text: str, redis_url: str | None, source: str,
+               as_json: bool, override: EngineSpec | None, deadline: float) -> int:
     from workers.client import start_run
     from workers.runtime import Runtime
 
-    transport = await _make_transport(redis_url)
+    transport = await _make_transport(redis_url, source)
     runtime = None
     if redis_url is None:
         from workers.settings import get_settings
@@ -349,8 +405,10 @@ def worker(
     pipeline: Annotated[Path, typer.Option("--pipeline", "-p", help="pipeline YAML")],
     stage: Annotated[str, typer.Option(help="the stage this process serves")],
     redis_url: Annotated[str | None, typer.Option(help="Redis URL (or ALTO_REDIS_URL)")] = None,
-    engine: Annotated[str | None, typer.Option(help="override the engine kind")] = None,
-    engine_opt: Annotated[list[str] | None, typer.Option("--engine-opt", help="KEY=VALUE")] = None,
+    engine: Annotated[str | None, typer.Option(
+        help="override the engine kind (or ALTO_ENGINE)")] = None,
+    engine_opt: Annotated[list[str] | None, typer.Option(
+        "--engine-opt", help="KEY=VALUE engine option (over ALTO_ENGINE_OPTIONS)")] = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="max inputs in flight")] = None,
     instances: Annotated[int | None, typer.Option(
         min=1, max=256, help="engine instances this process runs, each with its own runner "
@@ -362,14 +420,13 @@ def worker(
     ] = None,
 ) -> None:
     """Serve one stage of a pipeline from Redis until SIGTERM (then drain)."""
-    from workers.settings import get_settings, reveal
+    from workers.settings import get_settings
 
     settings = get_settings()
-    url = redis_url or reveal(settings.redis_url)
+    url, source = _redis_url(redis_url, settings)
     if not url:
         console.print("[red]--redis-url (or ALTO_REDIS_URL) is required[/red]")
         raise typer.Exit(2)
-    _check_redis_url(url, "--redis-url" if redis_url else "ALTO_REDIS_URL")
     spec = _load(pipeline, not no_stream)
     if stage not in spec.by_name:
         console.print(f"[red]pipeline {spec.name!r} has no stage {stage!r}[/red] (has {list(spec.by_name)})")
@@ -379,7 +436,8 @@ def worker(
         instances = _default_instances(spec, stage, override)
     if metrics_port is not None:
         settings = settings.model_copy(update={"metrics_port": metrics_port})
-    _exit(asyncio.run(_worker(spec, stage, url, override, concurrency, settings, instances)))
+    _exit(asyncio.run(_worker(spec, stage, url, source, override, concurrency, settings,
+                              instances)))
 
 
 def _default_instances(spec: PipelineSpec, stage: str, override: EngineSpec | None) -> int:
@@ -396,8 +454,9 @@ def _default_instances(spec: PipelineSpec, stage: str, override: EngineSpec | No
     return default_instances(espec) if len(fleet(espec)) > 1 else 1
 
 
-async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec | None,
-                  concurrency: int | None, settings: Any, instances: int) -> int:
+async def _worker(spec: PipelineSpec, stage: str, url: str, source: str,
+                  override: EngineSpec | None, concurrency: int | None, settings: Any,
+                  instances: int) -> int:
     from app.logs import set_defaults
     from workers.metrics import WorkerMetrics, serve_worker_http
     from workers.runner import RunnerConfig
@@ -405,7 +464,7 @@ async def _worker(spec: PipelineSpec, stage: str, url: str, override: EngineSpec
 
     set_defaults(pipeline=spec.name, stage=stage)
     metrics = WorkerMetrics()
-    transport = await _make_transport(url, "Redis URL")
+    transport = await _make_transport(url, source)
     config = RunnerConfig.from_settings(settings)
     from workers.tracing import SpanRecorder, combine
     from workers.tracing import configure as configure_tracing
@@ -494,21 +553,24 @@ def _serve_settings(
     host: str | None,
     port: int | None,
 ) -> Any:
-    """Settings from ALTO_* with the command line's flags on top."""
+    """Settings from ALTO_* with the command line's flags on top, the Redis URL and the
+    engine resolved as `alto run` and `alto worker` resolve them; exit 2 on what
+    `create_app` and its lifespan would fail on, in one line before uvicorn starts."""
     from pydantic import SecretStr
 
     from workers.settings import get_settings
 
     settings = get_settings()
-    update: dict[str, Any] = {}
+    url, _ = _redis_url(redis_url, settings)
+    choice = _engine_choice(engine, engine_opt, settings)
+    _build_engine(choice)
+    update: dict[str, Any] = {
+        "redis_url": SecretStr(url) if url else None,  # model_copy does not validate
+        "engine": choice.kind,
+        "engine_options": choice.options,
+    }
     if pipeline:
         update["pipelines"] = [str(p) for p in pipeline]
-    if redis_url:
-        update["redis_url"] = SecretStr(redis_url)  # model_copy does not validate
-    if engine:
-        update["engine"] = engine
-    if engine_opt:
-        update["engine_options"] = {**settings.engine_options, **_engine_options(engine_opt)}
     if host:
         update["host"] = host
     if port is not None:
@@ -522,10 +584,13 @@ def serve(
         list[Path] | None, typer.Option("--pipeline", "-p", help="pipeline YAML (repeatable)")
     ] = None,
     redis_url: Annotated[
-        str | None, typer.Option(help="be a pure gateway in front of `alto worker`s on Redis")
+        str | None, typer.Option(help="be a pure gateway in front of `alto worker`s on Redis "
+                                 "(or ALTO_REDIS_URL)")
     ] = None,
-    engine: Annotated[str | None, typer.Option(help="override every LM stage's engine")] = None,
-    engine_opt: Annotated[list[str] | None, typer.Option("--engine-opt", help="KEY=VALUE")] = None,
+    engine: Annotated[str | None, typer.Option(
+        help="override every LM stage's engine (or ALTO_ENGINE)")] = None,
+    engine_opt: Annotated[list[str] | None, typer.Option(
+        "--engine-opt", help="KEY=VALUE engine option (over ALTO_ENGINE_OPTIONS)")] = None,
     host: Annotated[str | None, typer.Option(help="bind address (ALTO_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="port (ALTO_PORT)")] = None,
 ) -> None:
@@ -538,20 +603,7 @@ def serve(
     from workers.settings import reveal
 
     settings = _serve_settings(pipeline, redis_url, engine, engine_opt, host, port)
-    # what create_app and its lifespan would fail on, said in one line before uvicorn starts
-    if engine_opt and not settings.engine:
-        _usage("--engine-opt needs --engine (or ALTO_ENGINE): it sets an option of the "
-               "engine that overrides the pipelines'")
-    if settings.engine:
-        if "kind" in settings.engine_options:
-            _usage("ALTO_ENGINE_OPTIONS: has 'kind', which is ALTO_ENGINE's (or --engine's)")
-        given = set(_engine_options(engine_opt))
-        _engine_spec(settings.engine, dict(settings.engine_options),
-                     "--engine" if engine else "ALTO_ENGINE",
-                     lambda k: f"--engine-opt {k}" if k in given else f"ALTO_ENGINE_OPTIONS {k}")
     url = reveal(settings.redis_url)
-    if url:
-        _check_redis_url(url, "--redis-url" if redis_url else "ALTO_REDIS_URL")
     try:
         key_digests([reveal(k) or "" for k in settings.api_keys])
     except ValueError as exc:
@@ -675,16 +727,16 @@ def on_redis(pipeline: Path, redis_url: str | None,
              work: Callable[[Any, PipelineSpec], Awaitable[T]], why: str = "") -> T:
     """`work(transport, spec)` against the Redis of `--redis-url` (or ALTO_REDIS_URL): the
     operator commands read what workers and gateways share there."""
-    from workers.settings import get_settings, reveal
+    from workers.settings import get_settings
 
     spec = _load(pipeline)
-    url = redis_url or reveal(get_settings().redis_url)
+    url, source = _redis_url(redis_url, get_settings())
     if not url:
         console.print(f"[red]--redis-url (or ALTO_REDIS_URL) is required[/red]{why}")
         raise typer.Exit(2)
 
     async def main() -> T:
-        transport = await _make_transport(url)
+        transport = await _make_transport(url, source)
         try:
             return await work(transport, spec)
         finally:
