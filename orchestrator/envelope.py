@@ -187,9 +187,11 @@ class Envelope:
         )
 
 
-def unit_id(run: str, lineage: Lineage, target: str) -> str:
-    """A unit is named by its lineage (unique: it ends with the emitting stage and index)."""
-    return f"{run}:{lineage_str(lineage)}>{target}"
+def unit_id(run: str, lineage: Lineage | str, target: str) -> str:
+    """A unit is named by its lineage (unique: it ends with the emitting stage and index);
+    `lineage` may be given as its `lineage_str` already, which a producer needs anyway."""
+    text = lineage if isinstance(lineage, str) else lineage_str(lineage)
+    return f"{run}:{text}>{target}"
 
 
 def end_id(cause: str, target: str) -> str:

@@ -51,7 +51,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orchestrator.embedded import NoGroupError
-from orchestrator.envelope import Envelope
+from orchestrator.envelope import Envelope, dumps_json, loads_json
 from orchestrator.transport import (
     Commit,
     Delivery,
@@ -398,7 +398,7 @@ class RedisTransport(Transport):
         self.prefix = prefix
         self.approximate_trim = approximate_trim
         self._minid: dict[str, str] = {}  # stream -> last safe MINID computed by trim()
-        self._commit_queue: list[tuple[list[str], asyncio.Future[bool]]] = []
+        self._commit_queue: list[tuple[list[str | bytes], asyncio.Future[bool]]] = []
         self._committing = False
         self._read_queue: list[tuple[str, list[str] | None, asyncio.Future[list[Any]]]] = []
         self._reading = False
@@ -451,10 +451,10 @@ class RedisTransport(Transport):
             asyncio.get_running_loop().create_task(self._flush_commits())
         return await fut
 
-    def _commit_commands(self, commit: Commit) -> list[list[str]]:
+    def _commit_commands(self, commit: Commit) -> list[list[str | bytes]]:
         """The commit as raw Redis commands, in the order they apply (acks last). Run keys
         get the safety expiry if they have none (EXPIRE NX)."""
-        cmds: list[list[str]] = []
+        cmds: list[list[str | bytes]] = []
         for s, e in commit.messages:
             key, text = self._stream_key(s), e.to_json()
             minid = self._minid.get(key)
@@ -466,8 +466,7 @@ class RedisTransport(Transport):
         run_keys: dict[str, None] = {}
         for run, ev in commit.events:
             key = self._run_key(run, "events")
-            text = json.dumps(ev, separators=(",", ":"), ensure_ascii=False)
-            cmds.append(["XADD", key, "*", "e", text])
+            cmds.append(["XADD", key, "*", "e", dumps_json(ev)])  # orjson: ~8x the stdlib
             run_keys[key] = None
         progress: dict[str, dict[str, str]] = {}
         for run, key, prog in commit.progress:
@@ -484,12 +483,12 @@ class RedisTransport(Transport):
                 cmds.append(["XACK", self._stream_key(stream), group, *ids[i:i + 1000]])
         return cmds
 
-    def _commit_args(self, commit: Commit) -> list[str]:
+    def _commit_args(self, commit: Commit) -> list[str | bytes]:
         """The commit's section of `_COMMIT`'s ARGV."""
         cmds = self._commit_commands(commit)
         fence, guard = commit.fence, commit.guard
         nack = sum(1 for c in cmds if c[0] == "XACK")
-        args = [
+        args: list[str | bytes] = [
             f"{self.prefix}lease:{fence.lease}" if fence else "",
             str(fence.token) if fence else "",
             self._run_key(guard.run, "cancel") if guard else "",
@@ -772,7 +771,7 @@ class RedisTransport(Transport):
             block=block_ms if block_ms > 0 else None,  # BLOCK 0 would wait forever
         )
         return [
-            (entry_id, json.loads(fields["e"]))
+            (entry_id, loads_json(fields["e"]))
             for _key, entries in res or []
             for entry_id, fields in entries
         ]

@@ -988,6 +988,7 @@ class StageRunner:
     ) -> None:
         """Add unit `index` to a commit: to every successor, and as a run event."""
         lin = (*base_lineage, (self.stage.name, index))
+        lin_s = lineage_str(lin)
         share = unit_credit(credit, index)
         if self.successors:
             child_scope = {**scope, self.stage.name: share}
@@ -1005,7 +1006,7 @@ class StageRunner:
                     sender=self.stage.name,
                     scope=child_scope,
                     context=child_ctx,
-                    id=unit_id(run, lin, t),
+                    id=unit_id(run, lin_s, t),
                 )
                 c.messages.append((self.router.stream_for(env), env))
         if self.config.partial_events or self.is_output:
@@ -1014,10 +1015,10 @@ class StageRunner:
                     run,
                     {
                         "type": "partial",
-                        "mid": f"partial:{run}:{lineage_str(lin)}",
+                        "mid": f"partial:{run}:{lin_s}",
                         "stage": self.stage.name,
                         "key": lineage_str(base_lineage),
-                        "lineage": lineage_str(lin),
+                        "lineage": lin_s,
                         "data": unit,
                         "final": self.is_output,
                     },
