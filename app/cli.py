@@ -416,7 +416,8 @@ def worker(
         "talks to the i-th server)")] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="barrier mode")] = False,
     metrics_port: Annotated[
-        int | None, typer.Option(help="serve /metrics /healthz /readyz here (ALTO_METRICS_PORT)")
+        int | None, typer.Option(min=0, max=65535, help="serve /metrics /healthz /readyz "
+                                 "here (ALTO_METRICS_PORT; 0: off)")
     ] = None,
 ) -> None:
     """Serve one stage of a pipeline from Redis until SIGTERM (then drain)."""
@@ -592,7 +593,8 @@ def serve(
     engine_opt: Annotated[list[str] | None, typer.Option(
         "--engine-opt", help="KEY=VALUE engine option (over ALTO_ENGINE_OPTIONS)")] = None,
     host: Annotated[str | None, typer.Option(help="bind address (ALTO_HOST)")] = None,
-    port: Annotated[int | None, typer.Option(help="port (ALTO_PORT)")] = None,
+    port: Annotated[int | None, typer.Option(
+        min=0, max=65535, help="port (ALTO_PORT); 0: any free port")] = None,
 ) -> None:
     """Serve the HTTP gateway (OpenAI-compatible + native API) with uvicorn."""
     import uvicorn

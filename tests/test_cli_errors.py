@@ -72,8 +72,13 @@ def one_line_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str
      ["--redis-url http://foo", "scheme"]),
     (["check", str(PIPELINE)], {"ALTO_LOG_FORMAT": "xml"}, ["ALTO_LOG_FORMAT", "'xml'"]),
     (["check", str(PIPELINE)], {"ALTO_LOG_LEVEL": "loud"}, ["ALTO_LOG_LEVEL", "'loud'"]),
+    (["serve", "-p", str(PIPELINE)], {"ALTO_PORT": "70000"},
+     ["ALTO_PORT", "less than or equal to 65535"]),
+    (["worker", "-p", str(PIPELINE), "--stage", "split", "--redis-url", NOWHERE],
+     {"ALTO_METRICS_PORT": "-1"}, ["ALTO_METRICS_PORT", "greater than or equal to 0"]),
 ], ids=["run-engine", "run-engine-opt", "worker-redis-url", "port", "pipelines", "api-keys",
-        "serve-engine", "serve-redis-url", "log-format", "log-level"])
+        "serve-engine", "serve-redis-url", "log-format", "log-level", "port-range",
+        "metrics-port-range"])
 def test_a_mistake_is_one_line_naming_the_option_or_setting(
         args: list[str], env: dict[str, str], names: list[str]) -> None:
     line = one_line_error(alto(*args, env=clean_env(**env), timeout=30))
@@ -117,9 +122,16 @@ def test_run_on_redis_refuses_options_only_a_local_run_uses(local: list[str]) ->
       "--concurrency", "0"], "--concurrency"),
     (["worker", "-p", str(PIPELINE), "--stage", "split", "--redis-url", NOWHERE,
       "--concurrency", "-1"], "--concurrency"),
-], ids=["deadline", "concurrency-0", "concurrency-negative"])
+    (["serve", "-p", str(PIPELINE), "--port", "70000"], "--port"),
+    (["serve", "-p", str(PIPELINE), "--port", "-1"], "--port"),
+    (["worker", "-p", str(PIPELINE), "--stage", "split", "--redis-url", NOWHERE,
+      "--metrics-port", "65536"], "--metrics-port"),
+], ids=["deadline", "concurrency-0", "concurrency-negative", "port-over", "port-negative",
+        "metrics-port-over"])
 def test_out_of_range_numbers_are_rejected(args: list[str], option: str) -> None:
-    proc = alto(*args)
+    """A usage error (exit 2) before anything starts: uvicorn, given a port over 65535,
+    said it was listening there and served nothing."""
+    proc = alto(*args, timeout=30)
     assert proc.returncode == 2, proc.stderr
     assert f"Invalid value for '{option}'" in proc.stderr
 

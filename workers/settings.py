@@ -69,12 +69,14 @@ class Settings(BaseSettings):
     queue_stats_cache_s: float = 0.2
     max_prompt_chars: int = 200_000
     host: str = "127.0.0.1"
-    port: int = 8000
+    # a TCP port, or 0 (the gateway: any free one; metrics_port: off); out of range, uvicorn
+    # reports listening on a port it cannot bind, so the mistake is refused here
+    port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
     # deployment (helm/alto, Dockerfile): `alto worker` serves /metrics, /healthz, /readyz
     # on metrics_port (0 = off; workers/metrics.py); log_format json = one JSON object per
     # record with run id and stage (app/logs.py), what log collectors in Kubernetes parse
-    metrics_port: int = 0
+    metrics_port: int = Field(0, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
     log_format: Literal["text", "json"] = "text"
     # gateway (app/): a native SSE run whose client went away is cancelled after this many
