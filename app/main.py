@@ -36,6 +36,7 @@ from app.middleware import (
 )
 from app.ratelimit import RateLimit
 from app.responses import SSE_MODELS
+from app.routes_admin import router as admin_router
 from app.routes_native import router as native_router
 from app.routes_openai import router as openai_router
 from app.routes_ops import router as ops_router
@@ -157,14 +158,17 @@ def create_app(
     auth = [Depends(bearer)]
     app.include_router(openai_router, dependencies=auth)
     app.include_router(native_router, dependencies=auth)
+    app.include_router(admin_router, dependencies=auth)
     app.include_router(ops_router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     if settings.rate_limit_rps > 0:
         limit = RateLimit(settings.rate_limit_rps, settings.rate_limit_burst)
         app.add_middleware(RateLimitMiddleware, limit=limit)
     keys = [reveal(k) or "" for k in settings.api_keys]
+    admin_keys = [reveal(k) or "" for k in settings.admin_api_keys]
     key_digests(keys)  # a malformed `sha256:` entry fails here, not at startup
-    app.add_middleware(AuthMiddleware, keys=keys)
+    key_digests(admin_keys, "ALTO_ADMIN_API_KEYS")
+    app.add_middleware(AuthMiddleware, keys=keys, admin_keys=admin_keys)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     return app

@@ -92,6 +92,7 @@ class MetricsMiddleware:
 
 HASH_PREFIX = "sha256:"
 OWNER_STATE = "alto_owner"  # scope["state"] key: the caller's key hash (request.state)
+ADMIN_STATE = "alto_admin"  # scope["state"] key: True when the caller used an admin key
 
 
 def key_hash(key: str | bytes) -> str:
@@ -101,7 +102,7 @@ def key_hash(key: str | bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def key_digests(keys: Sequence[str]) -> list[bytes]:
+def key_digests(keys: Sequence[str], setting: str = "ALTO_API_KEYS") -> list[bytes]:
     """ALTO_API_KEYS entries -> SHA-256 digests: `sha256:<64 hex>` is taken as the hash of
     a key, anything else as the key itself. A malformed hash entry is refused at start-up
     (naming its position, not its value)."""
@@ -112,7 +113,7 @@ def key_digests(keys: Sequence[str]) -> list[bytes]:
         if key.lower().startswith(HASH_PREFIX):
             digest = key[len(HASH_PREFIX):]
             if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
-                raise ValueError(f"ALTO_API_KEYS entry {i} starts with {HASH_PREFIX!r} but is "
+                raise ValueError(f"{setting} entry {i} starts with {HASH_PREFIX!r} but is "
                                  "not followed by 64 hex digits")
             out.append(bytes.fromhex(digest))
         else:
@@ -127,12 +128,15 @@ class AuthMiddleware:
     The token is hashed and its digest compared with `hmac.compare_digest` against every
     configured digest, without stopping at a match: the time taken says nothing about
     which key (or which prefix) matched. The caller's key hash is put in the request
-    state (`request.state.alto_owner`), which is how runs know their owner.
+    state (`request.state.alto_owner`), which is how runs know their owner; whether it is
+    one of the admin keys (ALTO_ADMIN_API_KEYS, valid API keys too) goes beside it, for
+    the operator endpoints (`app.routes_admin`).
     """
 
-    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: Sequence[str], admin_keys: Sequence[str] = ()) -> None:
         self.app = app
-        self.digests = key_digests(keys)
+        self.admin = key_digests(admin_keys, "ALTO_ADMIN_API_KEYS")
+        self.digests = [*key_digests(keys), *self.admin]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.digests or not scope["path"].startswith("/v1/"):
@@ -146,9 +150,11 @@ class AuthMiddleware:
                     token = rest.strip()
                 break
         digest = hashlib.sha256(token).digest()
-        ok = False
+        ok = admin = False
         for known in self.digests:
             ok |= hmac.compare_digest(digest, known)
+        for known in self.admin:
+            admin |= hmac.compare_digest(digest, known)
         if not token or not ok:
             message = (
                 "missing API key: send 'Authorization: Bearer <key>'"
@@ -161,7 +167,9 @@ class AuthMiddleware:
                          headers={"WWW-Authenticate": "Bearer"}),
             )
             return
-        scope.setdefault("state", {})[OWNER_STATE] = digest.hex()
+        state = scope.setdefault("state", {})
+        state[OWNER_STATE] = digest.hex()
+        state[ADMIN_STATE] = admin
         await self.app(scope, receive, send)
 
 

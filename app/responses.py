@@ -24,6 +24,7 @@ from app.schemas import (
 _DESCRIPTIONS = {
     400: "Malformed body or invalid field (`param` names it)",
     401: "API keys are configured and the bearer token is missing or wrong",
+    403: "An operator endpoint, called without an admin key (ALTO_ADMIN_API_KEYS)",
     404: "Unknown model, pipeline or run",
     413: "Body larger than the configured limit",
     429: "Per-key rate limit, too many runs in flight, or a stage's queue at its bound "

@@ -1,0 +1,126 @@
+"""Operator endpoints: a pipeline's dead letters, over HTTP.
+
+A failed input (a stage error, a `stage_timeout`, an input that kept killing its worker)
+lands in its pipeline's dead-letter queue (`workers.deadletters`). Over Redis, `alto
+dead-letters` reads and resolves them from any machine; with the embedded transport they
+live in the gateway process, so without these endpoints nothing could list, replay or
+drop them, and an alert on `alto_dead_letters > 0` fired until the process restarted.
+They work on both transports.
+
+The letters hold the failed runs' inputs, whoever sent them, so with API keys configured
+only an admin key (ALTO_ADMIN_API_KEYS) may use them; a gateway without any keys is open
+to every caller anyway, and so are these.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from app.errors import ApiError
+from app.middleware import ADMIN_STATE
+from app.responses import errors
+from app.routes_native import PipelineName, gateway
+from app.streaming import json_response
+from workers import deadletters
+
+router = APIRouter(prefix="/v1", tags=["operations"])
+
+
+def require_admin(request: Request) -> None:
+    settings = request.app.state.settings
+    if not settings.api_keys and not settings.admin_api_keys:
+        return  # an open gateway: every caller may do everything
+    if getattr(request.state, ADMIN_STATE, False):
+        return
+    raise ApiError(403, "the dead-letter endpoints need an admin key (ALTO_ADMIN_API_KEYS): "
+                        "dead letters hold other callers' inputs",
+                   code="admin_key_required")
+
+
+class DeadLetterInfo(BaseModel):
+    """One unresolved dead letter."""
+
+    id: str = Field(description="its entry id: what replay and drop take")
+    stage: str = Field(description="the stage the input failed at")
+    run: str = Field(description="the run it failed")
+    reason: str
+    instance: str = Field(description="the worker instance (consumer) that failed it")
+    input: Any = Field(description="the failed run's input (null if the record has none)")
+
+
+class DeadLetterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DeadLetterInfo]
+    unresolved: int = Field(description="all unresolved letters (`data` holds up to `limit`)")
+
+
+class Selection(BaseModel):
+    """Which letters: their ids, or every unresolved one when `ids` is null."""
+
+    ids: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None, max_length=10_000)
+
+
+class Replayed(BaseModel):
+    object: Literal["dead_letters.replayed"] = "dead_letters.replayed"
+    runs: dict[str, str] = Field(description="letter id -> the new run that re-submits its input")
+
+
+class Dropped(BaseModel):
+    object: Literal["dead_letters.dropped"] = "dead_letters.dropped"
+    dropped: int
+
+
+ADMIN_ERRORS = errors(400, 401, 403, 404)
+
+
+@router.get("/pipelines/{name}/dead-letters", response_model=DeadLetterList,
+            dependencies=[Depends(require_admin)], responses=ADMIN_ERRORS)
+async def list_dead_letters(
+    request: Request, name: PipelineName,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="at most this many")] = 100,
+) -> Response:
+    """A pipeline's unresolved dead letters, oldest first. Listing resolves nothing."""
+    spec = gateway(request).pipeline(name, param="name")
+    transport = gateway(request).transport
+    letters = await deadletters.unresolved(transport, spec.name, limit)
+    body = DeadLetterList(
+        data=[DeadLetterInfo(id=d.entry_id, stage=d.stage, run=d.run, reason=d.reason,
+                             instance=d.instance, input=d.input) for d in letters],
+        unresolved=await deadletters.count(transport, spec.name),
+    )
+    return json_response(body.model_dump())
+
+
+@router.post("/pipelines/{name}/dead-letters/replay", response_model=Replayed,
+             dependencies=[Depends(require_admin)], responses=ADMIN_ERRORS)
+async def replay_dead_letters(
+    request: Request, name: PipelineName, selection: Annotated[Selection, Body()] = Selection(),
+) -> Response:
+    """Submit the input of each selected letter's run again, as a new run (once per failed
+    run), and resolve its letters. For after the cause is fixed."""
+    spec = gateway(request).pipeline(name, param="name")
+    try:
+        runs = await deadletters.replay(gateway(request).transport, spec, selection.ids)
+    except LookupError as exc:
+        raise ApiError(404, str(exc), param="ids", code="dead_letter_not_found") from None
+    except ValueError as exc:  # a letter without a run input
+        raise ApiError(400, str(exc), param="ids", code="not_replayable") from None
+    return json_response(Replayed(runs=runs).model_dump())
+
+
+@router.post("/pipelines/{name}/dead-letters/drop", response_model=Dropped,
+             dependencies=[Depends(require_admin)], responses=ADMIN_ERRORS)
+async def drop_dead_letters(
+    request: Request, name: PipelineName, selection: Annotated[Selection, Body()] = Selection(),
+) -> Response:
+    """Resolve the selected letters without replaying them."""
+    spec = gateway(request).pipeline(name, param="name")
+    try:
+        n = await deadletters.drop(gateway(request).transport, spec.name, selection.ids)
+    except LookupError as exc:
+        raise ApiError(404, str(exc), param="ids", code="dead_letter_not_found") from None
+    return json_response(Dropped(dropped=n).model_dump())

@@ -1,0 +1,115 @@
+"""The operator endpoints for dead letters (app/routes_admin.py), on the embedded transport
+where the letters live in the gateway process: before them, nothing could list, replay
+or drop a failed input there, and `alto_dead_letters` stayed above 0 until a restart.
+With API keys configured they need an admin key: the letters hold other callers' inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.gateway_fixtures import *  # noqa: F403
+from tests.gateway_fixtures import LiveServer, assert_error_shape, make_server, wait_for
+from tests.test_gateway_metrics import scrape, value
+from tests.toy import faulty
+
+ADMIN_KEY = "sk-alto-admin"
+USER_KEY = "sk-alto-user"
+LETTERS = "/v1/pipelines/dead/dead-letters"
+
+
+@pytest.fixture
+def broken() -> Iterator[set[str]]:
+    faulty.BROKEN.clear()
+    yield faulty.BROKEN
+    faulty.BROKEN.clear()
+
+
+@pytest.fixture(scope="module")
+def open_server() -> Iterator[LiveServer]:
+    server = make_server(("dead",))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _fail(http: httpx.Client, text: str) -> str:
+    """A run that fails at `check`; its run id."""
+    r = http.post("/v1/pipelines/dead/runs", json={"input": text})
+    body = r.json()
+    assert body["status"] == "failed" and body["error"]["code"] == "stage_error", r.text
+    return str(body["id"])
+
+
+def _status(http: httpx.Client, run: str) -> str:
+    r = http.get(f"/v1/runs/{run}")
+    assert r.status_code == 200, r.text
+    return str(r.json()["status"])
+
+
+def test_list_replay_and_drop_over_http(open_server: LiveServer, broken: set[str]) -> None:
+    broken.add("bad")
+    with httpx.Client(base_url=open_server.url, timeout=30) as http:
+        first = _fail(http, "good bad")
+        second = _fail(http, "bad fine")
+        listed = http.get(LETTERS).json()
+        again = http.get(LETTERS, params={"limit": 1}).json()
+        gauge_before = value(scrape(open_server), "alto_dead_letters", pipeline="dead")
+
+        missing = http.post(f"{LETTERS}/drop", json={"ids": ["9-9"]})
+        ids = [d["id"] for d in listed["data"]]
+        dropped = http.post(f"{LETTERS}/drop", json={"ids": [ids[0]]}).json()
+
+        broken.clear()  # the cause is fixed: the second input goes through now
+        replayed = http.post(f"{LETTERS}/replay", json={}).json()
+        new_run = replayed["runs"][ids[1]]
+        wait_for(lambda: _status(http, new_run) == "completed", 30, "the replayed run")
+        after = http.get(LETTERS).json()
+        gauge_after = value(scrape(open_server), "alto_dead_letters", pipeline="dead")
+        unknown = http.get("/v1/pipelines/nope/dead-letters")
+    assert [d["run"] for d in listed["data"]] == [first, second]  # oldest first
+    assert [d["input"] for d in listed["data"]] == ["good bad", "bad fine"]
+    assert all(d["stage"] == "check" and "ValueError" in d["reason"] for d in listed["data"])
+    assert listed["unresolved"] == 2 and gauge_before == 2
+    assert len(again["data"]) == 1 and again["unresolved"] == 2  # listing resolves nothing
+    assert_error_shape(missing, 404, "dead_letter_not_found")
+    assert dropped == {"object": "dead_letters.dropped", "dropped": 1}
+    assert list(replayed["runs"]) == [ids[1]] and new_run not in (first, second)
+    assert after == {"object": "list", "data": [], "unresolved": 0}
+    assert gauge_after == 0  # the alert clears
+    assert_error_shape(unknown, 404, "pipeline_not_found")
+
+
+def test_a_letter_without_its_input_is_not_replayed(open_server: LiveServer) -> None:
+    with httpx.Client(base_url=open_server.url, timeout=30) as http:
+        r = http.post(f"{LETTERS}/replay", json={"ids": ["not-an-id"]})
+    assert_error_shape(r, 404, "dead_letter_not_found")
+
+
+def test_with_api_keys_only_an_admin_key_may_use_them(broken: set[str]) -> None:
+    server = make_server(("dead",), api_keys=[USER_KEY], admin_api_keys=[ADMIN_KEY])
+    keyless = make_server(("dead",), api_keys=[USER_KEY])
+    try:
+        def get(s: LiveServer, key: str | None) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            return httpx.get(f"{s.url}{LETTERS}", headers=headers, timeout=30)
+
+        as_admin, as_user, anonymous = get(server, ADMIN_KEY), get(server, USER_KEY), get(server, None)
+        no_admin_configured = get(keyless, USER_KEY)
+        # an admin key is an API key too
+        models = httpx.get(f"{server.url}/v1/models", timeout=30,
+                           headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        user_drop = httpx.post(f"{server.url}{LETTERS}/drop", json={}, timeout=30,
+                               headers={"Authorization": f"Bearer {USER_KEY}"})
+    finally:
+        server.stop()
+        keyless.stop()
+    assert as_admin.status_code == 200 and as_admin.json()["object"] == "list"
+    assert_error_shape(as_user, 403, "admin_key_required")
+    assert_error_shape(anonymous, 401, "invalid_api_key")
+    assert_error_shape(no_admin_configured, 403, "admin_key_required")
+    assert models.status_code == 200
+    assert_error_shape(user_drop, 403, "admin_key_required")
