@@ -36,6 +36,7 @@ from workers.engines import default_instances
 from workers.engines import fleet as fleet_of
 from workers.metrics import WorkerMetrics
 from workers.redis_transport import stream_key
+from workers.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "alto"
@@ -175,6 +176,12 @@ def test_the_validator_catches_a_bad_manifest() -> None:
         ({"pipeline": {"file": "missing.yaml"}}, "missing.yaml"),
         ({"pipeline": {"inline": "just: text\n"}}, "`name` and `stages`"),
         ({"logFormat": "xml"}, "/logFormat"),
+        ({"workers": {"stages": {"verify": {"engine": {"options": {"model": "m"}}}}}},
+         "workers.stages.verify.engine: engine options without a kind"),
+        ({"workers": {"defaults": {"engine": {"options": {"seed": 1}}}}},
+         "engine options without a kind"),
+        ({"workers": {"stages": {"verify": {"env": {"ALTO_ENGINE_OPTIONS": '{"seed": 1}'}}}}},
+         "workers.stages.verify.engine: engine options without a kind"),
         ({"imagee": {}}, "imagee"),
     ],
 )
@@ -243,6 +250,25 @@ def test_gpu_stages_get_gpus_vllm_and_engine_settings(tmp_path: Path) -> None:
             assert "dshm" not in {m["name"] for m in c["volumeMounts"]}
             assert arg(c, "--engine") == []
             assert c["image"].endswith(":0.1.0")
+
+
+@pytest.mark.parametrize("kind_from", [
+    {"defaults": {"engine": {"kind": "sim"}}},
+    {"stages": {"verify": {"env": {"ALTO_ENGINE": "sim"}}}},
+], ids=["workers.defaults", "env"])
+def test_engine_options_take_their_kind_from_the_defaults_or_env(kind_from: dict[str, Any]) -> None:
+    """The install-time refusal of options without a kind (above) sees a kind wherever the
+    worker would find one: workers.defaults.engine merged under the stage's, or ALTO_ENGINE
+    in the stage's env; the worker's own parser builds the engine from what is rendered."""
+    values = {"workers": copy.deepcopy(kind_from)}
+    values["workers"].setdefault("stages", {}).setdefault("verify", {})["engine"] = {
+        "options": {"time_scale": 0.5}}
+    assert lint_problems(values) == []
+    c = container(workers(render(values))["verify"])
+    settings = Settings.model_construct(engine=env(c).get("ALTO_ENGINE", {}).get("value"))
+    engine = _engine_override((arg(c, "--engine") or [None])[0], arg(c, "--engine-opt"), settings)
+    assert engine is not None and engine.kind == "sim"
+    assert engine.options() == {"time_scale": 0.5}
 
 
 def test_a_stage_in_front_of_a_fleet_gets_one_instance_per_server(tmp_path: Path) -> None:
