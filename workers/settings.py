@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     run_ttl_s: int = 3_600
     run_deadline_s: float = 300.0
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # keys that may also use the operator endpoints (dead letters: app/routes_admin.py);
+    # they are API keys too. With API keys but no admin key, those endpoints answer 403
+    admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     max_inflight_runs: int = 256
     max_body_bytes: int = 1_000_000
     retry_after_s: int = 1
@@ -88,7 +91,7 @@ class Settings(BaseSettings):
     openai_base_url: str | None = None
     openai_api_key: SecretStr | None = None
 
-    @field_validator("pipelines", "api_keys", mode="before")
+    @field_validator("pipelines", "api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _list(cls, v: Any) -> Any:
         """Accept a JSON list or a comma-separated string (what people type in env vars)."""
