@@ -55,31 +55,45 @@ async def _until(content: AsyncIterator[ServerSentEvent], stopping: anyio.Event,
                  farewell: Sequence[ServerSentEvent]) -> AsyncIterator[ServerSentEvent]:
     """`content`, until the server starts shutting down: then `farewell` instead of the
     rest. Without it the stream would just stop, and a client that waits for an end
-    marker (OpenAI's `[DONE]`) could not tell a cut answer from a whole one."""
+    marker (OpenAI's `[DONE]`) could not tell a cut answer from a whole one.
+
+    One waiter for the shutdown per stream, no task per event: when the shutdown comes
+    while the stream waits for its next event, the waiting task is cancelled (as
+    `asyncio.timeout` does it) and takes back only that cancellation."""
     it = aiter(content)
-    stop = asyncio.ensure_future(stopping.wait())  # one waiter for the whole stream
+    task = asyncio.current_task()
+    assert task is not None
+    stop = asyncio.ensure_future(stopping.wait())
+    waiting = cut = False
+
+    def shutting_down(_: object) -> None:
+        nonlocal cut
+        if waiting and not cut:
+            cut = True
+            task.cancel()
+
+    stop.add_done_callback(shutting_down)
     try:
-        while True:
-            step = asyncio.ensure_future(anext(it))
+        while not stop.done():
+            waiting = True
             try:
-                await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+                event = await anext(it)
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if not cut or task.uncancel() > 0:
+                    raise  # not ours, or ours and someone else's: the stream is cancelled
+                break
             finally:
-                if not step.done():  # shutting down, or we are cancelled ourselves
-                    step.cancel()
-                    # asyncio.wait: our own cancellation still reaches us; the step's
-                    # CancelledError does not
-                    await asyncio.wait({step})
-            if not step.cancelled():
-                try:
-                    event = step.result()
-                except StopAsyncIteration:
-                    return
-                yield event
-                continue
-            for event in farewell:  # the step was cut short: the server is shutting down
-                yield event
-            return
+                waiting = False
+            if cut:  # the event came anyway: our cancellation is still pending, take it back
+                task.uncancel()
+                break
+            yield event
+        for event in farewell:  # the server is shutting down
+            yield event
     finally:
+        stop.remove_done_callback(shutting_down)
         stop.cancel()
         aclose = getattr(it, "aclose", None)
         if aclose is not None:
