@@ -676,6 +676,33 @@ def test_api_keys_live_in_a_secret_the_gateway_parses(monkeypatch: pytest.Monkey
     assert "ALTO_API_KEYS" not in env(container(by_kind(render({}), "Deployment")[f"{PREFIX}-gateway"]))
 
 
+def test_admin_keys_live_in_a_secret_the_gateway_parses(monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+
+    from workers.settings import Settings
+
+    docs = render({"gateway": {"apiKeys": ["k1"], "adminApiKeys": ["a1"]}})
+    gw = env(container(by_kind(docs, "Deployment")[f"{PREFIX}-gateway"]))
+    secrets = by_kind(docs, "Secret")
+    for var in ("ALTO_API_KEYS", "ALTO_ADMIN_API_KEYS"):
+        ref = gw[var]["valueFrom"]["secretKeyRef"]
+        monkeypatch.setenv(var, base64.b64decode(secrets[ref["name"]]["data"][ref["key"]]).decode())
+    settings = Settings()
+    assert [k.get_secret_value() for k in settings.api_keys] == ["k1"]
+    assert [k.get_secret_value() for k in settings.admin_api_keys] == ["a1"]
+    # their own Secret for the API keys, the chart's for the admin keys: only that key in it
+    docs = render({"gateway": {"apiKeysSecret": "mine", "adminApiKeys": ["a1"]}})
+    gw = env(container(by_kind(docs, "Deployment")[f"{PREFIX}-gateway"]))
+    assert gw["ALTO_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "mine"
+    own = by_kind(docs, "Secret")[gw["ALTO_ADMIN_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"]]
+    assert set(own["data"]) == {"admin-api-keys"}
+    docs = render({"gateway": {"adminApiKeysSecret": "ops"}})
+    gw = env(container(by_kind(docs, "Deployment")[f"{PREFIX}-gateway"]))
+    assert gw["ALTO_ADMIN_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "ops",
+                                                                       "key": "admin-api-keys"}
+    assert f"{PREFIX}-api-keys" not in by_kind(docs, "Secret")
+
+
 def test_tracing_endpoint_reaches_every_alto_pod() -> None:
     values = load_values(CHART / "ci" / "autoscaling-hpa-values.yaml")
     endpoint = values["tracing"]["otlpEndpoint"]
