@@ -665,9 +665,10 @@ def check(
     strict: Annotated[bool, typer.Option(help="warnings fail the check too (for CI)")] = False,
 ) -> None:
     """Check a pipeline without running it: the spec, every stage's function and
-    responder import, every engine builds (nothing is loaded), and no prompt placeholder
-    is left unfilled. Exit 2: invalid spec; 1: a problem (or a warning with --strict)."""
-    from orchestrator.lint import lint
+    responder import and can be called as the runtime calls them, every engine builds
+    (nothing is loaded), and no prompt placeholder is left unfilled. Exit 2: invalid
+    spec; 1: a problem (or a warning with --strict)."""
+    from orchestrator.lint import call_errors, lint
     from workers.engines import build_engine
     from workers.engines.common import MissingSetting
     from workers.stagefn import StageFunction
@@ -693,9 +694,11 @@ def check(
             if engine is None:
                 continue
         try:
-            StageFunction(spec, stage, engine)
+            fn = StageFunction(spec, stage, engine)
         except SpecError as exc:
             errors.append(str(exc))
+            continue
+        errors += call_errors(stage, fn.fn, fn.responder)
     from rich.tree import Tree
 
     tree = Tree(f"[bold]{spec.name}[/bold] ({'streaming' if spec.streaming else 'barrier'})")

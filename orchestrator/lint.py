@@ -10,10 +10,13 @@ errors for a pipeline repository's CI.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from orchestrator.spec import PipelineSpec, StageSpec
-from orchestrator.template import variables
+from orchestrator.template import BUILTIN_VARS, spaced_names, variables
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,4 +101,93 @@ def lint(spec: PipelineSpec) -> list[SpecWarning]:
                 why = _why(spec, stage, name, before[stage.name])
                 warnings.append(SpecWarning(stage.name, "prompt",
                                             f"{{{name}}} is left as written ({why})"))
+        warnings += _spaced(spec, stage)
     return warnings
+
+
+def _spaced(spec: PipelineSpec, stage: StageSpec) -> list[SpecWarning]:
+    """`{ input }`, which the renderer leaves as written (a placeholder has no blanks in
+    its braces), but only for names a placeholder could mean (a built-in or a stage):
+    `{ x }` in a code sample is as likely to be meant literally."""
+    assert stage.prompt is not None
+    meant = BUILTIN_VARS | set(spec.by_name)
+    return [SpecWarning(stage.name, "prompt",
+                        f"{{ {name} }} is left as written (a placeholder has no blanks inside "
+                        f"its braces: write {{{name}}} to fill it in)")
+            for name in dict.fromkeys(spaced_names(stage.prompt)) if name in meant]
+
+
+# How the runtime calls what a stage names (workers/stagefn.py, workers/engines/sim.py):
+# a tool or reduce function as fn(value, ctx) (an aggregating stage's: fn(items, ctx)),
+# awaiting a coroutine or iterating an async generator it returns; a `sim` engine calls a
+# stage's responder as responder(prompt, params) and wants a str back.
+FUNCTION_ARGS = ("value", "ctx")
+RESPONDER_ARGS = ("prompt", "params")
+
+
+def call_errors(stage: StageSpec, function: Callable[..., Any] | None = None,
+                responder: Callable[..., Any] | None = None) -> list[str]:
+    """What makes every call of a stage's (imported) function or responder fail, found
+    without calling it: a signature that cannot take the runtime's two arguments, or a
+    kind of function whose result the runtime cannot use. Errors, not warnings: no input
+    would get through. One line each, named like spec errors (`stages.up.function: ...`)."""
+    problems: list[str] = []
+    if function is not None:
+        assert stage.function is not None
+        why = _arity(function, FUNCTION_ARGS) or _sync_generator(function)
+        if why:
+            problems.append(f"stages.{stage.name}.function: {stage.function!r} {why}")
+    if responder is not None:
+        assert stage.responder is not None
+        why = _arity(responder, RESPONDER_ARGS) or _not_str(responder)
+        if why:
+            problems.append(f"stages.{stage.name}.responder: {stage.responder!r} {why}")
+    return problems
+
+
+def _arity(fn: Callable[..., Any], args: tuple[str, ...]) -> str | None:
+    """Why `fn` cannot be called with `args` positionally, as the runtime calls it; None
+    when it can or when its signature cannot be read (some builtins): not a guess."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*args)
+    except TypeError as exc:
+        return (f"cannot be called with ({', '.join(args)}), as the runtime calls it: "
+                f"its signature is {_bare(signature)} ({exc})")
+    return None
+
+
+def _bare(signature: inspect.Signature) -> inspect.Signature:
+    """`signature` without annotations: the parameters are what is wrong, and postponed
+    annotations would print as quoted strings."""
+    return signature.replace(
+        parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+        return_annotation=signature.empty)
+
+
+def _flagged(fn: Callable[..., Any], test: Callable[[Any], bool]) -> bool:
+    """`test` on a function, or on the `__call__` of a callable object."""
+    return test(fn) or (not inspect.isroutine(fn) and not inspect.isclass(fn)
+                        and test(type(fn).__call__))
+
+
+def _sync_generator(fn: Callable[..., Any]) -> str | None:
+    if not _flagged(fn, inspect.isgeneratorfunction):
+        return None
+    return ("is a generator function (a plain `def` with `yield`), which the runtime does not "
+            "iterate: the generator object itself would be the stage's output, and every "
+            "run would fail (it is not JSON); write `async def` with `yield` to stream "
+            "units as they come, or return a list")
+
+
+def _not_str(fn: Callable[..., Any]) -> str | None:
+    for test, what in ((inspect.isgeneratorfunction, "a generator function"),
+                       (inspect.isasyncgenfunction, "an async generator function"),
+                       (inspect.iscoroutinefunction, "an async function")):
+        if _flagged(fn, test):
+            return (f"is {what}: a sim engine calls a responder as responder(prompt, "
+                    "params) and needs the str it returns, so every call would fail")
+    return None

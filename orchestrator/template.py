@@ -5,7 +5,8 @@ this stage is processing), `items` (for an aggregating stage: its units, one per
 in lineage order) and any upstream stage's name (the text of that stage's unit on this
 message's lineage). Anything else in braces is left as written, so prompts can contain
 JSON examples without escaping. A placeholder's name in double braces, `{{input}}`, is
-written as `{input}`: the way to show a placeholder itself to the model.
+written as `{input}`: the way to show a placeholder itself to the model. A placeholder has
+no blanks inside its braces: `{ input }` is text (the lint warns about it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ _NAME = r"[A-Za-z_][A-Za-z0-9_-]*"
 # an escaped name first, so that `{{input}}` is one escape and not `{` + `{input}` + `}`
 _VAR = re.compile(rf"\{{\{{({_NAME})\}}\}}|\{{({_NAME})\}}")
 BUILTIN_VARS = frozenset({"input", "text", "items"})
+# a name alone in braces with blanks inside: `{ input }` is not a placeholder (render
+# leaves it as written), though it looks like one, and like Jinja's `{{ input }}`
+_SPACED = re.compile(rf"\{{(\s*)({_NAME})(\s*)\}}")
 
 
 def as_text(value: Any) -> str:
@@ -33,6 +37,12 @@ def as_text(value: Any) -> str:
 def variables(template: str) -> list[str]:
     """The placeholders of `template`, in order (escaped ones are text, not placeholders)."""
     return [m.group(2) for m in _VAR.finditer(template) if m.group(2)]
+
+
+def spaced_names(template: str) -> list[str]:
+    """Names written as `{ name }` (blanks inside the braces), in order: text to `render`,
+    which the lint points out, since such a name is rarely meant to reach the model as is."""
+    return [m.group(2) for m in _SPACED.finditer(template) if m.group(1) or m.group(3)]
 
 
 def render(template: str, values: dict[str, Any]) -> str:

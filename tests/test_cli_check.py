@@ -16,9 +16,10 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator.lint import ancestors, lint
+from orchestrator.lint import ancestors, call_errors, lint
 from orchestrator.spec import parse_pipeline
 from tests.worker_procs import ROOT
+from workers.stagefn import resolve
 
 FACTOOL = ROOT / "examples" / "factool" / "pipeline.yaml"
 
@@ -70,6 +71,46 @@ def test_a_function_that_does_not_import_is_an_error(tmp_path: Path) -> None:
     proc = alto_check(path)
     assert proc.returncode == 1
     assert "stages.up.function: cannot import 'tests.toy.stages:no_such_function'" in proc.stderr
+
+
+@pytest.mark.parametrize(("stage", "message"), [
+    ({"name": "up", "kind": "tool", "function": "tests.toy.miscalled:one_arg"},
+     "stages.up.function: 'tests.toy.miscalled:one_arg' cannot be called with (value, ctx), "
+     "as the runtime calls it: its signature is (value) (too many positional arguments)"),
+    ({"name": "up", "kind": "tool", "function": "tests.toy.miscalled:words"},
+     "stages.up.function: 'tests.toy.miscalled:words' is a generator function"),
+    ({"name": "up", "kind": "lm", "prompt": "{input}",
+      "responder": "tests.toy.miscalled:responder_one_arg"},
+     "stages.up.responder: 'tests.toy.miscalled:responder_one_arg' cannot be called with "
+     "(prompt, params)"),
+    ({"name": "up", "kind": "lm", "prompt": "{input}",
+      "responder": "tests.toy.miscalled:async_responder"},
+     "stages.up.responder: 'tests.toy.miscalled:async_responder' is an async function"),
+], ids=["one-argument", "sync-generator", "responder-one-argument", "async-responder"])
+def test_a_function_the_runtime_cannot_call_is_an_error(
+        tmp_path: Path, stage: dict[str, Any], message: str) -> None:
+    """It imports, but every call of it would fail (a TypeError, or a generator object
+    that is no output), which a run used to be the first to show."""
+    proc = alto_check(write(tmp_path, chain(SPLIT, stage)))
+    assert proc.returncode == 1, proc.stderr
+    assert f"error {message}" in " ".join(proc.stderr.split()), proc.stderr
+
+
+def function_errors(name: str) -> list[str]:
+    """`call_errors` of a tool stage running tests.toy.miscalled's `name`."""
+    path = f"tests.toy.miscalled:{name}"
+    stage = spec_of(SPLIT, {"name": "up", "kind": "tool", "function": path}).stage("up")
+    return call_errors(stage, resolve(path, stage="up", field_name="function"))
+
+
+@pytest.mark.parametrize("name", ["async_words", "with_default", "star_args", "splitter"])
+def test_functions_the_runtime_can_call_pass(name: str) -> None:
+    """Extra parameters with defaults, *args, an async generator, a callable object."""
+    assert function_errors(name) == []
+
+
+def test_a_callable_object_is_checked_by_its_call_method() -> None:
+    assert "is a generator function" in function_errors("generating_splitter")[0]
 
 
 def test_an_invalid_spec_exits_2_naming_stage_and_field(tmp_path: Path) -> None:
@@ -165,9 +206,26 @@ def test_what_an_aggregation_or_a_join_drops_is_not_known_after_it() -> None:
     assert [w.message.split(" (")[0] for w in lint(join)] == ["{a} is left as written"]
 
 
-@pytest.mark.parametrize("prompt", ['Answer as {"verdict": true}.', 'A set: { 1, 2 }.', "{ input }"])
-def test_json_and_spaced_braces_are_not_placeholders(prompt: str) -> None:
+@pytest.mark.parametrize("prompt", ['Answer as {"verdict": true}.', 'A set: { 1, 2 }.',
+                                    "In code: if x { other }"])
+def test_json_and_other_braces_are_not_placeholders(prompt: str) -> None:
     assert messages(spec_of(SPLIT, {"name": "ask", "kind": "lm", "prompt": prompt})) == []
+
+
+def test_a_placeholder_written_with_blanks_is_a_warning() -> None:
+    """`{ input }` (or Jinja's `{{ split }}`) is left as written by the renderer, so the
+    model would read the braces: said for names a placeholder could mean (a built-in or
+    a stage), not for any word in braces (`{ other }` in a code sample)."""
+    from orchestrator.template import render
+
+    prompt = "Check { input } against {{ split }} and { other }."
+    assert render(prompt, {"input": "I", "split": "S"}) == prompt
+    assert messages(spec_of(SPLIT, {"name": "ask", "kind": "lm", "prompt": prompt})) == [
+        "stages.ask.prompt: { input } is left as written (a placeholder has no blanks inside "
+        "its braces: write {input} to fill it in)",
+        "stages.ask.prompt: { split } is left as written (a placeholder has no blanks inside "
+        "its braces: write {split} to fill it in)",
+    ]
 
 
 def test_an_escaped_placeholder_is_text_for_the_lint_and_the_model() -> None:
