@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.template import BUILTIN_VARS
+
 REQUEST = "request"
 StageKind = Literal["lm", "tool", "reduce"]
 Framing = Literal["lines", "json_items", "sentences", "whole", "items"]
@@ -93,6 +95,10 @@ class StageSpec(BaseModel):
     def _name_ok(cls, v: str) -> str:
         if not _NAME.match(v) or v == REQUEST:
             raise ValueError(f"invalid stage name {v!r} (letters, digits, _ and -; not 'request')")
+        if v in BUILTIN_VARS:
+            # a stage's units are templates' `{name}`: this one would hide the built-in
+            raise ValueError(f"stage name {v!r} is reserved: {{{v}}} in a prompt means the "
+                             f"built-in value, which a stage of that name would hide")
         return v
 
     @field_validator("to", mode="before")
@@ -401,7 +407,8 @@ def parse_pipeline(raw: Any) -> PipelineSpec:
 def load_pipeline(path: str | Path) -> PipelineSpec:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        with path.open(encoding="utf-8") as f:  # a syntax error's position names the file
+            raw = yaml.safe_load(f)
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     except OSError as exc:

@@ -68,6 +68,10 @@ def test_base_is_valid_and_graph_facts() -> None:
         (["stages", 1, "colour"], "red", "stages.b.colour"),
         (["stages", 3, "to"], ["a"], "stages."),  # a cycle
         (["stages", 1, "name"], "a", "stages.a.name"),  # duplicate
+        # built-in template values: a stage of that name would hide them (QA)
+        (["stages", 0, "name"], "input", "stages.input.name: stage name 'input' is reserved"),
+        (["stages", 0, "name"], "text", "stages.text.name: stage name 'text' is reserved"),
+        (["stages", 0, "name"], "items", "stages.items.name: stage name 'items' is reserved"),
         (["output"], "b", "output"),
     ],
 )
@@ -114,8 +118,9 @@ def test_aggregator_that_drops_the_scope_in_between_is_rejected() -> None:
 def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nstages: [\n")
-    with pytest.raises(SpecError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(SpecError, match="bad.yaml: not valid YAML") as exc:
         load_pipeline(bad)
+    assert f'in "{bad}", line 3' in str(exc.value)  # the position names the file too
     with pytest.raises(SpecError, match="cannot read"):
         load_pipeline(tmp_path / "missing.yaml")
 
