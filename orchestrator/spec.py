@@ -87,7 +87,7 @@ class StageSpec(BaseModel):
     # before the first retry, doubling each time (at most 60 s)
     retries: int = Field(default=0, ge=0, le=10)
     retry_backoff_s: float = Field(default=0.5, ge=0, le=60)
-    # settings of a tool/reduce function, read-only as ctx.params (e.g. a search's top_k)
+    # settings of a tool/reduce function, a copy per call as ctx.params (e.g. a search's top_k)
     params: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")

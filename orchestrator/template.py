@@ -67,7 +67,7 @@ class StageContext:
     # for an aggregating stage: the upstream values of each item, in item order (a reducer
     # may need to know which claim a verdict was about)
     item_values: list[dict[str, Any]] = field(default_factory=list)
-    # the stage's `params` from the spec (read-only): one function, configured per stage
+    # the stage's `params` from the spec, a copy per call: one function, configured per stage
     params: Mapping[str, Any] = field(default_factory=dict)
 
     @property

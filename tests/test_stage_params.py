@@ -67,6 +67,25 @@ async def test_a_function_that_changes_its_params_changes_nothing_for_the_next_c
     assert spec.stage("m").params == {"seen": []}
 
 
+async def test_a_function_may_set_and_return_its_params(transport: Transport) -> None:
+    """They are a plain dict per call: setting a key and returning them works (they were a
+    read-only mappingproxy, which failed both, against what the docs say; QA)."""
+    spec = parse_pipeline({"name": "overwrite", "stages": [
+        {"name": "o", "kind": "tool", "function": "tests.toy.stages:overwrite",
+         "params": {"k": 1}},
+    ]})
+    rt = Runtime(transport, [spec], config=RunnerConfig(block_ms=20, heartbeat_ms=50))
+    await rt.start()
+    try:
+        outs = [(await run_to_completion(transport, spec, w, deadline_s=30))[1][-1]
+                for w in ("a", "b")]
+    finally:
+        await rt.stop()
+    assert [o["type"] for o in outs] == ["result", "result"], outs
+    assert [o["units"] for o in outs] == [[{"k": 1, "last": "a"}], [{"k": 1, "last": "b"}]]
+    assert spec.stage("o").params == {"k": 1}
+
+
 def test_params_on_an_lm_stage_are_refused() -> None:
     with pytest.raises(SpecError) as info:
         parse_pipeline({"name": "p", "stages": [

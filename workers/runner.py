@@ -37,10 +37,9 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from types import MappingProxyType
 from typing import Any
 
 from orchestrator.embedded import NoGroupError
@@ -195,7 +194,6 @@ class LeftPending(Exception):
     another worker to take again (a retry's backoff interrupted by a drain)."""
 
 
-_NO_PARAMS: Mapping[str, Any] = MappingProxyType({})
 RETRY_CANCEL_POLL_S = 0.5  # how often a retry's backoff looks at its run's cancel flag
 
 
@@ -946,11 +944,11 @@ class StageRunner:
         if self.observer is not None:
             self.observer("call", call)
 
-    def _ctx_params(self) -> Mapping[str, Any]:
-        """The stage's `params` for one call: a deep copy, read-only at the top, so a
-        function that changes nested values changes nothing for the next call."""
-        params = self.stage.params
-        return MappingProxyType(copy.deepcopy(params)) if params else _NO_PARAMS
+    def _ctx_params(self) -> dict[str, Any]:
+        """The stage's `params` for one call: a plain dict, deep-copied, so a function may
+        change or return it (it is JSON, as the spec is) and the next call sees the spec's
+        values all the same."""
+        return copy.deepcopy(self.stage.params) if self.stage.params else {}
 
     async def _before_retry(self, cause: str, run: str, attempt: int, exc: Exception) -> bool:
         """A failed call that published nothing is tried again (the stage's `retries`),

@@ -74,6 +74,12 @@ def meddle(value: Any, ctx: StageContext) -> list[Any]:
     return list(seen)
 
 
+def overwrite(value: Any, ctx: StageContext) -> Any:
+    """Sets a key of its params and returns them whole (as docs/PIPELINES.md allows)."""
+    ctx.params["last"] = str(value)
+    return ctx.params
+
+
 BLOCKED = threading.Event()  # `block` returns once a test sets it
 
 
