@@ -288,13 +288,16 @@ async def _cancel_run(transport: Any, run_id: str, code: str, message: str) -> N
 
 async def _show_events(transport: Any, spec: PipelineSpec, run_id: str, deadline: float,
                        as_json: bool) -> int:
+    from orchestrator.envelope import strict_json
     from workers.client import follow_run
 
     code = 0
     try:
         async for _, ev in follow_run(transport, spec, run_id, deadline_s=deadline):
             if as_json:
-                print(json.dumps(ev, ensure_ascii=False), flush=True)
+                print(strict_json(ev).decode(), flush=True)
+                if ev["type"] == "error":
+                    code = 1
                 continue
             kind = ev["type"]
             if kind == "run":

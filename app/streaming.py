@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
-from orchestrator.envelope import dumps_json
+from orchestrator.envelope import strict_json
 
 T = TypeVar("T")
 OnClose = Callable[[], Awaitable[None]]
@@ -30,9 +30,9 @@ SHUTDOWN_GRACE_S = 1.0
 
 
 def dumps(obj: Any) -> str:
-    """Compact JSON as the wire writes it (`dumps_json`: orjson where it agrees with the
-    standard library; a lone surrogate a tool returns is escaped, so a response encodes)."""
-    return dumps_json(obj).decode()
+    """Compact, strict JSON for clients (`strict_json`): a lone surrogate a tool returned is
+    escaped, a NaN or an infinity is `null`."""
+    return strict_json(obj).decode()
 
 
 def json_response(body: BaseModel | dict[str, Any], *, status: int = 200,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
@@ -51,6 +52,28 @@ def dumps_json(value: Any) -> bytes:
         except UnicodeEncodeError:  # a lone surrogate (orjson refuses it too): escaped
             return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode()
     return out
+
+
+def strict_json(value: Any) -> bytes:
+    """JSON for clients (the gateway's answers, `alto run --json`): `dumps_json`, except
+    that a NaN or an infinity a stage returned is `null`, as pydantic's JSON mode and
+    orjson write them. The wire between stages keeps them (they read back as Python
+    floats); a client's parser (JavaScript's JSON.parse, most others) refuses a whole
+    body for one bare `NaN`."""
+    out = dumps_json(value)
+    if b"NaN" in out or b"Infinity" in out:  # maybe only inside a string: then no change
+        out = dumps_json(_finite(value))
+    return out
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 # orjson reads integers in [-2**63, 2**64 - 1] exactly and turns larger ones into floats.

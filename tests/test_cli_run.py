@@ -43,3 +43,27 @@ def test_human_output_ends_with_the_result() -> None:
     proc = alto("run", str(PIPELINE), "--input", "x y")
     assert proc.returncode == 0
     assert proc.stdout.strip() == evaluate(load_pipeline(PIPELINE), "x y")[0]
+
+
+def _strict(line: str) -> dict:  # type: ignore[type-arg]
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not strict JSON: {constant} in {line[:200]}")
+
+    return json.loads(line, parse_constant=refuse)  # type: ignore[no-any-return]
+
+
+def test_json_lines_are_strict_json() -> None:
+    """A NaN or an infinity a stage returns is `null` to a strict parser (jq, JSON.parse)."""
+    proc = alto("run", str(ROOT / "tests" / "gateway_pipelines" / "scores.yaml"),
+                "--input", "a", "--json")
+    assert proc.returncode == 0, proc.stderr
+    events = [_strict(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert events[-1]["units"] == [{"word": "a", "score": None, "high": None, "low": None}]
+
+
+def test_json_mode_exits_1_when_the_run_fails() -> None:
+    proc = alto("run", str(ROOT / "tests" / "gateway_pipelines" / "notjson.yaml"),
+                "--input", "a", "--json")
+    events = [_strict(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert events[-1]["type"] == "error" and "not JSON" in events[-1]["message"]
+    assert proc.returncode == 1

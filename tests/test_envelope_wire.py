@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.envelope import Envelope, dumps_json, loads_json
+from orchestrator.envelope import Envelope, dumps_json, loads_json, strict_json
 
 json_value = st.recursive(
     st.one_of(
@@ -121,3 +121,25 @@ def test_a_lone_surrogate_is_escaped_and_reads_back() -> None:
     e = Envelope(run="r", pipeline="p", stage="s", lineage=(), kind="unit",
                  credit=Fraction(1), payload=value["x"])
     assert Envelope.from_json(e.to_wire()) == e
+
+
+def _nulled(v: Any) -> Any:
+    """What a strict client should read: every non-finite float as null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        # keys as JSON writes them: 0 -> "0", True -> "true"
+        return {k if isinstance(k, str) else json.dumps(k): _nulled(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_nulled(x) for x in v]
+    return v
+
+
+@given(json_value)
+@settings(max_examples=300, deadline=None)
+def test_strict_json_is_strict_and_keeps_every_finite_value(value: Any) -> None:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in strict output")
+
+    back = json.loads(strict_json(value), parse_constant=refuse)
+    assert back == _nulled(value)  # NaN != NaN, but no NaN is left to compare

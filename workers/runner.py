@@ -197,6 +197,17 @@ class LeftPending(Exception):
 RETRY_CANCEL_POLL_S = 0.5  # how often a retry's backoff looks at its run's cancel flag
 
 
+class OutputNotJSON(Exception):
+    """A stage's unit could not be written: units travel as JSON (between stages, in
+    events, to clients). The run fails with this message instead of the encoder's bare
+    TypeError and a traceback through the transport."""
+
+    def __init__(self, stage: str, exc: Exception) -> None:
+        super().__init__(
+            f"stage {stage!r} produced a unit that is not JSON ({exc}); a stage's output "
+            "must be made of str, int, float, bool, None, lists and dicts with str keys")
+
+
 def _error_code(exc: BaseException) -> str:
     """The `code` of the run's error event for a call that raised `exc`."""
     return exc.code if isinstance(exc, StageTimeout) else "stage_error"
@@ -723,8 +734,9 @@ class StageRunner:
                         exc if isinstance(exc, LeftPending) else f"transport unavailable ({exc})",
                         d.envelope.id)
         except Exception as exc:  # a stage error fails the run visibly, never silently
-            log.exception("stage %s failed on %s", self.stage.name, d.envelope.id,
-                          extra={"run": d.envelope.run, "stage": self.stage.name})
+            log.error("stage %s failed on %s", self.stage.name, d.envelope.id,
+                      exc_info=not isinstance(exc, OutputNotJSON),
+                      extra={"run": d.envelope.run, "stage": self.stage.name})
             await self._fail(d.envelope, f"{type(exc).__name__}: {exc}", None, d,
                              code=_error_code(exc))
 
@@ -896,7 +908,7 @@ class StageRunner:
                         self._emit(c, run, n, unit, credit, base_lineage, scope, context)
                         c.progress.append((run, cause, Progress(n, False)))
                         committing = True
-                        await self.transport.commit(c)
+                        await self._commit_units(c)
                         committing, published = False, True
                     else:
                         held.append((n, unit))
@@ -924,7 +936,7 @@ class StageRunner:
         self._end_markers(c, run, base_lineage, rest, scope, context, cause, credit_mid, credit)
         c.progress.append((run, cause, Progress(total_units, True)))
         c.acks.extend((s, self.group, ids) for s, ids in acks)
-        if not await self.transport.commit(c):
+        if not await self._commit_units(c):
             return  # the guard stopped it: a duplicate of finished work, or a cancelled run
         self.processed += 1
         call: dict[str, Any] = {
@@ -943,6 +955,15 @@ class StageRunner:
         self.router.observe("call", call)
         if self.observer is not None:
             self.observer("call", call)
+
+    async def _commit_units(self, c: Commit) -> bool:
+        """A commit holding this stage's units. Serialising them is the first thing either
+        transport does (before any write), so a TypeError or ValueError here is a unit
+        JSON cannot hold (a set, bytes, an object, a circular list): nothing was written."""
+        try:
+            return await self.transport.commit(c)
+        except (TypeError, ValueError) as exc:
+            raise OutputNotJSON(self.stage.name, exc) from None
 
     def _ctx_params(self) -> dict[str, Any]:
         """The stage's `params` for one call: a plain dict, deep-copied, so a function may

@@ -87,3 +87,13 @@ def block(value: Any, ctx: StageContext) -> str:
     """A plain function that hangs (a blocking client without a timeout) until released."""
     BLOCKED.wait()
     return str(value)
+
+
+def score(value: Any, ctx: StageContext) -> dict[str, Any]:
+    """A unit JSON cannot spell strictly: NaN and infinities (a model's score can be)."""
+    return {"word": str(value), "score": float("nan"), "high": float("inf"), "low": -float("inf")}
+
+
+def not_json(value: Any, ctx: StageContext) -> Any:
+    """A unit JSON cannot hold at all."""
+    return {"words": {str(value)}}
