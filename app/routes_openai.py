@@ -466,7 +466,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         users = [m for m in body.messages if m.role == "user"] or body.messages
         text = users[-1].text()
         check_prompt(gw.settings, text, "messages")
-        return await _serve_pipeline(request, gw, target, text, fmt, body.stream,
+        return await _serve_pipeline(request, gw, target, text, fmt, bool(body.stream),
                                      include_usage)
     prompt, system = _chat_prompt(body.messages)
     check_prompt(gw.settings, prompt + (system or ""), "messages")
@@ -494,6 +494,6 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     fmt = _Format("completions", f"cmpl-{uuid.uuid4().hex[:24]}", body.model)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if isinstance(target, PipelineSpec):
-        return await _serve_pipeline(request, gw, target, prompt, fmt, body.stream,
+        return await _serve_pipeline(request, gw, target, prompt, fmt, bool(body.stream),
                                      include_usage)
     return await _serve_engine(request, gw, target, prompt, None, body, fmt)

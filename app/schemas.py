@@ -74,6 +74,12 @@ def _number_only(value: Any) -> Any:
     return value
 
 
+def _false_only(value: Any) -> Any:
+    if value is not False:  # a Literal[False] alone would take 0 too
+        raise ValueError("only false is supported")
+    return value
+
+
 # constraints inside the Annotated type, so the document puts them on the number itself
 # (on a `X | None` union pydantic would emit them as unknown keywords)
 TokenCount = Annotated[int, Field(ge=1, le=65536), BeforeValidator(_number_only)]
@@ -130,7 +136,7 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = _REQUEST
 
-    include_usage: StrictBool = False
+    include_usage: StrictBool | None = False  # null: false (OpenAI's schema allows it)
 
 
 class _Sampling(BaseModel):
@@ -139,7 +145,7 @@ class _Sampling(BaseModel):
     model_config = _REQUEST
 
     model: str = Field(min_length=1, max_length=256, examples=["factool"])
-    stream: StrictBool = False
+    stream: StrictBool | None = False  # null: false, as OpenAI and vLLM take it
     stream_options: StreamOptions | None = None
     max_tokens: TokenCount | None = None
     temperature: Temperature | None = None
@@ -232,8 +238,11 @@ class CompletionRequest(_Sampling):
         description="the input; a list must hold exactly one prompt",
         examples=["Paris is the capital of France."],
     )
-    echo: StrictBool = False
-    suffix: Text | None = None
+    # refused rather than ignored: an answer without the echoed prompt (or the suffix
+    # honoured) would look right and be wrong
+    echo: Annotated[Literal[False], BeforeValidator(_false_only)] | None = Field(
+        default=False, description="only false is supported")
+    suffix: None = Field(default=None, description="not supported")
 
 
 class CompletionChoice(BaseModel):

@@ -50,6 +50,31 @@ def test_a_lone_surrogate_is_refused_before_a_run_starts(
     assert gateway.gateway.metrics.runs_started.labels("toy")._value.get() == started
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a b"}], "stream": None,
+                              "stream_options": {"include_usage": None}}),
+    ("/v1/completions", {"prompt": "a b", "stream": None, "echo": None, "suffix": None}),
+])
+def test_null_for_an_optional_flag_means_its_default(
+        gateway: LiveServer, path: str, body: dict[str, object]) -> None:
+    """OpenAI's schema and vLLM take null for these (QA: `"stream": null` was a 400)."""
+    r = httpx.post(f"{gateway.url}{path}", json={"model": "toy", **body}, timeout=30)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert (choice.get("text") or choice.get("message", {}).get("content")) == "A B"
+
+
+@pytest.mark.parametrize(("field", "value"), [("echo", True), ("suffix", "!")])
+def test_completion_options_not_honoured_are_refused_not_ignored(
+        gateway: LiveServer, field: str, value: object) -> None:
+    """An answer without the echoed prompt, or ignoring the suffix, would look right and be
+    wrong (both were accepted and ignored)."""
+    r = httpx.post(f"{gateway.url}/v1/completions", timeout=30,
+                   json={"model": "toy", "prompt": "a", field: value})
+    err = assert_error_shape(r, 400, "invalid_value")
+    assert err["param"] == field
+
+
 def test_text_parts_are_joined_by_a_newline(gateway: LiveServer) -> None:
     raw = json.dumps({"model": "toy", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "Paris is"}, {"type": "text", "text": "the capital"}]}]})

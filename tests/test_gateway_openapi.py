@@ -67,8 +67,9 @@ def test_factory_reads_its_settings_from_the_environment(
 
 @pytest.fixture(scope="module")
 def fuzz_target() -> Iterator[LiveServer]:
-    """API keys on (so schemathesis can check they are enforced), fast sim engines."""
-    server = make_server(("factool", "toy"), api_keys=[API_KEY])
+    """API keys on (so schemathesis can check they are enforced), fast sim engines; the
+    key is an admin key too, so the dead-letter endpoints are fuzzed past their 403."""
+    server = make_server(("factool", "toy"), api_keys=[API_KEY], admin_api_keys=[API_KEY])
     try:
         yield server
     finally:
