@@ -710,3 +710,49 @@ def test_tracing_endpoint_reaches_every_alto_pod() -> None:
         assert env(container(d))["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == endpoint
     for d in by_kind(render({}), "Deployment").values():
         assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env(container(d))
+
+
+def test_env_numbers_render_as_integers_the_settings_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Helm reads YAML numbers as float64, and `toString` writes 1e6 and up as 2e+06,
+    which no integer setting parses (QA: ALTO_MAX_BODY_BYTES: 2000000 stopped the gateway)."""
+    from workers.settings import Settings
+
+    docs = render({"gateway": {"env": {"ALTO_MAX_BODY_BYTES": 2000000, "ALTO_LOG_LEVEL": "debug"}},
+                   "workers": {"stages": {"verify": {"env": {"ALTO_MAX_DELIVERIES": 10000000,
+                                                              "ALTO_RESUME_GRACE_S": 2.5}}}}})
+    deployments = by_kind(docs, "Deployment")
+    gw = env(container(deployments[f"{PREFIX}-gateway"]))
+    verify = env(container(deployments[f"{PREFIX}-worker-verify"]))
+    assert gw["ALTO_MAX_BODY_BYTES"]["value"] == "2000000"
+    assert gw["ALTO_LOG_LEVEL"]["value"] == "debug"
+    assert verify["ALTO_MAX_DELIVERIES"]["value"] == "10000000"
+    for name in ("ALTO_MAX_BODY_BYTES", "ALTO_MAX_DELIVERIES", "ALTO_RESUME_GRACE_S"):
+        value = (gw.get(name) or verify[name])["value"]
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert (settings.max_body_bytes, settings.max_deliveries) == (2_000_000, 10_000_000)
+    assert settings.resume_grace_s == 2.5
+
+
+def test_an_external_redis_url_keeps_its_tls_options() -> None:
+    """A private CA (`?ssl_ca_certs=...`) must reach ALTO_REDIS_URL, with or without the
+    password Secret, and the CA file can be mounted into every alto pod (QA: the schema
+    refused the query, and the password path dropped it)."""
+    url = "rediss://r.example:6380/2?ssl_cert_reqs=required&ssl_ca_certs=/etc/redis-ca/ca.crt"
+    mount = {"name": "redis-ca", "mountPath": "/etc/redis-ca", "readOnly": True}
+    volume = {"name": "redis-ca", "secret": {"secretName": "redis-ca"}}
+    for secret, expect in (
+        ("", url),
+        ("redis-auth", "rediss://:$(REDIS_PASSWORD)@r.example:6380/2?ssl_cert_reqs=required"
+                       "&ssl_ca_certs=/etc/redis-ca/ca.crt"),
+    ):
+        docs = render({"redis": {"enabled": False,
+                                 "external": {"url": url, "existingSecret": secret}},
+                       "gateway": {"extraVolumes": [volume], "extraVolumeMounts": [mount]},
+                       "workers": {"defaults": {"extraVolumes": [volume],
+                                                "extraVolumeMounts": [mount]}}})
+        for d in by_kind(docs, "Deployment").values():
+            c = container(d)
+            assert env(c)["ALTO_REDIS_URL"]["value"] == expect
+            assert mount in c["volumeMounts"]
+            assert volume in d["spec"]["template"]["spec"]["volumes"]

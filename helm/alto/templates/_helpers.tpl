@@ -117,16 +117,25 @@ the transport's prefix "alto:", "stream:", then the stream's name (orchestrator.
   value: {{ printf "redis://:$(REDIS_PASSWORD)@%s-redis:6379/0" (include "alto.name" .) | quote }}
 {{- else -}}
 {{- $u := urlParse .Values.redis.external.url -}}
+{{- $query := "" -}}
+{{- if $u.query }}{{ $query = printf "?%s" $u.query }}{{ end -}}
 {{- if .Values.redis.external.existingSecret }}
 - name: REDIS_PASSWORD
   valueFrom: {secretKeyRef: {name: {{ .Values.redis.external.existingSecret }}, key: {{ .Values.redis.external.existingSecretKey }}}}
 - name: ALTO_REDIS_URL
-  value: {{ printf "%s://:$(REDIS_PASSWORD)@%s%s" $u.scheme $u.host $u.path | quote }}
+  value: {{ printf "%s://:$(REDIS_PASSWORD)@%s%s%s" $u.scheme $u.host $u.path $query | quote }}
 {{- else }}
 - name: ALTO_REDIS_URL
   value: {{ .Values.redis.external.url | quote }}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{/* An env value from values.yaml, quoted: strings as they are, anything else as JSON.
+`toString` would write a number of 1e6 or more (a float64 to Helm) as 2e+06, which no
+integer setting reads. */}}
+{{- define "alto.envValue" -}}
+{{- if kindIs "string" . -}}{{ . | quote }}{{- else -}}{{ . | toJson | quote }}{{- end -}}
 {{- end -}}
 
 {{/* Environment every alto container gets. */}}
