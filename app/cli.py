@@ -150,9 +150,27 @@ def _build_engine(choice: _EngineChoice) -> EngineSpec | None:
     from."""
     if choice.kind is None:
         return None
-    flags = choice.from_flags
-    return _engine_spec(choice.kind, choice.options, choice.kind_from,
-                        lambda k: f"--engine-opt {k}" if k in flags else f"ALTO_ENGINE_OPTIONS {k}")
+    return _engine_spec(choice.kind, choice.options, choice.kind_from, choice.option_from)
+
+
+def _check_engines(specs: list[PipelineSpec], override: EngineSpec | None,
+                   choice: _EngineChoice, instances: int | None = None) -> None:
+    """Build (without starting) every engine the embedded runtime will build, so a wrong
+    engine option or setting is one line naming the engine, exit 2, before anything
+    starts (not a runtime failure, nor uvicorn's startup traceback); an optional
+    dependency this machine lacks is one line too, exit 1."""
+    from app.engine_check import EngineProblem, check_engines
+
+    try:
+        check_engines(specs, override, instances)
+    except EngineProblem as exc:
+        what, why = f"engine {exc.engine!r} of pipeline {exc.pipeline!r}", exc.message
+        if exc.engine is None:
+            what, why = "engine override", f"{choice.named_in(exc.message)}: {exc.message}"
+        if exc.usage:
+            _usage(f"invalid {what}: {why}")
+        _say_error(f"cannot build the {what}: {why}")
+        raise typer.Exit(1) from None
 
 
 @dataclass(frozen=True)
@@ -164,6 +182,17 @@ class _EngineChoice:
     kind_from: str  # "--engine" or "ALTO_ENGINE"
     options: dict[str, Any]
     from_flags: frozenset[str]
+
+    def option_from(self, key: str) -> str:
+        """Where option `key` was given: the flag or the setting."""
+        return f"--engine-opt {key}" if key in self.from_flags else f"ALTO_ENGINE_OPTIONS {key}"
+
+    def named_in(self, message: str) -> str:
+        """Where the option an engine's error `message` is about was given: the option
+        quoted first in it (engines quote the option they refuse before any list of the
+        known ones), else the kind's flag or setting."""
+        at = {message.find(repr(k)): k for k in self.options if repr(k) in message}
+        return self.option_from(at[min(at)]) if at else f"{self.kind_from} {self.kind}"
 
 
 def _engine_choice(engine: str | None, options: list[str] | None,
@@ -556,10 +585,11 @@ def _serve_settings(
     engine_opt: list[str] | None,
     host: str | None,
     port: int | None,
-) -> Any:
+) -> tuple[Any, _EngineChoice]:
     """Settings from ALTO_* with the command line's flags on top, the Redis URL and the
-    engine resolved as `alto run` and `alto worker` resolve them; exit 2 on what
-    `create_app` and its lifespan would fail on, in one line before uvicorn starts."""
+    engine resolved as `alto run` and `alto worker` resolve them (and the engine choice,
+    whose errors name the flag or setting); exit 2 on what `create_app` and its lifespan
+    would fail on, in one line before uvicorn starts."""
     from pydantic import SecretStr
 
     from workers.settings import get_settings
@@ -579,7 +609,7 @@ def _serve_settings(
         update["host"] = host
     if port is not None:
         update["port"] = port
-    return settings.model_copy(update=update)
+    return settings.model_copy(update=update), choice
 
 
 @cli.command()
@@ -602,12 +632,12 @@ def serve(
     """Serve the HTTP gateway (OpenAI-compatible + native API) with uvicorn."""
     import uvicorn
 
-    from app.main import create_app, load_pipelines
+    from app.main import create_app, engine_override, load_pipelines
     from app.middleware import key_digests
     from workers.redact import redact_url
     from workers.settings import reveal
 
-    settings = _serve_settings(pipeline, redis_url, engine, engine_opt, host, port)
+    settings, choice = _serve_settings(pipeline, redis_url, engine, engine_opt, host, port)
     url = reveal(settings.redis_url)
     try:
         key_digests([reveal(k) or "" for k in settings.api_keys])
@@ -620,6 +650,7 @@ def serve(
         raise typer.Exit(2) from None
     if not url:  # embedded: this process runs every stage (on Redis the workers do)
         _check_functions(specs)
+        _check_engines(specs, engine_override(settings), choice, settings.instances)
     app = create_app(settings, specs)
     mode = f"redis {redact_url(url)}" if url else "embedded"
     console.print(

@@ -1,0 +1,70 @@
+"""`alto` refuses at once, in one line, what would otherwise fail after it had started: an
+engine that cannot be built (`alto serve` printed uvicorn's 40-line "Application startup
+failed" traceback and exited 3).
+Every test runs the real CLI as a subprocess."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_cli_errors import alto, clean_env, one_line_error
+
+KNOWN_SIM = "known options: ['block_size'"
+
+
+def lm_pipeline(tmp_path: Path, engine: dict[str, object]) -> Path:
+    """One LM stage on `engine` (the pipeline's default engine)."""
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "p", "engines": {"default": engine},
+        "stages": [{"name": "a", "kind": "lm", "prompt": "{input}", "max_tokens": 4}]}))
+    return path
+
+
+SPEC_ENGINES = {
+    "openai-no-base-url": ({"kind": "openai", "model": "m"},
+                           "openai engine: no base_url (set the engine option or "
+                           "ALTO_OPENAI_BASE_URL)"),
+    "sim-unknown-option": ({"kind": "sim", "foo": 1}, "sim engine: unknown option(s) ['foo']"),
+}
+
+
+@pytest.mark.parametrize("command", ["serve"])
+@pytest.mark.parametrize("case", list(SPEC_ENGINES))
+def test_an_engine_that_cannot_be_built_is_one_line(command: str, case: str,
+                                                    tmp_path: Path) -> None:
+    engine, why = SPEC_ENGINES[case]
+    path = lm_pipeline(tmp_path, engine)
+    args = ["serve", "-p", str(path), "--port", "0"] if command == "serve" else \
+        ["run", str(path), "-i", "x"]
+    line = one_line_error(alto(*args, timeout=30))
+    assert line.startswith(f"error: invalid engine 'default' of pipeline 'p': {why}"), line
+
+
+OVERRIDES = {
+    "bad-value": (["--engine-opt", "time_scale=abc"], {},
+                  "--engine-opt time_scale: sim engine option 'time_scale' must be a number, "
+                  "got 'abc'"),
+    "unknown-flag": (["--engine-opt", "time_scale=0", "--engine-opt", "bogus=1"], {},
+                     "--engine-opt bogus: sim engine: unknown option(s) ['bogus']"),
+    "unknown-setting": ([], {"ALTO_ENGINE_OPTIONS": '{"bogus": 1}'},
+                        "ALTO_ENGINE_OPTIONS bogus: sim engine: unknown option(s) ['bogus']"),
+}
+
+
+@pytest.mark.parametrize("command", ["serve"])
+@pytest.mark.parametrize("case", list(OVERRIDES))
+def test_an_override_option_the_engine_refuses_is_one_line_naming_it(
+        command: str, case: str, tmp_path: Path) -> None:
+    """The option is named as the flag or the setting it came from (the engine's message
+    names only the key)."""
+    flags, env, why = OVERRIDES[case]
+    path = lm_pipeline(tmp_path, {"kind": "sim", "time_scale": 0})
+    args = ["serve", "-p", str(path), "--port", "0"] if command == "serve" else \
+        ["run", str(path), "-i", "x"]
+    line = one_line_error(alto(*args, "--engine", "sim", *flags, env=clean_env(**env),
+                               timeout=30))
+    assert line.startswith(f"error: invalid engine override: {why}"), line
