@@ -258,3 +258,17 @@ def test_an_lm_stage_left_on_the_implicit_simulator_is_a_warning() -> None:
     no_kind = parse_pipeline({"name": "p", "engines": {"default": {"model": "m"}}, "stages": [ask]})
     assert [(w.stage, w.field) for w in lint(no_kind)] == [("ask", "engine")]
     assert lint(parse_pipeline(chain(ask))) == []  # kind: sim, written
+
+
+@pytest.mark.parametrize("name", ["one_arg", "words"])
+def test_alto_run_refuses_such_a_function_before_any_input(tmp_path: Path, name: str) -> None:
+    """The same check when a stage starts (alto run, worker, serve): the run used to start
+    and fail on its first input, or (a generator) never run at all."""
+    path = write(tmp_path, chain(SPLIT, {"name": "up", "kind": "tool",
+                                         "function": f"tests.toy.miscalled:{name}"}))
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "run", str(path), "--input", "a b"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0, out
+    assert f"stages.up.function: 'tests.toy.miscalled:{name}'" in out
+    assert "run run_" not in out  # no run was started

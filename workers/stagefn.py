@@ -22,6 +22,7 @@ from typing import Any
 
 from orchestrator.engine import Delta, Engine, GenParams
 from orchestrator.framing import frame_value, make_framer
+from orchestrator.lint import call_errors
 from orchestrator.spec import PipelineSpec, SpecError, StageSpec
 from orchestrator.template import StageContext, as_text, render
 
@@ -108,6 +109,13 @@ class StageFunction:
         else:
             assert stage.function is not None
             self.fn = resolve(stage.function, stage=stage.name, field_name="function")
+        # a function every call of which would fail (wrong arguments, a plain generator)
+        # stops the stage at start, as `alto check` reports it, not at its first input
+        problems = call_errors(stage, self.fn, self.responder)
+        if problems:
+            error = SpecError("; ".join(problems))
+            error.stage = stage.name
+            raise error
 
     def _threads(self) -> ThreadPoolExecutor:
         """This stage's own threads for a plain function. Not the loop's default pool
