@@ -287,7 +287,7 @@ def run(
 
     settings = get_settings()
     url, source = _redis_url(redis_url, settings)
-    override = None
+    override, choice = None, None
     if url:
         # the workers load the pipeline and build the engines: these would change nothing
         # (ALTO_ENGINE and friends are theirs too, so they are not read here)
@@ -298,8 +298,11 @@ def run(
             _usage(f"{', '.join(local)} cannot be combined with {source}: the workers "
                    f"run their own pipeline spec and engines (give it to `alto worker`){hint}")
     else:
-        override = _engine_override(engine, engine_opt, settings)
+        choice = _engine_choice(engine, engine_opt, settings)
+        override = _build_engine(choice)
     spec = _load(pipeline, not no_stream)
+    if choice is not None:  # embedded: this process builds the engines (on Redis the workers do)
+        _check_engines([spec], override, choice)
     _exit(asyncio.run(_run(spec, input, url, source, as_json, override, deadline)))
 
 

@@ -1,6 +1,6 @@
 """`alto` refuses at once, in one line, what would otherwise fail after it had started: an
 engine that cannot be built (`alto serve` printed uvicorn's 40-line "Application startup
-failed" traceback and exited 3).
+failed" traceback and exited 3; `alto run` called it a failure of the run, exit 1).
 Every test runs the real CLI as a subprocess."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ SPEC_ENGINES = {
 }
 
 
-@pytest.mark.parametrize("command", ["serve"])
+@pytest.mark.parametrize("command", ["serve", "run"])
 @pytest.mark.parametrize("case", list(SPEC_ENGINES))
 def test_an_engine_that_cannot_be_built_is_one_line(command: str, case: str,
                                                     tmp_path: Path) -> None:
@@ -55,7 +55,7 @@ OVERRIDES = {
 }
 
 
-@pytest.mark.parametrize("command", ["serve"])
+@pytest.mark.parametrize("command", ["serve", "run"])
 @pytest.mark.parametrize("case", list(OVERRIDES))
 def test_an_override_option_the_engine_refuses_is_one_line_naming_it(
         command: str, case: str, tmp_path: Path) -> None:
