@@ -515,8 +515,15 @@ async def _worker(spec: PipelineSpec, stage: str, url: str, source: str,
     # up before the engine loads: probes see a live but not-ready worker meanwhile
     http = None
     if settings.metrics_port:
-        http = await serve_worker_http(metrics, runtime, settings.metrics_host,
-                                       settings.metrics_port)
+        try:
+            http = await serve_worker_http(metrics, runtime, settings.metrics_host,
+                                           settings.metrics_port)
+        except OSError as exc:  # the port is taken, the host is not this machine's, ...
+            _say_error(f"cannot serve metrics on "
+                       f"{_address(settings.metrics_host, settings.metrics_port)}: "
+                       f"{_os_reason(exc)}")
+            await transport.close()  # nothing else has started
+            return 1
     try:
         await runtime.start([StageSelection(spec.name, stage)])
     except Exception as exc:  # noqa: BLE001
@@ -546,6 +553,19 @@ async def _worker(spec: PipelineSpec, stage: str, url: str, source: str,
         console.print(f"[red]worker failed[/red]: {failure}")
         return 1
     return 0
+
+
+def _address(host: str, port: int) -> str:
+    """`host:port`, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _os_reason(exc: OSError) -> str:
+    """Why a system call failed, in a few words ("address already in use"): asyncio wraps
+    the system's reason in a sentence that repeats the address."""
+    if exc.errno is not None and exc.errno > 0:  # (a resolver's errors are negative)
+        return os.strerror(exc.errno).lower()
+    return (exc.strerror or str(exc)).lower()
 
 
 class _Signals:

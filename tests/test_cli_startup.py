@@ -1,16 +1,18 @@
 """`alto` refuses at once, in one line, what would otherwise fail after it had started: an
 engine that cannot be built (`alto serve` printed uvicorn's 40-line "Application startup
-failed" traceback and exited 3; `alto run` called it a failure of the run, exit 1).
+failed" traceback and exited 3; `alto run` called it a failure of the run, exit 1), a
+metrics port that is taken (`alto worker`).
 Every test runs the real CLI as a subprocess."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.test_cli_errors import alto, clean_env, one_line_error
+from tests.test_cli_errors import PIPELINE, alto, clean_env, one_line_error
 
 KNOWN_SIM = "known options: ['block_size'"
 
@@ -68,3 +70,18 @@ def test_an_override_option_the_engine_refuses_is_one_line_naming_it(
     line = one_line_error(alto(*args, "--engine", "sim", *flags, env=clean_env(**env),
                                timeout=30))
     assert line.startswith(f"error: invalid engine override: {why}"), line
+
+
+@pytest.mark.redis
+def test_worker_metrics_port_in_use_is_one_line(redis_url: str) -> None:
+    """It was a 60-line traceback (OSError from the metrics server's bind); the worker
+    ends before its stage starts (no 'worker ready'), its Redis connection closed."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = alto("worker", "-p", str(PIPELINE), "--stage", "split", "--redis-url",
+                    redis_url, "--metrics-port", str(port),
+                    env=clean_env(ALTO_METRICS_HOST="127.0.0.1"), timeout=30)
+    line = one_line_error(proc, 1)
+    assert line == f"error: cannot serve metrics on 127.0.0.1:{port}: address already in use"
