@@ -846,8 +846,12 @@ def openapi(
     text = openapi_json(create_app(get_settings(), pipelines=[]))
     if output is None:
         sys.stdout.write(text)
-    else:
+        return
+    try:
         output.write_text(text)
+    except OSError as exc:  # a missing directory, no permission, a directory given
+        _say_error(f"cannot write {output}: {_os_reason(exc)}")
+        raise typer.Exit(1) from None
 
 
 def _bench_group() -> typer.Typer:

@@ -1,7 +1,8 @@
 """`alto` refuses at once, in one line, what would otherwise fail after it had started: an
 engine that cannot be built (`alto serve` printed uvicorn's 40-line "Application startup
 failed" traceback and exited 3; `alto run` called it a failure of the run, exit 1), a
-metrics port that is taken (`alto worker`).
+metrics port that is taken (`alto worker`), an output file that cannot be written
+(`alto openapi`).
 Every test runs the real CLI as a subprocess."""
 
 from __future__ import annotations
@@ -85,3 +86,13 @@ def test_worker_metrics_port_in_use_is_one_line(redis_url: str) -> None:
                     env=clean_env(ALTO_METRICS_HOST="127.0.0.1"), timeout=30)
     line = one_line_error(proc, 1)
     assert line == f"error: cannot serve metrics on 127.0.0.1:{port}: address already in use"
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "a-directory"])
+def test_openapi_output_that_cannot_be_written_is_one_line(where: str,
+                                                           tmp_path: Path) -> None:
+    """It was a traceback of the FileNotFoundError (or IsADirectoryError)."""
+    path, why = (tmp_path / "no" / "x.json", "no such file or directory") \
+        if where == "missing-dir" else (tmp_path, "is a directory")
+    line = one_line_error(alto("openapi", "-o", str(path), timeout=30), 1)
+    assert line == f"error: cannot write {path}: {why}", line
