@@ -265,7 +265,9 @@ async def _make_transport(redis_url: str | None, source: str = "--redis-url"):  
 @cli.command()
 def run(
     pipeline: Annotated[Path, typer.Argument(help="pipeline YAML")],
-    input: Annotated[str, typer.Option("--input", "-i", help="the run's input text")],
+    input: Annotated[str, typer.Option(
+        "--input", "-i", help="the run's input text; -: read it from stdin, @PATH: from "
+        "that file (as curl -d reads them; @@ for a text that starts with @)")],
     redis_url: Annotated[str | None, typer.Option(
         help="run on Redis, by the `alto worker`s there (they run their own spec and "
         "engines); default ALTO_REDIS_URL; neither set: every stage runs in this process")
@@ -280,9 +282,11 @@ def run(
         min=0, help="seconds before giving up (and cancelling the run); 0: never")] = 600.0,
 ) -> None:
     """Run one request through a pipeline and print partial outputs as they arrive.
-    With --redis-url, or else ALTO_REDIS_URL, the run goes to the `alto worker`s on that
-    Redis; with neither (ALTO_REDIS_URL unset or empty) every stage runs in this process.
-    Ctrl-C (SIGINT) or SIGTERM cancels the run, as its deadline passing does."""
+    `--input -` reads the input from stdin and `--input @PATH` from a file, verbatim
+    (`--input @@text` is the text `@text`). With --redis-url, or else ALTO_REDIS_URL,
+    the run goes to the `alto worker`s on that Redis; with neither (ALTO_REDIS_URL unset
+    or empty) every stage runs in this process. Ctrl-C (SIGINT) or SIGTERM cancels the
+    run, as its deadline passing does."""
     from workers.settings import get_settings
 
     settings = get_settings()
@@ -303,7 +307,39 @@ def run(
     spec = _load(pipeline, not no_stream)
     if choice is not None:  # embedded: this process builds the engines (on Redis the workers do)
         _check_engines([spec], override, choice)
-    _exit(asyncio.run(_run(spec, input, url, source, as_json, override, deadline)))
+    text = _input_text(input)
+    _exit(asyncio.run(_run(spec, text, url, source, as_json, override, deadline)))
+
+
+def _input_text(value: str) -> str:
+    """What `--input` gives, with curl's conventions for a text too long (or too awkward)
+    for a command line: `-` (or `@-`) reads stdin, `@PATH` a file, and `@@...` is the text
+    after the first @ (so any text can still be given as it is). Contents are taken
+    verbatim (a trailing newline included) and must be UTF-8; exit 2 naming the option
+    otherwise."""
+    if value.startswith("@@"):
+        return value[1:]
+    if value in ("-", "@-"):
+        return _utf8(sys.stdin.buffer.read(), value, "stdin")
+    if not value.startswith("@"):
+        return value
+    if value == "@":
+        _usage("--input @: a file name must follow @ (@@ for a text that starts with @)")
+    path = Path(value[1:])
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        _usage(f"--input {value}: cannot read {path}: {_os_reason(exc)} (@@ for a text "
+               "that starts with @)")
+    return _utf8(data, value, str(path))
+
+
+def _utf8(data: bytes, value: str, where: str) -> str:
+    """`data` decoded, or exit 2: a run's input is text."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        _usage(f"--input {value}: {where} is not UTF-8 text ({exc.reason} at byte {exc.start})")
 
 
 async def _cancel_run(transport: Any, run_id: str, code: str, message: str) -> None:

@@ -7,16 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from orchestrator.spec import load_pipeline
+from tests.test_cli_errors import one_line_error
 from tests.toy.oracle import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "tests" / "toy" / "pipeline4.yaml"
 
 
-def alto(*args: str) -> subprocess.CompletedProcess[str]:
+def alto(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, input=stdin)
 
 
 def test_run_json_prints_events_ending_with_the_result() -> None:
@@ -67,3 +70,40 @@ def test_json_mode_exits_1_when_the_run_fails() -> None:
     events = [_strict(line) for line in proc.stdout.splitlines() if line.strip()]
     assert events[-1]["type"] == "error" and "not JSON" in events[-1]["message"]
     assert proc.returncode == 1
+
+
+@pytest.mark.parametrize(("given", "stdin", "text"), [
+    ("-", "from stdin\n", "from stdin\n"),
+    ("@-", "from stdin too", "from stdin too"),
+    ("@{file}", None, "from a file\n"),
+    ("@@x y", None, "@x y"),
+    ("a@b", None, "a@b"),
+], ids=["stdin", "at-stdin", "file", "escaped-at", "inner-at"])
+def test_input_from_stdin_or_a_file(given: str, stdin: str | None, text: str,
+                                    tmp_path: Path) -> None:
+    """curl's conventions: `-` stdin, `@PATH` a file (verbatim, its newline included),
+    `@@` a text that starts with @."""
+    path = tmp_path / "input.txt"
+    path.write_text("from a file\n")
+    proc = alto("run", str(PIPELINE), "--input", given.format(file=path), "--json",
+                stdin=stdin)
+    assert proc.returncode == 0, proc.stderr
+    units = json.loads(proc.stdout.splitlines()[-1])["units"]
+    assert units == evaluate(load_pipeline(PIPELINE), text)
+
+
+@pytest.mark.parametrize("given", ["@{missing}", "@"], ids=["missing-file", "no-name"])
+def test_input_file_that_cannot_be_read_is_one_line(given: str, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.txt"
+    proc = alto("run", str(PIPELINE), "--input", given.format(missing=missing))
+    line = one_line_error(proc, 2)
+    why = f"cannot read {missing}: no such file or directory" if given != "@" \
+        else "a file name must follow @"
+    assert line.startswith(f"error: --input {given.format(missing=missing)}: {why}"), line
+
+
+def test_run_help_documents_the_input_conventions() -> None:
+    proc = alto("run", "--help")
+    text = " ".join(proc.stdout.split())
+    assert "`--input -` reads the input from stdin and `--input @PATH` from a file, " \
+        "verbatim (`--input @@text` is the text `@text`)" in text, proc.stdout
