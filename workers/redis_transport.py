@@ -451,55 +451,63 @@ class RedisTransport(Transport):
             asyncio.get_running_loop().create_task(self._flush_commits())
         return await fut
 
-    def _commit_commands(self, commit: Commit) -> list[list[str | bytes]]:
-        """The commit as raw Redis commands, in the order they apply (acks last). Run keys
-        get the safety expiry if they have none (EXPIRE NX)."""
-        cmds: list[list[str | bytes]] = []
-        for s, e in commit.messages:
-            key, text = self._stream_key(s), e.to_json()
-            minid = self._minid.get(key)
-            if minid is None:
-                cmds.append(["XADD", key, "*", "e", text])
-            else:  # trim while appending, never past what trim() proved acknowledged
-                trim = ["MINID", "~", minid] if self.approximate_trim else ["MINID", minid]
-                cmds.append(["XADD", key, *trim, "*", "e", text])
-        run_keys: dict[str, None] = {}
-        for run, ev in commit.events:
-            key = self._run_key(run, "events")
-            cmds.append(["XADD", key, "*", "e", dumps_json(ev)])  # orjson: ~8x the stdlib
-            run_keys[key] = None
-        progress: dict[str, dict[str, str]] = {}
-        for run, key, prog in commit.progress:
-            progress.setdefault(self._run_key(run, "progress"), {})[key] = _progress_text(prog)
-        for key, mapping in progress.items():
-            flat = [x for kv in mapping.items() for x in kv]
-            for i in range(0, len(flat), 2000):  # Lua's unpack() has a bounded stack
-                cmds.append(["HSET", key, *flat[i:i + 2000]])
-            run_keys[key] = None
-        for key in run_keys:
-            cmds.append(["EXPIRE", key, str(self.run_key_ttl_s), "NX"])
-        for stream, group, ids in commit.acks:
-            for i in range(0, len(ids), 1000):
-                cmds.append(["XACK", self._stream_key(stream), group, *ids[i:i + 1000]])
-        return cmds
-
     def _commit_args(self, commit: Commit) -> list[str | bytes]:
-        """The commit's section of `_COMMIT`'s ARGV."""
-        cmds = self._commit_commands(commit)
+        """The commit's section of `_COMMIT`'s ARGV: its fence and guard, the number of its
+        commands and of its trailing acks, then each command as its length and its words,
+        in the order they apply (acks last). Run keys get the safety expiry if they have
+        none (EXPIRE NX). Written straight into one list: this runs for every input, and
+        a list per command plus a second pass cost ~10 us of an instant stage's ~200."""
         fence, guard = commit.fence, commit.guard
-        nack = sum(1 for c in cmds if c[0] == "XACK")
         args: list[str | bytes] = [
             f"{self.prefix}lease:{fence.lease}" if fence else "",
             str(fence.token) if fence else "",
             self._run_key(guard.run, "cancel") if guard else "",
             self._run_key(guard.run, "progress") if guard else "",
             (guard.key or "") if guard else "",
-            str(len(cmds)),
-            str(nack),
+            "",  # the number of commands, set below
+            "",  # of acks
         ]
-        for cmd in cmds:
-            args.append(str(len(cmd)))
-            args.extend(cmd)
+        n = 0
+        for s, e in commit.messages:
+            key = self._stream_key(s)
+            minid = self._minid.get(key)
+            if minid is None:
+                args += ("5", "XADD", key, "*", "e", e.to_wire())
+            elif self.approximate_trim:  # trim while appending, never past what trim() proved
+                args += ("8", "XADD", key, "MINID", "~", minid, "*", "e", e.to_wire())
+            else:
+                args += ("7", "XADD", key, "MINID", minid, "*", "e", e.to_wire())
+            n += 1
+        run_keys: dict[str, None] = {}
+        for run, ev in commit.events:
+            key = self._run_key(run, "events")
+            args += ("5", "XADD", key, "*", "e", dumps_json(ev))  # orjson: ~8x the stdlib
+            run_keys[key] = None
+            n += 1
+        progress: dict[str, list[str]] = {}
+        for run, field, prog in commit.progress:
+            progress.setdefault(self._run_key(run, "progress"), []).extend(
+                (field, _progress_text(prog)))
+        for key, flat in progress.items():
+            for i in range(0, len(flat), 2000):  # Lua's unpack() has a bounded stack
+                chunk = flat[i:i + 2000]
+                args += (str(len(chunk) + 2), "HSET", key)
+                args += chunk
+                n += 1
+            run_keys[key] = None
+        ttl = str(self.run_key_ttl_s)
+        for key in run_keys:
+            args += ("4", "EXPIRE", key, ttl, "NX")
+            n += 1
+        acks = 0
+        for stream, group, ids in commit.acks:
+            key = self._stream_key(stream)
+            for i in range(0, len(ids), 1000):
+                chunk = ids[i:i + 1000]
+                args += (str(len(chunk) + 3), "XACK", key, group)
+                args += chunk
+                acks += 1
+        args[5], args[6] = str(n + acks), str(acks)
         return args
 
     async def _flush_commits(self) -> None:
