@@ -380,6 +380,7 @@ async def _serve_engine(
         top_p=body.top_p,
         seed=body.seed,
         messages=messages,
+        raw=fmt.api == "completions",  # the prompt as written, no chat template
         tags={"run": fmt.id, "stage": "proxy", "pipeline": model.pipeline},
     )
     slot: Slot = gw.admit()

@@ -27,6 +27,9 @@ class GenParams:
     # a whole conversation ({"role", "content"} dicts, system turns included) for engines
     # that take chat messages; `prompt` is then its flat form, for engines that take text
     messages: list[dict[str, str]] | None = None
+    # the prompt exactly as written, without the engine's chat template: a `/v1/completions`
+    # request (what OpenAI's and vLLM's completions API do); else engines that chat, chat
+    raw: bool = False
     # free-form routing/statistics hints (prompt class, stage name, run id)
     tags: dict[str, Any] = field(default_factory=dict)
 

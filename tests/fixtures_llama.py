@@ -141,6 +141,7 @@ class ScriptedSSEServer:
     errors: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     port: int = 0
     requests: list[dict] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)  # of each request, in order
     headers: list[dict[str, str]] = field(default_factory=list)
     connections: int = 0
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -171,6 +172,7 @@ class ScriptedSSEServer:
             }
             body = await reader.readexactly(int(hdrs.get("content-length", "0")))
             self.headers.append(hdrs)
+            self.paths.append(lines[0].split(" ")[1])
             self.requests.append(json.loads(body or b"{}"))
             if self.errors:
                 status, extra = self.errors.pop(0)

@@ -130,6 +130,9 @@ async def test_chat_formatting_modes(engine: LocalEngine) -> None:
     assert text == "<bos><start_of_turn>user\nbe brief\n\nhi<end_of_turn>\n<start_of_turn>model\n"
     assert not add_bos
     assert engine._llm.tokenize(text.encode(), add_bos=False, special=True)[:2] == [2, 105]
+    # a raw completion (the gateway's /v1/completions): the prompt as written, whatever mode
+    raw = GenParams(raw=True)
+    assert _Formatter(engine._llm, True).render("The sky is", raw) == ("The sky is", True, [])
 
 
 @pytest.mark.slow

@@ -138,6 +138,33 @@ async def _ask_engine(base_url: str) -> httpx.Response:
         server.stop()
 
 
+async def test_a_completions_request_to_a_chat_engine_goes_as_a_raw_completion(
+        scripted_server: list[ScriptedSSEServer]) -> None:  # noqa: F811
+    """`/v1/completions` promises the prompt as written; through an engine configured for
+    the chat API it used to go as a user message, so the server's chat template wrapped it."""
+    chunk = json.dumps({"id": "c1", "object": "text_completion", "model": "m",
+                        "choices": [{"index": 0, "text": " Paris.", "finish_reason": "stop"}]})
+    up = await start_scripted(scripted_server, [chunk, "[DONE]"])
+    spec = parse_pipeline({
+        "name": "proxy",
+        "engines": {"default": {"kind": "openai", "base_url": up.base_url, "model": "m",
+                                "api": "chat"}},
+        "stages": [{"name": "ask", "kind": "lm", "prompt": "{input}"}],
+    })
+    server = LiveServer(create_app(Settings(), [spec])).start()
+    try:
+        r = await asyncio.to_thread(
+            httpx.post, f"{server.url}/v1/completions", timeout=30,
+            json={"model": "proxy/default", "prompt": "The capital of France is"})
+    finally:
+        server.stop()
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == " Paris."
+    sent = up.requests[-1]
+    assert sent["prompt"] == "The capital of France is" and "messages" not in sent
+    assert up.paths[-1] == "/v1/completions"
+
+
 async def test_an_unreachable_engine_is_a_502_that_hides_its_address() -> None:
     import socket
 

@@ -121,6 +121,8 @@ class _Formatter:
 
     def render(self, prompt: str, params: GenParams) -> tuple[str, bool, list[str]]:
         """Return (text, add_bos, stops): a rendered template already contains BOS."""
+        if params.raw:
+            return plain_prompt(prompt, params), True, []
         if self.mode == "template":
             result = self._jinja(messages=chat_messages(prompt, params))
             return result.prompt, not result.added_special, [s for s in result.stop or [] if s]

@@ -240,18 +240,23 @@ class OpenAIEngine:
             body["top_p"] = params.top_p
         if params.seed is not None:
             body["seed"] = params.seed
-        if self.api == "chat":
+        if self._api(params) == "chat":
             body["messages"] = chat_messages(prompt, params)
         else:
             body["prompt"] = plain_prompt(prompt, params)
         body.update(self.extra_body)
         return body
 
+    def _api(self, params: GenParams) -> str:
+        """The server's completions API for a raw prompt (a client's `/v1/completions`,
+        which must not get a chat template), else the one configured (`api`)."""
+        return "completions" if params.raw else self.api
+
     async def generate(self, prompt: str, params: GenParams) -> AsyncIterator[Delta]:
         if self._client is None:
             await self.start()
         assert self._client is not None
-        path = "/chat/completions" if self.api == "chat" else "/completions"
+        path = "/chat/completions" if self._api(params) == "chat" else "/completions"
         request = self._client.build_request(
             "POST", f"{self.root}{path}", json=self.request_body(prompt, params)
         )

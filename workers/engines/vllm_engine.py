@@ -194,7 +194,7 @@ class VLLMEngine:
             engine.shutdown()
 
     def render(self, prompt: str, params: GenParams) -> str:
-        if self._tokenizer is not None:
+        if self._tokenizer is not None and not params.raw:
             return self._tokenizer.apply_chat_template(
                 chat_messages(prompt, params), tokenize=False, add_generation_prompt=True
             )
