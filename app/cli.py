@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -725,12 +725,46 @@ def serve(
         own_handler("uvicorn", settings.log_level)
     else:
         log_config = uvicorn.config.LOGGING_CONFIG
-    try:
+    with _stop_signals_raise() as stopped:
         uvicorn.run(app, host=settings.host, port=settings.port, log_config=log_config,
                     log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
-    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it shut down on
-        _exit(130)
-    _exit(0)
+    _exit(128 + stopped[0] if stopped else 0)
+
+
+class _StoppedBy(BaseException):
+    """A SIGTERM or SIGINT that reached the handler `_stop_signals_raise` installs. Not an
+    Exception, as KeyboardInterrupt is not: asyncio propagates it out of the loop wherever
+    it is raised (it logs an Exception raised in a callback and goes on), and no `except
+    Exception` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise _StoppedBy(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_raise() -> Iterator[list[int]]:
+    """SIGTERM and SIGINT raise `_StoppedBy` in the block, which ends there; the list it
+    yields then holds the signal. Why: uvicorn handles both while it serves, shuts down
+    gracefully, restores the handlers it found and raises the signal again. SIGTERM's
+    default handler killed the process by the signal (exit -15: no atexit, so the spans
+    still batched were lost), and SIGINT's KeyboardInterrupt was swallowed by uvicorn.run
+    (exit 0). With this, `alto serve` ends through `_exit(128 + signal)`, what a shell
+    reports for a process a signal ended, after its own cleanup."""
+    stopped: list[int] = []
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM,
+                                                                    signal.SIGINT)}
+    try:
+        yield stopped
+    except _StoppedBy as exc:
+        stopped.append(exc.signum)
+    finally:  # from here a signal acts as it did before (a second one ends it at once)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _check_functions(specs: list[PipelineSpec]) -> None:
