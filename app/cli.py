@@ -698,8 +698,9 @@ def serve(
 
     settings, choice = _serve_settings(pipeline, redis_url, engine, engine_opt, host, port)
     url = reveal(settings.redis_url)
-    try:
+    try:  # what create_app refuses, as one line (it raises; here it would be a traceback)
         key_digests([reveal(k) or "" for k in settings.api_keys])
+        key_digests([reveal(k) or "" for k in settings.admin_api_keys], "ALTO_ADMIN_API_KEYS")
     except ValueError as exc:
         _usage(str(exc))
     try:

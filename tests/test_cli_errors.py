@@ -66,6 +66,9 @@ def one_line_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str
     (["serve", "--port", "0"], {"ALTO_PIPELINES": "[x"}, ["ALTO_PIPELINES", "not valid JSON"]),
     (["serve", "-p", str(PIPELINE), "--port", "0"], {"ALTO_API_KEYS": "sha256:abc"},
      ["ALTO_API_KEYS", "64 hex digits"]),
+    (["serve", "-p", str(PIPELINE), "--port", "0"],
+     {"ALTO_API_KEYS": "sk-1", "ALTO_ADMIN_API_KEYS": "sk-2,sha256:abc"},
+     ["ALTO_ADMIN_API_KEYS entry 1", "64 hex digits"]),
     (["serve", "-p", str(PIPELINE), "--port", "0"], {"ALTO_ENGINE": "bogus"},
      ["ALTO_ENGINE 'bogus'"]),
     (["serve", "-p", str(PIPELINE), "--port", "0", "--redis-url", "http://foo"], {},
@@ -77,7 +80,7 @@ def one_line_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str
     (["worker", "-p", str(PIPELINE), "--stage", "split", "--redis-url", NOWHERE],
      {"ALTO_METRICS_PORT": "-1"}, ["ALTO_METRICS_PORT", "greater than or equal to 0"]),
 ], ids=["run-engine", "run-engine-opt", "worker-redis-url", "port", "pipelines", "api-keys",
-        "serve-engine", "serve-redis-url", "log-format", "log-level", "port-range",
+        "admin-api-keys", "serve-engine", "serve-redis-url", "log-format", "log-level", "port-range",
         "metrics-port-range"])
 def test_a_mistake_is_one_line_naming_the_option_or_setting(
         args: list[str], env: dict[str, str], names: list[str]) -> None:
