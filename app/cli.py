@@ -403,8 +403,7 @@ async def _run(spec: PipelineSpec, text: str, redis_url: str | None, source: str
     if redis_url is None:
         from workers.settings import get_settings
 
-        runtime = Runtime(transport, [spec], engine_override=override,
-                          policy=get_settings().policy)
+        runtime = Runtime.embedded(transport, [spec], get_settings(), engine_override=override)
         try:
             await runtime.start()
         except Exception as exc:  # noqa: BLE001

@@ -44,7 +44,6 @@ from orchestrator.spec import EngineSpec, PipelineSpec, load_pipeline
 from orchestrator.transport import Transport
 from workers import tracing
 from workers.redact import redact_url
-from workers.runner import RunnerConfig
 from workers.runtime import Runtime
 from workers.settings import Settings, get_settings, reveal
 
@@ -120,15 +119,11 @@ def create_app(
         rt = runtime
         own_runtime = False
         if rt is None and not settings.redis_url:
-            config = RunnerConfig.from_settings(settings)
             observer = metrics.observe
             if tracer is not None:  # + a span per stage call, in the run's trace
                 observer = tracing.combine(observer, tracing.SpanRecorder(tracer).observe)
-            rt = Runtime(
-                t, specs, config=config, observer=observer, engine_override=override,
-                instances=settings.instances, concurrency=settings.concurrency,
-                policy=settings.policy,
-            )
+            rt = Runtime.embedded(t, specs, settings, engine_override=override,
+                                  observer=observer)
             await rt.start()
             own_runtime = True
             for r in rt.runners:  # announce every stage before the first request arrives

@@ -24,6 +24,7 @@ from orchestrator.transport import Transport
 from workers.engines import default_instances
 from workers.router import Router, policy_router_factory
 from workers.runner import Observer, RunnerConfig, StageRunner
+from workers.settings import Settings
 from workers.stagefn import StageFunction
 
 log = logging.getLogger("alto.runtime")
@@ -73,6 +74,18 @@ class Runtime:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.failure = asyncio.Event()
+
+    @classmethod
+    def embedded(cls, transport: Transport, pipelines: Iterable[PipelineSpec],
+                 settings: Settings, *, engine_override: EngineSpec | None = None,
+                 observer: Observer | None = None) -> Runtime:
+        """Every stage of `pipelines` in this process, configured by the ALTO_* settings as
+        `alto serve` and `alto run` both run it (one builder, so they cannot drift apart:
+        `alto run` used to ignore ALTO_INSTANCES, ALTO_CONCURRENCY and the runner settings)."""
+        return cls(transport, pipelines, config=RunnerConfig.from_settings(settings),
+                   observer=observer, engine_override=engine_override,
+                   instances=settings.instances, concurrency=settings.concurrency,
+                   policy=settings.policy)
 
     def _engine_spec(self, spec: PipelineSpec, stage: str) -> tuple[str, EngineSpec]:
         name = spec.stage(stage).engine or "default"
