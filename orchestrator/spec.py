@@ -89,6 +89,12 @@ class StageSpec(BaseModel):
     retry_backoff_s: float = Field(default=0.5, ge=0, le=60)
     # settings of a tool/reduce function, a copy per call as ctx.params (e.g. a search's top_k)
     params: dict[str, Any] = Field(default_factory=dict)
+    # at most this many units per call: the call is stopped after the last one (an engine
+    # request is aborted), so a runaway list (a small model repeating itself) cannot flood
+    # every stage after it; and `unique` drops a unit equal to an earlier one of the same
+    # call (not counted against max_units)
+    max_units: int | None = Field(default=None, ge=1, le=100_000)
+    unique: bool = False
 
     @field_validator("name")
     @classmethod

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.engine import Delta, Engine, GenParams
+from orchestrator.envelope import dumps_json
 from orchestrator.framing import frame_value, make_framer
 from orchestrator.lint import call_errors
 from orchestrator.spec import PipelineSpec, SpecError, StageSpec
@@ -163,6 +164,8 @@ class StageFunction:
         """Units for one input (`value`) or one aggregation group (`items`), within the
         stage's `timeout_s` when it has one."""
         units = self._units(ctx, value, items, stats, stop)
+        if self.stage.unique or self.stage.max_units is not None:
+            units = _limited(units, self.stage.max_units, self.stage.unique)
         if self.stage.timeout_s is None:
             return units
         return _bounded(units, self.stage.timeout_s, self.stage.name)
@@ -348,6 +351,33 @@ class _Watcher:
 
 
 _looks: set[asyncio.Future[Any]] = set()  # running looks, referenced until they end
+
+
+async def _limited(units: AsyncIterator[Any], most: int | None,
+                   unique: bool) -> AsyncIterator[Any]:
+    """A stage's `max_units` and `unique`: at most `most` units, each (with `unique`) unlike
+    every earlier one of the call, compared as JSON. Stopping closes `units`, which ends
+    the call (an engine request is aborted)."""
+    seen: set[bytes] = set()
+    n = 0
+    try:
+        async for unit in units:
+            if unique:
+                try:
+                    key = dumps_json(unit)
+                except (TypeError, ValueError):  # not JSON: the commit will say so
+                    key = repr(unit).encode()
+                if key in seen:
+                    continue
+                seen.add(key)
+            yield unit
+            n += 1
+            if most is not None and n >= most:
+                return
+    finally:
+        aclose = getattr(units, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def _bounded(units: AsyncIterator[Any], limit_s: float, stage: str) -> AsyncIterator[Any]:

@@ -97,3 +97,15 @@ def score(value: Any, ctx: StageContext) -> dict[str, Any]:
 def not_json(value: Any, ctx: StageContext) -> Any:
     """A unit JSON cannot hold at all."""
     return {"words": {str(value)}}
+
+
+def repetitive(prompt: str, params: Any) -> str:
+    """A sim responder that writes a JSON list repeating itself, as a small model caught in
+    a loop does: one real item, then the same one again and again, then two more."""
+    items = ["a is 1.", *["b is 2."] * 30, "c is 3.", "d is 4."]
+    return "[" + ", ".join(f'"{x}"' for x in items) + "]"
+
+
+def many(value: Any, ctx: StageContext) -> list[str]:
+    """Forty items, two of each (a tool's list with duplicates)."""
+    return [f"item {i // 2}" for i in range(40)]

@@ -1,0 +1,77 @@
+"""`max_units` and `unique`: a stage's output is bounded however its model or function
+behaves. A small model caught in a loop wrote the same claim 31 times (QA: the FacTool
+example then ran past its deadline, each copy costing a search and a verification)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from orchestrator.spec import parse_pipeline
+from orchestrator.transport import Transport
+from workers.client import run_to_completion
+from workers.runner import RunnerConfig
+from workers.runtime import Runtime
+
+
+def _spec(first: dict[str, Any]) -> Any:
+    return parse_pipeline({
+        "name": "limits",
+        "engines": {"default": {"kind": "sim", "time_scale": 0.001}},
+        "stages": [{**first, "name": "list", "to": ["up"]},
+                   {"name": "up", "kind": "tool", "function": "tests.toy.stages:upper",
+                    "to": ["all"]},
+                   {"name": "all", "kind": "reduce", "function": "tests.toy.stages:collect",
+                    "aggregate_by": ["request"]}],
+    })
+
+
+LM = {"kind": "lm", "prompt": "{input}", "framing": "json_items", "max_tokens": 2000,
+      "responder": "tests.toy.stages:repetitive"}
+TOOL = {"kind": "tool", "function": "tests.toy.stages:many", "framing": "items"}
+
+
+async def _run(transport: Transport, first: dict[str, Any]) -> tuple[list[Any], Runtime]:
+    spec = _spec(first)
+    rt = Runtime(transport, [spec], config=RunnerConfig(block_ms=20, heartbeat_ms=50))
+    await rt.start()
+    try:
+        _, events = await run_to_completion(transport, spec, "x", deadline_s=60)
+    finally:
+        await rt.stop()
+    assert events[-1]["type"] == "result", events[-1]
+    return [e["data"] for e in events if e["type"] == "partial" and e["stage"] == "list"], rt
+
+
+@pytest.mark.parametrize(("limits", "expect"), [
+    ({}, ["a is 1.", *["b is 2."] * 30, "c is 3.", "d is 4."]),
+    ({"unique": True}, ["a is 1.", "b is 2.", "c is 3.", "d is 4."]),
+    ({"max_units": 3}, ["a is 1.", "b is 2.", "b is 2."]),
+    ({"unique": True, "max_units": 3}, ["a is 1.", "b is 2.", "c is 3."]),
+])
+async def test_an_lm_stage_is_bounded(transport: Transport, limits: dict[str, Any],
+                                      expect: list[str]) -> None:
+    units, rt = await _run(transport, {**LM, **limits})
+    assert units == expect
+    engine = next(iter(rt.engines.values()))
+    # stopping at max_units ends the generation: the engine aborts the request
+    assert engine.cancelled == (1 if "max_units" in limits else 0)
+
+
+@pytest.mark.parametrize(("limits", "expect"), [
+    ({"unique": True}, [f"item {i}" for i in range(20)]),
+    ({"max_units": 5}, ["item 0", "item 0", "item 1", "item 1", "item 2"]),
+    ({"unique": True, "max_units": 5}, [f"item {i}" for i in range(5)]),
+])
+async def test_a_tool_stage_is_bounded(transport: Transport, limits: dict[str, Any],
+                                       expect: list[str]) -> None:
+    units, _ = await _run(transport, {**TOOL, **limits})
+    assert units == expect
+
+
+def test_max_units_must_be_positive() -> None:
+    from orchestrator.spec import SpecError
+
+    with pytest.raises(SpecError, match=r"stages\.list\.max_units"):
+        _spec({**TOOL, "max_units": 0})
