@@ -20,7 +20,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from app.errors import ApiError
-from app.middleware import ADMIN_STATE
+from app.middleware import ADMIN_STATE, OWNER_STATE
 from app.responses import errors
 from app.routes_native import PipelineName, gateway
 from app.streaming import json_response
@@ -104,7 +104,8 @@ async def replay_dead_letters(
     run), and resolve its letters. For after the cause is fixed."""
     spec = gateway(request).pipeline(name, param="name")
     try:
-        runs = await deadletters.replay(gateway(request).transport, spec, selection.ids)
+        runs = await deadletters.replay(gateway(request).transport, spec, selection.ids,
+                                        owner=getattr(request.state, OWNER_STATE, None))
     except LookupError as exc:
         raise ApiError(404, str(exc), param="ids", code="dead_letter_not_found") from None
     except ValueError as exc:  # a letter without a run input

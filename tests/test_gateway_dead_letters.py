@@ -113,3 +113,30 @@ def test_with_api_keys_only_an_admin_key_may_use_them(broken: set[str]) -> None:
     assert_error_shape(no_admin_configured, 403, "admin_key_required")
     assert models.status_code == 200
     assert_error_shape(user_drop, 403, "admin_key_required")
+
+
+def test_a_replayed_run_belongs_to_the_failed_runs_owner(broken: set[str]) -> None:
+    """Only the key that sent the input reads its replay (QA: a replay had no owner, so
+    every API key could read it, input included)."""
+    other = "sk-alto-other"
+    server = make_server(("dead",), api_keys=[USER_KEY, other], admin_api_keys=[ADMIN_KEY])
+    broken.add("bad")
+    try:
+        def as_(key: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {key}"}
+
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            r = http.post("/v1/pipelines/dead/runs", json={"input": "secret bad"},
+                          headers=as_(USER_KEY))
+            assert r.json()["status"] == "failed", r.text
+            broken.clear()
+            replayed = http.post(f"{LETTERS}/replay", headers=as_(ADMIN_KEY)).json()
+            (new_run,) = replayed["runs"].values()
+            owner_reads = http.get(f"/v1/runs/{new_run}", headers=as_(USER_KEY))
+            other_reads = http.get(f"/v1/runs/{new_run}", headers=as_(other))
+            admin_reads = http.get(f"/v1/runs/{new_run}", headers=as_(ADMIN_KEY))
+    finally:
+        server.stop()
+    assert owner_reads.status_code == 200, owner_reads.text
+    assert_error_shape(other_reads, 404, "run_not_found")
+    assert_error_shape(admin_reads, 404, "run_not_found")  # the owner's run, not the admin's

@@ -97,7 +97,7 @@ def _pick(letters: list[DeadLetter], entry_ids: Sequence[str] | None) -> list[De
 
 async def replay(
     transport: Transport, spec: PipelineSpec, entry_ids: Sequence[str] | None = None,
-    *, limit: int = 100_000,
+    *, limit: int = 100_000, owner: str | None = None,
 ) -> dict[str, str]:
     """Submit the input of each run these dead letters (all unresolved ones if None) come
     from again, as a new run, then resolve the letters; returns {entry id: new run id}.
@@ -106,7 +106,11 @@ async def replay(
     named or not (else a later replay of one left behind would submit it again). A letter
     without an input raises before anything is submitted. Each run is started before its
     letters are resolved: if this process dies between the two, they stay unresolved and a
-    later replay submits the input again (a duplicate run rather than a lost one)."""
+    later replay submits the input again (a duplicate run rather than a lost one).
+
+    A new run belongs to its failed run's owner (the API key hash its `run` event
+    records), so only that key reads it, as it read the original; when that log has
+    expired, to `owner` (the admin who replays, over HTTP), else to nobody in particular."""
     listed = await unresolved(transport, spec.name, limit)
     letters = _pick(listed, entry_ids)
     runs_named = {d.run for d in letters}  # a run's other letters go with it: its input is
@@ -119,10 +123,13 @@ async def replay(
         by_run.setdefault(d.run, []).append(d)
     runs: dict[str, str] = {}
     for failed, group in by_run.items():
-        run = await start_run(
-            transport, spec, str(group[0].input),
-            meta={"replay_of": failed, "dead_letters": [d.entry_id for d in group]},
-        )
+        meta: dict[str, Any] = {"replay_of": failed, "dead_letters": [d.entry_id for d in group]}
+        first = await transport.read_events(failed, None, 1, 0)
+        recorded = first[0][1].get("owner") if first and first[0][1].get("type") == "run" \
+            else owner
+        if recorded is not None:
+            meta["owner"] = recorded
+        run = await start_run(transport, spec, str(group[0].input), meta=meta)
         await _resolve(transport, spec.name, [d.entry_id for d in group])
         runs.update((d.entry_id, run) for d in group)
     await transport.trim(dead_letter_stream(spec.name))  # resolved letters go, once
