@@ -18,12 +18,22 @@ from typing import Any, Protocol
 KINDS = ("lines", "json_items", "sentences", "whole", "items")
 TEXT_KINDS = ("lines", "json_items", "sentences", "whole")
 
-# Words ending in "." that do not end a sentence (compared lower-cased, leading "(" etc. removed).
+# Words ending in "." that do not end a sentence, whatever follows (compared lower-cased,
+# leading "(" etc. removed): titles and the like, which come before a capitalised name ("Dr.
+# Who", "St. Louis"), and months. Not "no.": "No. It is not." is a common answer, and "No. 5"
+# is kept whole by the next-word rule (_Sentences).
 ABBREVIATIONS = frozenset(
     {"e.g.", "i.e.", "etc.", "cf.", "vs.", "mr.", "mrs.", "ms.", "dr.", "prof.", "st.",
-     "jr.", "sr.", "fig.", "approx."}
+     "jr.", "sr.", "fig.", "approx.", "jan.", "feb.", "mar.", "apr.", "jun.", "jul.", "aug.",
+     "sep.", "sept.", "oct.", "nov.", "dec."}
 )
+# A dotted initialism ("U.S.", "p.m.", "e.g."), compared lower-cased: never a sentence end, at
+# the cost of not splitting "in the U.S. Then".
+INITIALISM = re.compile(r"(?:[a-z]\.){2,}")
 SENTENCE_ENDS = ".!?\u2026"
+# Terminators that end a sentence only if the next word does not start with a lowercase letter
+# or a digit ("3.30 p.m. on Jan. 5", "Wait... what?"); "!" and "?" end it at once.
+HELD_ENDS = ".\u2026"
 CLOSERS = "\"')]}\u201d\u2019\u00bb"  # may follow a terminator: `He said "stop." Then`
 OPENERS = "\"'([{\u201c\u2018\u00ab"  # may precede an abbreviation: "(e.g. this)"
 # A list marker at the start of a line: "- ", "* ", "+ ", "• ", "1. ", "2) " (at most 3 digits,
@@ -111,29 +121,68 @@ class _Whole(_Base):
 
 
 _WS = re.compile(r"\s")
-_WORD_KEEP = 16  # longer than any abbreviation, so a capped word never matches one by accident
+# A word longer than this is never an abbreviation, an initialism or a list number: the
+# framer keeps only the last WORD_LIMIT + 1 characters of the current word (a bounded cost
+# per feed), which is enough to tell that a word is longer.
+WORD_LIMIT = 16
+_NO, _END, _HELD = range(3)  # what the whitespace after a word means (_Sentences._boundary)
 
 
 class _Sentences(_Base):
-    """A sentence ends at a whitespace character that is a newline, or that follows a word
-    ending in a terminator (optionally followed by closing quotes/brackets), unless that word
-    is an abbreviation or a list number ("1.") opening the sentence. The decision depends
-    only on text to the left of the whitespace, which makes the result chunking-invariant."""
+    """A sentence ends at a newline, or at whitespace after a word ending in a terminator
+    (optionally followed by closing quotes/brackets), except that:
+
+    - a word ending in "." is no end if it is an abbreviation ("Dr.", "Jan."), a dotted
+      initialism ("U.S.", "p.m.") or a number ("1.") opening the sentence;
+    - a word ending in "." or "\u2026" ends the sentence only if the next word does not
+      start with a lowercase letter or a digit ("3.30 p.m. on Jan. 5", "Wait... what?").
+
+    So a "." end waits for the next non-space character (or a newline, or the close) before
+    it is emitted: that one character of right context is all the rule looks at, which keeps
+    the result the same however the text is cut into deltas. Not a sentence tokenizer: "in
+    the U.S. Then" stays one sentence, and "J. Smith" is two."""
 
     def __init__(self) -> None:
         self._parts: list[str] = []  # the pending sentence's text from earlier deltas
-        self._word = ""  # last _WORD_KEEP chars of the current non-space run
+        self._word = ""  # last WORD_LIMIT + 1 chars of the current non-space run
         self._words = 0  # complete words already in the pending sentence
+        self._held = False  # the last word may end the sentence: waiting for the next one
 
-    def _ends_sentence(self, word: str) -> bool:
+    def _boundary(self, word: str) -> int:
+        """_END, _NO or _HELD (decided by the next word) for whitespace after `word`."""
         core = word.rstrip(CLOSERS)
         if not core or core[-1] not in SENTENCE_ENDS:
-            return False
-        if core[-1] == ".":
-            bare = core.lstrip(OPENERS).lower()
-            if bare in ABBREVIATIONS or (self._words == 0 and bare[:-1].isdigit()):
-                return False
-        return True
+            return _NO
+        if core[-1] not in HELD_ENDS:
+            return _END
+        if core[-1] == "." and len(word) <= WORD_LIMIT and self._not_an_end(core):
+            return _NO
+        return _HELD
+
+    def _not_an_end(self, core: str) -> bool:
+        bare = core.lstrip(OPENERS).lower()
+        return (bare in ABBREVIATIONS or INITIALISM.fullmatch(bare) is not None
+                or (self._words == 0 and bare[:-1].isdigit()))
+
+    def _cut(self, piece: str, out: list[Any]) -> None:
+        """End the pending sentence after `piece` (the rest of it in this delta)."""
+        self._parts.append(piece)
+        unit = "".join(self._parts).strip()
+        self._parts = []
+        self._words = 0
+        self._held = False
+        if unit:
+            out.append(unit)
+
+    def _resolve(self, text: str, at: int, seg: int, out: list[Any]) -> int:
+        """The next word after a held end starts at text[at]: end the sentence before it,
+        unless it starts lowercase or with a digit. Returns the pending sentence's start."""
+        self._held = False
+        if text[at].islower() or text[at].isdigit():
+            self._words += 1  # the held word belongs to this sentence after all
+            return seg
+        self._cut(text[seg:at], out)
+        return at
 
     def _feed(self, text: str) -> list[Any]:
         out: list[Any] = []
@@ -141,22 +190,29 @@ class _Sentences(_Base):
         word_start = 0
         for m in _WS.finditer(text):
             j = m.start()
-            word = (self._word + text[word_start:j])[-_WORD_KEEP:]
+            if self._held and j > word_start:
+                seg = self._resolve(text, word_start, seg, out)
+            word = (self._word + text[word_start:j])[-(WORD_LIMIT + 1) :]
             self._word = ""
             word_start = j + 1
-            if text[j] == "\n" or self._ends_sentence(word):
-                self._parts.append(text[seg:j])
-                unit = "".join(self._parts).strip()
-                self._parts = []
-                self._words = 0
+            if text[j] == "\n":
+                verdict = _END
+            elif self._held:
+                continue  # more whitespace: still waiting for the next word
+            else:
+                verdict = self._boundary(word)
+            if verdict == _END:
+                self._cut(text[seg:j], out)
                 seg = j + 1
-                if unit:
-                    out.append(unit)
+            elif verdict == _HELD:
+                self._held = True
             elif word:
                 self._words += 1
+        if self._held and word_start < len(text):
+            seg = self._resolve(text, word_start, seg, out)
         if seg < len(text):
             self._parts.append(text[seg:])
-        self._word = (self._word + text[word_start:])[-_WORD_KEEP:]
+        self._word = (self._word + text[word_start:])[-(WORD_LIMIT + 1) :]
         return out
 
     def _close(self) -> list[Any]:

@@ -19,9 +19,11 @@ from hypothesis import strategies as st
 from orchestrator.framing import (
     ABBREVIATIONS,
     CLOSERS,
+    HELD_ENDS,
     OPENERS,
     SENTENCE_ENDS,
     TEXT_KINDS,
+    WORD_LIMIT,
     frame_all,
     frame_value,
     make_framer,
@@ -35,7 +37,7 @@ FRAGMENTS = [
     "\\\"", "[", "]", "{", "}", ",", ":", "null", "true", "42", "-7.5e3", "\"a,b]\"",
     "```json\n", "```", "\u00e9", "\u6f22\u5b57", "\U0001f600", "\u2028", "\xa0", "(", ")",
     "wait...", "etc. ", "end.", "Yes?\"", "\u3000", "\x0b", "\u201cQuoted.\u201d ", "Dr.",
-    "abcdefghijklmnopqrstuvwxyz",
+    "abcdefghijklmnopqrstuvwxyz", "U.S.", "p.m. ", "Jan. 5", " on", "\u2026 x", "no. 7", "A.",
 ]
 texts = st.one_of(
     st.text(max_size=60),
@@ -136,23 +138,31 @@ def reference_lines(text: str) -> list[str]:
     return units
 
 
-def reference_sentences(text: str) -> list[str]:
-    """Whole-text reading of the sentence rule: walk (word, following whitespace) pairs."""
+def reference_sentences(text: str, closed: bool = True) -> list[str]:
+    """Whole-text reading of the sentence rule: walk (word, following whitespace) pairs,
+    looking ahead for the first character of the next word where a "." or "\u2026" end
+    depends on it. With closed=False, `text` is a prefix of the stream: a decision whose
+    next word has not arrived, and the pending sentence, are not units yet."""
     units, pending, words = [], "", 0
-    for word, space in re.findall(r"(\S*)(\s|$)", text):
+    for m in re.finditer(r"(\S*)(\s|$)", text):
+        word, space = m.groups()
         pending += word + space
         core = word.rstrip(CLOSERS)
         ends = bool(core) and core[-1] in SENTENCE_ENDS
-        if ends and core[-1] == ".":
+        if ends and core[-1] == "." and len(word) <= WORD_LIMIT:
             bare = core.lstrip(OPENERS).lower()
-            ends = bare not in ABBREVIATIONS and not (words == 0 and bare[:-1].isdigit())
+            ends = (bare not in ABBREVIATIONS and not re.fullmatch(r"(?:[a-z]\.){2,}", bare)
+                    and not (words == 0 and bare[:-1].isdigit()))
+        if ends and core[-1] in HELD_ENDS:
+            after = re.compile(r"\S").search(text, m.end())
+            ends = after is not None and not (after[0].islower() or after[0].isdigit())
         if space == "\n" or (space and ends):
             if pending.strip():
                 units.append(pending.strip())
             pending, words = "", 0
         elif word:
             words += 1
-    return units + ([pending.strip()] if pending.strip() else [])
+    return units + ([pending.strip()] if closed and pending.strip() else [])
 
 
 # ---------------------------------------------------------------- properties, all kinds
@@ -194,6 +204,20 @@ def test_sentences_match_reference(data: st.DataObject) -> None:
     text = data.draw(texts)
     units, _ = feed_all("sentences", data.draw(chunked(text)))
     assert units == reference_sentences(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_sentences_emitted_as_soon_as_decided(data: st.DataObject) -> None:
+    """A sentence comes out with the character that decides its end (the whitespace after
+    "!", or the first character of the word after a "."), not later, and never before."""
+    text = data.draw(texts)
+    chunks = data.draw(chunked(text))
+    _, counts = feed_all("sentences", chunks)
+    fed = ""
+    for chunk, count in zip(chunks, counts, strict=True):
+        fed += chunk
+        assert count == len(reference_sentences(fed, closed=False))
 
 
 @settings(max_examples=100, deadline=None)
@@ -385,8 +409,20 @@ def test_lines_complete_at_newline() -> None:
         ("1. First point. Second", ["1. First point.", "Second"]),
         ('He said "stop." Then left', ['He said "stop."', "Then left"]),
         ("Line one\nLine two", ["Line one", "Line two"]),
-        ("Wait... what?  \n\n ", ["Wait...", "what?"]),
+        ("Wait... what?  \n\n ", ["Wait... what?"]),
+        ("Wait... What?  \n\n ", ["Wait...", "What?"]),
         ("(i.e. not split) here.", ["(i.e. not split) here."]),
+        # a "." before a lowercase word or a number, an initialism, a month: no end
+        ("He arrived at 3.30 p.m. on Jan. 5! U.S. is big.",
+         ["He arrived at 3.30 p.m. on Jan. 5!", "U.S. is big."]),
+        ("The U.S. capital is Washington. It is small.",
+         ["The U.S. capital is Washington.", "It is small."]),
+        ("It came in Sept. 2020. See No. 5 and St. Louis (vs. Paris). Done",
+         ["It came in Sept. 2020.", "See No. 5 and St. Louis (vs. Paris).", "Done"]),
+        ("No. It is not.", ["No.", "It is not."]),
+        ('He said "stop." then left. Yes! and', ['He said "stop." then left.', "Yes!", "and"]),
+        ("Wait\u2026 so. Then", ["Wait\u2026 so.", "Then"]),
+        ("end.\nlower", ["end.", "lower"]),
     ],
 )
 def test_sentences_examples(text: str, expected: list[str]) -> None:
@@ -396,10 +432,23 @@ def test_sentences_examples(text: str, expected: list[str]) -> None:
 def test_sentence_needs_the_whitespace_after_the_terminator() -> None:
     framer = make_framer("sentences")
     assert framer.feed("Hello world.") == []
-    assert framer.feed(" ") == ["Hello world."]
-    assert framer.feed("Pi is 3.") == []
+    assert framer.feed(" ") == []  # a "." end also waits for the next word's first character
+    assert framer.feed(" P") == ["Hello world."]
+    assert framer.feed("i is 3.") == []
     assert framer.feed("14") == []
     assert framer.close() == ["Pi is 3.14"]
+
+
+def test_a_period_end_waits_for_the_next_word() -> None:
+    framer = make_framer("sentences")
+    assert framer.feed("Hi! ") == ["Hi!"]  # "!" and "?" end at the whitespace
+    assert framer.feed("The U.S. capital is Washington.  ") == []
+    assert framer.feed("\t") == []
+    assert framer.feed("it") == []  # lowercase: not an end after all
+    assert framer.feed(" is. Ok. ") == ["The U.S. capital is Washington.  \tit is."]
+    assert framer.feed("\n") == ["Ok."]  # a newline ends it without the next word
+    assert framer.feed("Last.  ") == []
+    assert framer.close() == ["Last."]
 
 
 def test_whole_examples() -> None:
