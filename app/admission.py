@@ -82,6 +82,14 @@ def check_prompt(settings: Settings, text: str, param: str) -> None:
         )
 
 
+def check_input(spec: PipelineSpec, text: str, param: str) -> None:
+    """400 `empty_input` naming the field, for a blank input to a pipeline that needs one
+    (`input_required`)."""
+    if spec.input_required and not text.strip():
+        raise ApiError(400, f"pipeline {spec.name!r} needs an input: {param!r} holds no text",
+                       code="empty_input", param=param)
+
+
 DEADLINE_HEADER = "X-Alto-Deadline"
 
 

@@ -308,6 +308,9 @@ def run(
     if choice is not None:  # embedded: this process builds the engines (on Redis the workers do)
         _check_engines([spec], override, choice)
     text = _input_text(input)
+    if spec.input_required and not text.strip():
+        _usage(f"--input: pipeline {spec.name!r} needs an input (input_required), and it "
+               "holds no text")
     _exit(asyncio.run(_run(spec, text, url, source, as_json, override, deadline)))
 
 

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from pydantic import BaseModel
 from sse_starlette import ServerSentEvent
 
-from app.admission import check_prompt, deadline_for
+from app.admission import check_input, check_prompt, deadline_for
 from app.errors import ApiError
 from app.gateway import Gateway, RunHandle, valid_event_id
 from app.middleware import OWNER_STATE
@@ -189,6 +189,7 @@ async def create_run(name: PipelineName, body: RunRequest, request: Request) -> 
     gw = gateway(request)
     spec = gw.pipeline(name, param="name")
     check_prompt(gw.settings, body.input, "input")
+    check_input(spec, body.input, "input")
     handle = await gw.start(spec, body.input, owner=owner(request),
                             deadline_s=deadline_for(gw.settings, request))
     headers = {"X-Alto-Run": handle.run}

@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from sse_starlette import ServerSentEvent
 
-from app.admission import check_prompt, deadline_for
+from app.admission import check_input, check_prompt, deadline_for
 from app.engines import EngineModel
 from app.errors import ApiError, error_body
 from app.gateway import Gateway, RunHandle, Slot
@@ -467,6 +467,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         users = [m for m in body.messages if m.role == "user"] or body.messages
         text = users[-1].text()
         check_prompt(gw.settings, text, "messages")
+        check_input(target, text, "messages")
         return await _serve_pipeline(request, gw, target, text, fmt, bool(body.stream),
                                      include_usage)
     prompt, system = _chat_prompt(body.messages)
@@ -495,6 +496,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     fmt = _Format("completions", f"cmpl-{uuid.uuid4().hex[:24]}", body.model)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if isinstance(target, PipelineSpec):
+        check_input(target, prompt, "prompt")
         return await _serve_pipeline(request, gw, target, prompt, fmt, bool(body.stream),
                                      include_usage)
     return await _serve_engine(request, gw, target, prompt, None, body, fmt)

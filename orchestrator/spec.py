@@ -132,6 +132,10 @@ class PipelineSpec(BaseModel):
     output: str | None = None
     engines: dict[str, EngineSpec] = Field(default_factory=lambda: {"default": EngineSpec()})
     stages: list[StageSpec]
+    # a run's input must hold some non-blank text: refused at the door (400 `empty_input`,
+    # `alto run` exit 2) instead of run, where a model given nothing answers from its
+    # prompt's worked example
+    input_required: bool = False
 
     @field_validator("name")
     @classmethod
