@@ -41,6 +41,12 @@ OPENERS = "\"'([{\u201c\u2018\u00ab"  # may precede an abbreviation: "(e.g. this
 _LIST_MARKER = re.compile(r"(?:[-*+\u2022]|[0-9]{1,3}[.)])(?:\s+|$)")
 
 
+class FramingError(ValueError):
+    """A stage's output cannot be cut into units under its framing, though it is not empty:
+    raised from close(), so that the stage fails (the runtime reports it as a stage error)
+    instead of passing on zero units, which a downstream stage reads as "nothing to do"."""
+
+
 class Framer(Protocol):
     def feed(self, text: str) -> list[Any]:
         """Units completed by this delta, in order."""
@@ -250,7 +256,11 @@ class _JsonItems(_Base):
     it). A string or container element is emitted when its closing character arrives; a
     scalar when the following "," or "]" does. Malformed or truncated elements are dropped.
     If nothing was emitted and no array closed, close() tries the whole text (optionally in a
-    ``` fence) as one JSON value, so a bare scalar answer still yields a unit.
+    ``` fence) as one JSON value, so a bare scalar answer still yields a unit. If that fails
+    too and no "[" ever opened a list, the output was prose where a list was asked for (a
+    small model's answer): close() raises FramingError rather than yield no units, which
+    would read as "the list is empty". Empty or blank output, "[]", and a list whose
+    elements are all malformed or cut off yield no units, without an error.
     """
 
     def __init__(self) -> None:
@@ -262,6 +272,7 @@ class _JsonItems(_Base):
         self._esc = False  # the previous char was a backslash inside a string
         self._tried = False  # the element's first closed value was already offered to json
         self._emitted = False  # the current element has been emitted
+        self._listed = False  # a "[" opened a top-level list
 
     def _new_element(self) -> None:
         self._parts = []
@@ -317,6 +328,7 @@ class _JsonItems(_Base):
                 if m is None:
                     break
                 self._mode = _ARRAY if m.group() == "[" else _OBJECT
+                self._listed = self._listed or self._mode == _ARRAY
                 self._depth = 1
                 self._new_element()
                 start = m.end() if self._mode == _ARRAY else m.start()
@@ -366,8 +378,20 @@ class _JsonItems(_Base):
         self._parts = []
         if self._mode == _DONE or seen is None:
             return []
-        ok, value = _loads(_strip_fence("".join(seen)))
-        return [value] if ok else []
+        text = "".join(seen)
+        ok, value = _loads(_strip_fence(text))
+        if ok:
+            return [value]
+        if not self._listed and text.strip():
+            raise FramingError(f"the output holds no JSON list (json_items framing): "
+                               f"{_excerpt(text)!r}")
+        return []
+
+
+def _excerpt(text: str, limit: int = 80) -> str:
+    """The start of `text`, for an error message: enough to see what the model wrote."""
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 _FRAMERS: dict[str, Callable[[], Framer]] = {
@@ -395,7 +419,9 @@ def frame_all(kind: str, text: str) -> list[Any]:
 
 
 def frame_value(kind: str, value: Any) -> list[Any]:
-    """Units of a tool/reduce stage's return value. None means "no output" under every kind."""
+    """Units of a tool/reduce stage's return value. None means "no output" under every kind.
+    A str is framed as text, so under json_items a str holding no JSON list (prose) raises
+    FramingError, as an LM's output does."""
     if kind not in KINDS:
         raise ValueError(f"unknown framing {kind!r}; expected one of {', '.join(KINDS)}")
     if value is None:

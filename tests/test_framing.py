@@ -24,10 +24,16 @@ from orchestrator.framing import (
     SENTENCE_ENDS,
     TEXT_KINDS,
     WORD_LIMIT,
+    FramingError,
     frame_all,
     frame_value,
     make_framer,
 )
+from orchestrator.spec import parse_pipeline
+from orchestrator.transport import Transport
+from workers.client import run_to_completion
+from workers.runner import RunnerConfig
+from workers.runtime import Runtime
 
 # ---------------------------------------------------------------- strategies and helpers
 
@@ -69,6 +75,15 @@ def feed_all(kind: str, chunks: list[str]) -> tuple[list[Any], list[int]]:
     units += framer.close()
     assert framer.close() == []
     return units, counts
+
+
+def outcome(framing: Any) -> list[Any] | str:
+    """`framing()`'s units, or its FramingError as text: an error is an outcome too, and
+    must not depend on the chunking either."""
+    try:
+        return framing()
+    except FramingError as exc:
+        return f"FramingError: {exc}"
 
 
 json_strings = st.one_of(
@@ -174,8 +189,7 @@ def test_chunking_invariance(kind: str, data: st.DataObject) -> None:
     text = data.draw(texts)
     chunks = data.draw(chunked(text))
     assert "".join(chunks) == text
-    units, _ = feed_all(kind, chunks)
-    assert units == frame_all(kind, text)
+    assert outcome(lambda: feed_all(kind, chunks)[0]) == outcome(lambda: frame_all(kind, text))
 
 
 @settings(max_examples=200, deadline=None)
@@ -283,7 +297,12 @@ def test_json_items_truncated_stream_yields_completed_prefix(
     cut = data.draw(st.integers(0, len(text)))
     truncated = text[:cut]
     done = sum(1 for at in complete_at if at < cut)
-    units, _ = feed_all("json_items", data.draw(chunked(truncated)))
+    chunks = data.draw(chunked(truncated))
+    if "[" not in truncated and truncated.strip():  # cut in the prose before the list
+        with pytest.raises(FramingError, match="holds no JSON list"):
+            feed_all("json_items", chunks)
+        return
+    units, _ = feed_all("json_items", chunks)
     assert units == elements[:done]
 
 
@@ -324,9 +343,30 @@ def test_json_truncated_scalar_is_dropped() -> None:
     assert frame_all("json_items", "[1, 2, 3") == [1, 2]
 
 
-def test_json_no_list_at_all() -> None:
-    assert frame_all("json_items", "I could not find any claims.") == []
+def test_json_no_list_at_all_is_an_error() -> None:
+    """Prose where a list was asked for (a small model's answer) used to give zero units,
+    which FacTool read as "no claims": the text was reported fully factual."""
+    prose = "I could not find any claims. " * 5
+    framer = make_framer("json_items")
+    assert framer.feed(prose) == []
+    with pytest.raises(FramingError) as caught:
+        framer.close()
+    assert str(caught.value) == (
+        "the output holds no JSON list (json_items framing): " + repr(prose[:80] + "..."))
+    assert framer.close() == []
+    assert isinstance(caught.value, ValueError)
+    for text in ("Sure, here you go {as requested}.", '{"claims": ["cut off', "```\nno\n```"):
+        with pytest.raises(FramingError, match=r"no JSON list \(json_items framing\): '"):
+            frame_all("json_items", text)
+
+
+def test_json_empty_or_broken_lists_are_no_error() -> None:
     assert frame_all("json_items", "") == []
+    assert frame_all("json_items", " \n\t") == []
+    assert frame_all("json_items", "None found: []. Sorry.") == []
+    assert frame_all("json_items", "Claims: [oops, {bad}] and more prose") == []
+    assert frame_all("json_items", 'Claims: ["cut off') == []
+    assert frame_all("json_items", "I found none, see [1].") == [1]
 
 
 def test_json_object_and_scalars_are_one_unit() -> None:
@@ -467,6 +507,10 @@ def test_frame_value() -> None:
     assert frame_value("json_items", '["x", 2]') == ["x", 2]
     assert frame_value("whole", {"a": 1}) == [{"a": 1}]
     assert frame_value("sentences", None) == []
+    assert frame_value("json_items", None) == []
+    assert frame_value("json_items", "") == []
+    with pytest.raises(FramingError, match="holds no JSON list"):
+        frame_value("json_items", "no results for this query")
 
 
 def test_bad_kinds_and_misuse() -> None:
@@ -480,3 +524,44 @@ def test_bad_kinds_and_misuse() -> None:
     framer.close()
     with pytest.raises(RuntimeError):
         framer.feed("x")
+
+
+# ---------------------------------------------------------------- in a run
+
+
+def prose(prompt: str, params: Any) -> str:
+    """A sim responder that answers in prose where a JSON list was asked for."""
+    return "I checked the text carefully and it contains no factual claims at all."
+
+
+async def test_a_run_whose_json_items_stage_writes_prose_fails_naming_it(
+    transport: Transport,
+) -> None:
+    """The runtime closes the framer at the end of the LM call: the FramingError fails the
+    run as a stage error of `claims`, where it used to finish with zero claims (FacTool
+    then reported the text as fully factual)."""
+    spec = parse_pipeline({
+        "name": "noclaims",
+        "engines": {"default": {"kind": "sim", "time_scale": 0.001}},
+        "stages": [
+            {"name": "claims", "kind": "lm", "prompt": "{input}", "framing": "json_items",
+             "responder": "tests.test_framing:prose", "to": ["check"]},
+            {"name": "check", "kind": "tool", "function": "tests.toy.stages:upper",
+             "to": ["report"]},
+            {"name": "report", "kind": "reduce", "function": "tests.toy.stages:collect",
+             "aggregate_by": ["request"]},
+        ],
+    })
+    rt = Runtime(transport, [spec], config=RunnerConfig(block_ms=20, heartbeat_ms=50))
+    await rt.start()
+    try:
+        _, events = await run_to_completion(transport, spec, "Paris is in France.",
+                                            deadline_s=60)
+    finally:
+        await rt.stop()
+    err = events[-1]
+    assert err["type"] == "error", events
+    assert err["stage"] == "claims" and err["code"] == "stage_error"
+    assert err["message"] == ("FramingError: the output holds no JSON list (json_items "
+                              "framing): " + repr(prose("", None)))
+    assert not [e for e in events if e["type"] == "partial" and e["stage"] == "claims"]
