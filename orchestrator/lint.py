@@ -81,12 +81,14 @@ def _why(spec: PipelineSpec, stage: StageSpec, name: str, before: set[str]) -> s
 
 def lint(spec: PipelineSpec) -> list[SpecWarning]:
     """Placeholders of each LM stage's prompt that the runtime cannot fill (only prompts
-    are rendered: `system` is sent as written), and LM stages left on the simulator
+    are rendered: `system` is sent as written), LM stages left on the simulator
     because no engine kind was written (a pipeline without `engines:` answers with
-    pseudo-text, which looks like a model that has gone wrong)."""
+    pseudo-text, which looks like a model that has gone wrong), and settings written
+    where they do nothing."""
     before, into = ancestors(spec), carried(spec)
     warnings: list[SpecWarning] = []
     for stage in spec.stages:
+        warnings += _inert(stage)
         if not stage.prompt:
             continue
         engine = stage.engine or "default"
@@ -102,6 +104,24 @@ def lint(spec: PipelineSpec) -> list[SpecWarning]:
                 warnings.append(SpecWarning(stage.name, "prompt",
                                             f"{{{name}}} is left as written ({why})"))
         warnings += _spaced(spec, stage)
+    return warnings
+
+
+def _inert(stage: StageSpec) -> list[SpecWarning]:
+    """Settings written on a stage that nothing reads there: valid, so the spec loads, but
+    the author meant something by them (`partitions` to spread a hot stage, a backoff to
+    retry failed calls) that will not happen."""
+    written = stage.model_fields_set
+    warnings: list[SpecWarning] = []
+    if "partitions" in written and not stage.aggregates:
+        warnings.append(SpecWarning(stage.name, "partitions", (
+            "has no effect: only an aggregating stage (aggregate_by) is partitioned, by its "
+            "groups; a stage without aggregate_by reads one stream that all its instances "
+            "share")))
+    if "retry_backoff_s" in written and stage.retries == 0:
+        warnings.append(SpecWarning(stage.name, "retry_backoff_s", (
+            "has no effect: the stage has no retries (retries: 0), so a failed call is "
+            "never tried again; set retries to use the backoff")))
     return warnings
 
 

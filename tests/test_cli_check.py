@@ -260,6 +260,44 @@ def test_an_lm_stage_left_on_the_implicit_simulator_is_a_warning() -> None:
     assert lint(parse_pipeline(chain(ask))) == []  # kind: sim, written
 
 
+UP = {"name": "up", "kind": "tool", "function": "tests.toy.stages:upper"}
+ALL = {"name": "all", "kind": "reduce", "function": "tests.toy.stages:collect",
+       "aggregate_by": ["request"]}
+INERT = [
+    "stages.up.partitions: has no effect: only an aggregating stage (aggregate_by) is "
+    "partitioned, by its groups; a stage without aggregate_by reads one stream that all its "
+    "instances share",
+    "stages.up.retry_backoff_s: has no effect: the stage has no retries (retries: 0), so a "
+    "failed call is never tried again; set retries to use the backoff",
+]
+
+
+def test_partitions_without_aggregate_by_and_a_backoff_without_retries_are_warnings() -> None:
+    """Both load (they are valid settings) and do nothing: the author meant to spread a
+    stage over partitions, or to retry its failed calls, and would not find out."""
+    spec = spec_of(SPLIT, {**UP, "partitions": 8, "retry_backoff_s": 2.0}, ALL)
+    assert messages(spec) == INERT
+    assert [(w.stage, w.field) for w in lint(spec)] == [("up", "partitions"),
+                                                        ("up", "retry_backoff_s")]
+    explicit_zero = spec_of(SPLIT, {**UP, "retries": 0, "retry_backoff_s": 1.0}, ALL)
+    assert messages(explicit_zero) == INERT[1:]
+
+
+def test_partitions_and_a_backoff_where_they_act_are_no_warning() -> None:
+    spec = spec_of(SPLIT, {**UP, "retries": 2, "retry_backoff_s": 0.1},
+                   {**ALL, "partitions": 8, "retries": 1, "retry_backoff_s": 3.0})
+    assert messages(spec) == []
+
+
+def test_alto_check_prints_an_inert_setting_and_strict_fails_on_it(tmp_path: Path) -> None:
+    path = write(tmp_path, chain(SPLIT, {**UP, "partitions": 8, "retry_backoff_s": 2.0}, ALL))
+    relaxed, strict = alto_check(path), alto_check(path, "--strict")
+    assert relaxed.returncode == 0 and strict.returncode == 1, relaxed.stderr
+    for proc in (relaxed, strict):
+        out = " ".join(proc.stderr.split())
+        assert all(line in out for line in INERT), proc.stderr
+
+
 @pytest.mark.parametrize("name", ["one_arg", "words"])
 def test_alto_run_refuses_such_a_function_before_any_input(tmp_path: Path, name: str) -> None:
     """The same check when a stage starts (alto run, worker, serve): the run used to start
