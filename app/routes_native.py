@@ -42,7 +42,7 @@ from app.streaming import (
 )
 from orchestrator.spec import PipelineSpec
 from orchestrator.template import as_text
-from orchestrator.tracker import RunTracker
+from orchestrator.tracker import RunTracker, event_order
 from workers.engines import default_instances
 
 router = APIRouter(prefix="/v1", tags=["pipelines"])
@@ -245,6 +245,14 @@ async def run_events(
                        code="invalid_event_id",
                        param="Last-Event-ID" if last_event_id else "after")
     spec, first = await gw.lookup_run(run_id, owner(request))
+    if resume is not None:
+        # an id past the log's end was never sent (ids are given out as events are
+        # appended): following from it would show nothing, not even the run's end
+        last = await gw.last_event_id(run_id)
+        if last is not None and event_order(resume)[:2] > event_order(last)[:2]:
+            raise ApiError(404, f"no event {resume!r} in run {run_id!r}: past the end of its "
+                                f"log (its last event is {last!r})", code="event_not_found",
+                           param="Last-Event-ID" if last_event_id else "after")
     created = float(first.get("created") or time.time())
     total = float(first.get("deadline_s") or gw.settings.run_deadline_s)
     deadline = max(0.001, created + total - time.time())

@@ -12,7 +12,7 @@ from httpx_sse import connect_sse
 
 from orchestrator.tracker import event_order
 from tests.gateway_fixtures import *  # noqa: F403
-from tests.gateway_fixtures import LiveServer
+from tests.gateway_fixtures import LiveServer, assert_error_shape
 
 Event = tuple[str, str, dict[str, Any]]  # (id, event type, data)
 
@@ -178,3 +178,21 @@ def test_engine_override_applies_to_every_lm_stage() -> None:
         assert body["units"] == ["echo line 1", "echo line 2"]
     finally:
         server.stop()
+
+
+def test_an_id_past_the_end_of_the_log_is_refused(gateway: LiveServer) -> None:
+    """No run sent it (ids are given out as events are appended): following from it
+    showed an empty stream without the run's end (QA)."""
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        full, _ = read_events(http, "POST", "/v1/pipelines/toy/runs", json={"input": "a b"})
+        run = full[0][2]["run"]
+        last = full[-1][0]
+        past = f"{int(last.partition('-')[0]) + 1000}-0"
+        by_header = http.get(f"/v1/runs/{run}/events", headers={"Last-Event-ID": past})
+        by_query = http.get(f"/v1/runs/{run}/events", params={"after": past})
+        after_last, _ = read_events(http, "GET", f"/v1/runs/{run}/events",
+                                    headers={"Last-Event-ID": last})
+    for r, param in ((by_header, "Last-Event-ID"), (by_query, "after")):
+        err = assert_error_shape(r, 404, "event_not_found")
+        assert err["param"] == param and "past the end" in err["message"]
+    assert after_last == []  # the last id itself is fine: nothing follows it
