@@ -74,7 +74,7 @@ def test_env_secrets_are_wrapped_too(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cli_flag_redis_url_is_secret_as_well(monkeypatch: pytest.MonkeyPatch) -> None:
     """`alto serve --redis-url` goes through model_copy, which does not validate."""
     monkeypatch.delenv("ALTO_REDIS_URL", raising=False)
-    s = _serve_settings(None, f"redis://:{REDIS_PW}@h:1/0", None, None, None, None)
+    s, _ = _serve_settings(None, f"redis://:{REDIS_PW}@h:1/0", None, None, None, None)
     assert isinstance(s.redis_url, SecretStr)
     assert _leaks(repr(s)) == []
     assert reveal(s.redis_url) == f"redis://:{REDIS_PW}@h:1/0"
