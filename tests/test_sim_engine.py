@@ -708,3 +708,29 @@ def test_from_spec_rejects_bad_options(
     monkeypatch.delenv(sim.TIME_SCALE_ENV, raising=False)
     with pytest.raises(ValueError, match=message):
         SimEngine.from_spec(EngineSpec.model_validate(options), instance=0)
+
+
+@given(st.text(min_size=1, max_size=40), st.integers(1, 400))
+@settings(max_examples=60, deadline=None)
+def test_pseudo_text_for_a_json_items_stage_is_a_json_list(prompt: str, max_tokens: int) -> None:
+    """A simulated stage that asks for a JSON list gets one (its pseudo-sentences), as a
+    model following the format would write it; prose would fail its framing."""
+    import json
+
+    text = sim.as_json_list(pseudo_text(prompt, max_tokens))
+    items = json.loads(text)
+    assert isinstance(items, list) and all(isinstance(i, str) and i for i in items)
+
+
+async def test_the_engine_shapes_its_text_by_the_stage_framing(
+    make_engine: Callable[..., SimEngine],
+) -> None:
+    import json
+
+    engine = make_engine(time_scale=0.0)
+    listed = await collect(engine.generate("claims of x", GenParams(
+        max_tokens=80, tags={"framing": "json_items"})))
+    prose = await collect(engine.generate("claims of x", GenParams(max_tokens=80)))
+    items = json.loads("".join(d.text for d in listed))
+    assert isinstance(items, list) and items
+    assert "".join(d.text for d in prose)[0] != "["

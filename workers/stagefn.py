@@ -142,7 +142,8 @@ class StageFunction:
 
     def params(self, run: str) -> GenParams:
         s = self.stage
-        tags: dict[str, Any] = {"stage": s.name, "run": run, "pipeline": self.spec.name}
+        tags: dict[str, Any] = {"stage": s.name, "run": run, "pipeline": self.spec.name,
+                                "framing": s.framing}
         if self.responder is not None:
             tags["responder"] = self.responder
         return GenParams(

@@ -52,6 +52,7 @@ import asyncio
 import contextlib
 import hashlib
 import importlib
+import json
 import math
 import os
 import random
@@ -317,6 +318,15 @@ def pseudo_text(prompt: str, max_tokens: int, *, seed: int = 0, min_tokens: int 
             word = words.choice(_WORDS).capitalize()
             toks.append(" " + word if toks else word)
     return "".join(toks)
+
+
+def as_json_list(text: str) -> str:
+    """Pseudo-text in the shape a `json_items` stage asks its model for: its sentences as a
+    JSON list of strings, as a model following the format would write them. Without it a
+    simulated stage of that framing writes prose, which the framing refuses (a model that
+    ignored the format)."""
+    sentences = [s.strip() + "." for s in text.split(".") if s.strip()]
+    return json.dumps(sentences)
 
 
 def resolve_responder(value: Any) -> Responder | None:
@@ -587,6 +597,8 @@ class SimEngine:
                 seed=self.seed,
                 min_tokens=self.min_tokens,
             )
+            if params.tags.get("framing") == "json_items":
+                text = as_json_list(text)
         else:
             text = responder(prompt, params)
             if not isinstance(text, str):
