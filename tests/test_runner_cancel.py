@@ -165,6 +165,17 @@ async def hang_between_units(value: object, ctx: object) -> AsyncIterator[str]:
         _hang["closed"] = True
 
 
+async def steady_units(value: object, ctx: object) -> AsyncIterator[str]:
+    """Units every 20 ms for minutes: never caught waiting long by the watcher's tick."""
+    try:
+        for i in range(10_000):
+            await asyncio.sleep(0.02)  # the workload's pace, not a synchronisation
+            yield str(i)
+            _hang["entered"] = True
+    finally:
+        _hang["closed"] = True
+
+
 def _tool_spec(function: str) -> PipelineSpec:
     return parse_pipeline({
         "name": "hung",
@@ -231,3 +242,12 @@ async def test_a_cancelled_run_ends_a_generator_tool_hung_between_units(
 ) -> None:
     await _cancel_while_tool_hangs(transport, _tool_spec("hang_between_units"))
     assert hang_state.get("closed") is True  # the generator was closed, not left suspended
+
+
+async def test_a_cancelled_run_ends_a_generator_tool_that_keeps_yielding(
+    transport: Transport, hang_state: dict[str, object],
+) -> None:
+    """Its units come faster than the watcher ticks, so it is checked between units too
+    (a reviewer's repro: 199 more units and 20 s after the cancel)."""
+    await _cancel_while_tool_hangs(transport, _tool_spec("steady_units"))
+    assert hang_state.get("closed") is True

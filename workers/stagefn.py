@@ -196,6 +196,7 @@ class StageFunction:
         if watch.hit:
             return
         if inspect.isasyncgen(result):
+            last_check = time.monotonic()
             try:
                 while True:
                     with watch:
@@ -205,6 +206,12 @@ class StageFunction:
                     stats.incremental = True
                     for u in frame_value(self.stage.framing, unit):
                         yield u
+                    # a generator whose units come faster than the watcher's ticks is
+                    # rarely caught waiting: look between units too, as an LM call does
+                    if time.monotonic() - last_check > TOOL_CANCEL_POLL_S:
+                        last_check = time.monotonic()
+                        if await stop():
+                            return
             finally:
                 await result.aclose()
         stats.incremental = False
@@ -281,24 +288,30 @@ class _CancelWatch:
     it, taking back only its own cancellation. A synchronous function's thread cannot be
     stopped: it runs on, unobserved and counted (`running_plain_calls`), until it returns."""
 
-    __slots__ = ("_watcher", "_stop", "_task", "_inside", "_looking", "_cancelling", "hit")
+    __slots__ = ("_watcher", "_stop", "_task", "_inside", "_looking", "_cancelling",
+                 "_cancels_before", "started", "hit")
 
     def __init__(self, watcher: _Watcher, stop: StopCheck) -> None:
         self._watcher = watcher
         self._stop = stop
         self._task: asyncio.Task[Any] | None = None
         self._inside = self._looking = self._cancelling = False
+        self._cancels_before = 0
+        self.started: float | None = None  # the call's start (loop time): once per call
         self.hit = False
 
     def __enter__(self) -> None:
         self._task = asyncio.current_task()
         self._inside, self._cancelling = True, False
+        # cancellations requested before ours (as asyncio.timeout counts them on 3.12)
+        self._cancels_before = self._task.cancelling() if self._task is not None else 0
         self._watcher.add(self)
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> bool:
         self._inside = False
         self._watcher.calls.pop(self, None)
-        if self._cancelling and self._task is not None and self._task.uncancel() == 0 \
+        if self._cancelling and self._task is not None \
+                and self._task.uncancel() <= self._cancels_before \
                 and exc_type is asyncio.CancelledError:
             self.hit = True
             return True  # our own cancellation: the call is over, the task goes on
@@ -335,7 +348,9 @@ class _Watcher:
 
     def add(self, watch: _CancelWatch) -> None:
         loop = asyncio.get_running_loop()
-        self.calls[watch] = loop.time()
+        if watch.started is None:  # a generator's watch enters once per unit: age is per call
+            watch.started = loop.time()
+        self.calls[watch] = watch.started
         if self._timer is None or self._loop is not loop:
             self._loop = loop
             self._timer = loop.call_later(self.poll_s, self._tick)
