@@ -13,8 +13,13 @@ from typing import Any
 import httpx
 import pytest
 
+from orchestrator.spec import parse_pipeline
+from orchestrator.transport import Transport
 from tests.gateway_fixtures import *  # noqa: F403
 from tests.gateway_fixtures import LiveServer, make_server
+from workers.client import run_to_completion
+from workers.runner import RunnerConfig
+from workers.runtime import Runtime
 
 
 def strict(text: str) -> Any:
@@ -73,3 +78,23 @@ def test_a_unit_that_is_not_json_fails_its_run_saying_so(server: LiveServer) -> 
     assert body["error"]["stage"] == "bad" and body["error"]["code"] == "stage_error"
     assert "produced a unit that is not JSON" in body["error"]["message"]
     assert "set is not JSON serializable" in body["error"]["message"]
+
+
+async def test_a_unit_that_is_not_json_fails_on_both_transports_alike(
+    transport: Transport,
+) -> None:
+    """Also where nothing encodes it on the way: the embedded transport passes envelopes
+    on as objects, and without partial events a middle stage's set reached the next
+    stage (a reviewer's repro), where Redis failed the run."""
+    spec = parse_pipeline({"name": "middle", "stages": [
+        {"name": "bad", "kind": "tool", "function": "tests.toy.stages:not_json", "to": ["up"]},
+        {"name": "up", "kind": "tool", "function": "tests.toy.stages:upper"}]})
+    rt = Runtime(transport, [spec], config=RunnerConfig(block_ms=20, heartbeat_ms=50,
+                                                        partial_events=False))
+    await rt.start()
+    try:
+        _, events = await run_to_completion(transport, spec, "a", deadline_s=30)
+    finally:
+        await rt.stop()
+    assert events[-1]["type"] == "error" and events[-1]["stage"] == "bad"
+    assert "produced a unit that is not JSON" in events[-1]["message"]

@@ -251,3 +251,25 @@ async def test_a_cancelled_run_ends_a_generator_tool_that_keeps_yielding(
     (a reviewer's repro: 199 more units and 20 s after the cancel)."""
     await _cancel_while_tool_hangs(transport, _tool_spec("steady_units"))
     assert hang_state.get("closed") is True
+
+
+async def raise_when_cut(value: object, ctx: object) -> str:
+    """A call that fails while its cancellation unwinds it (a cleanup that raises)."""
+    _hang["entered"] = True
+    try:
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        raise ValueError("cleanup failed") from None
+    return "never"
+
+
+async def test_a_call_failing_as_its_run_is_cancelled_is_no_dead_letter(
+    transport: Transport, hang_state: dict[str, object],
+) -> None:
+    """The run is over: failing it would put an input nobody waits for in the dead-letter
+    queue (and alert on it). Its input is acknowledged instead."""
+    from workers import deadletters
+
+    spec = _tool_spec("raise_when_cut")
+    await _cancel_while_tool_hangs(transport, spec)
+    assert await deadletters.count(transport, spec.name) == 0

@@ -47,6 +47,7 @@ from orchestrator.envelope import (
     Envelope,
     Lineage,
     credit_str,
+    dumps_json,
     end_id,
     lineage_str,
     loads_json,
@@ -734,6 +735,13 @@ class StageRunner:
                         exc if isinstance(exc, LeftPending) else f"transport unavailable ({exc})",
                         d.envelope.id)
         except Exception as exc:  # a stage error fails the run visibly, never silently
+            if await self._cancelled_anyway(d.envelope.run):
+                # the run is over: failing it would dead-letter an input nobody waits for
+                # (a call that raised while being cut short by the cancel)
+                log.info("stage %s: %s on %s of a cancelled run: acknowledged",
+                         self.stage.name, type(exc).__name__, d.envelope.id)
+                await self.transport.ack(d.stream, self.group, [d.entry_id])
+                return
             log.error("stage %s failed on %s", self.stage.name, d.envelope.id,
                       exc_info=not isinstance(exc, OutputNotJSON),
                       extra={"run": d.envelope.run, "stage": self.stage.name})
@@ -957,11 +965,24 @@ class StageRunner:
             self.observer("call", call)
 
     async def _commit_units(self, c: Commit) -> bool:
-        """A commit holding this stage's units. Serialising them is the first thing either
-        transport does (before any write), so a TypeError or ValueError here is a unit
-        JSON cannot hold (a set, bytes, an object, a circular list): nothing was written."""
+        """A commit holding this stage's units (each checked by `_emit`)."""
+        return await self.transport.commit(c)
+
+    async def _cancelled_anyway(self, run: str) -> bool:
+        """Whether a failing call's run is cancelled (False when the bus cannot say)."""
         try:
-            return await self.transport.commit(c)
+            return await self._is_cancelled(run)
+        except Exception:  # noqa: BLE001 - then the failure is reported as usual
+            return False
+
+    def _check_json(self, unit: Any) -> None:
+        """A unit travels as JSON (between stages, in events, to clients): one JSON cannot
+        hold (a set, bytes, an object, a circular list) fails the call here, on both
+        transports alike (the embedded one passes envelopes on without encoding them)."""
+        if unit is None or isinstance(unit, str | int | float):
+            return
+        try:
+            dumps_json(unit)
         except (TypeError, ValueError) as exc:
             raise OutputNotJSON(self.stage.name, exc) from None
 
@@ -1006,6 +1027,7 @@ class StageRunner:
         context: dict[str, Any],
     ) -> None:
         """Add unit `index` to a commit: to every successor, and as a run event."""
+        self._check_json(unit)
         lin = (*base_lineage, (self.stage.name, index))
         lin_s = lineage_str(lin)
         share = unit_credit(credit, index)
