@@ -306,7 +306,7 @@ def run(
         override = _build_engine(choice)
     spec = _load(pipeline, not no_stream)
     if choice is not None:  # embedded: this process builds the engines (on Redis the workers do)
-        _check_engines([spec], override, choice)
+        _check_engines([spec], override, choice, settings.instances)
     text = _input_text(input)
     if spec.input_required and not text.strip():
         _usage(f"--input: pipeline {spec.name!r} needs an input (input_required), and it "
