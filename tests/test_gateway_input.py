@@ -165,6 +165,34 @@ async def test_a_completions_request_to_a_chat_engine_goes_as_a_raw_completion(
     assert up.paths[-1] == "/v1/completions"
 
 
+async def test_a_raw_completion_falls_back_to_chat_on_a_chat_only_server(
+        scripted_server: list[ScriptedSSEServer]) -> None:  # noqa: F811
+    """Hosted chat models have no /completions: the server's 404 sends the prompt to
+    /chat/completions as a user message instead (as before raw completions), and the
+    engine remembers it (a reviewer: /v1/completions had turned into an upstream error)."""
+    up = await start_scripted(scripted_server, [chat_chunk(" Paris."), chat_chunk(finish="stop"),
+                                                "[DONE]"])
+    up.errors.append((404, {}))
+    spec = parse_pipeline({
+        "name": "proxy",
+        "engines": {"default": {"kind": "openai", "base_url": up.base_url, "model": "m"}},
+        "stages": [{"name": "ask", "kind": "lm", "prompt": "{input}"}],
+    })
+    server = LiveServer(create_app(Settings(), [spec])).start()
+    try:
+        answers = [await asyncio.to_thread(
+            httpx.post, f"{server.url}/v1/completions", timeout=30,
+            json={"model": "proxy/default", "prompt": "The capital of France is"})
+            for _ in range(2)]
+    finally:
+        server.stop()
+    assert [r.status_code for r in answers] == [200, 200], answers[0].text
+    assert [r.json()["choices"][0]["text"] for r in answers] == [" Paris.", " Paris."]
+    assert up.paths == ["/v1/completions", "/v1/chat/completions", "/v1/chat/completions"]
+    assert up.requests[-1]["messages"][-1] == {"role": "user",
+                                               "content": "The capital of France is"}
+
+
 async def test_an_unreachable_engine_is_a_502_that_hides_its_address() -> None:
     import socket
 

@@ -149,6 +149,9 @@ class OpenAIEngine:
         self.capacity = capacity
         self.model = model
         self.api = api
+        # the server answered a raw completion with 404/405: it serves chat only (hosted chat
+        # models have no /completions), so raw prompts go as chat messages from then on
+        self._chat_only = False
         self.root = api_root(base_url)
         self.retries = retries
         self.backoff_s = backoff_s
@@ -250,17 +253,21 @@ class OpenAIEngine:
     def _api(self, params: GenParams) -> str:
         """The server's completions API for a raw prompt (a client's `/v1/completions`,
         which must not get a chat template), else the one configured (`api`)."""
-        return "completions" if params.raw else self.api
+        return "completions" if params.raw and not self._chat_only else self.api
 
     async def generate(self, prompt: str, params: GenParams) -> AsyncIterator[Delta]:
         if self._client is None:
             await self.start()
         assert self._client is not None
-        path = "/chat/completions" if self._api(params) == "chat" else "/completions"
-        request = self._client.build_request(
-            "POST", f"{self.root}{path}", json=self.request_body(prompt, params)
-        )
-        response = await self._open(request)
+        try:
+            response = await self._open(self._request(prompt, params))
+        except EngineHTTPError as exc:
+            if not (self._api(params) != self.api and exc.status in (404, 405)):
+                raise
+            log.warning("%s: the server has no /completions (HTTP %d); raw prompts go to "
+                        "/chat/completions as a user message", self.name, exc.status)
+            self._chat_only = True
+            response = await self._open(self._request(prompt, params))
         try:
             async for delta in self._deltas(response):
                 yield delta
@@ -269,6 +276,12 @@ class OpenAIEngine:
             await response.aclose()
 
     # -- internals ---------------------------------------------------------------------------
+    def _request(self, prompt: str, params: GenParams) -> httpx.Request:
+        assert self._client is not None
+        path = "/chat/completions" if self._api(params) == "chat" else "/completions"
+        return self._client.build_request("POST", f"{self.root}{path}",
+                                          json=self.request_body(prompt, params))
+
     async def _open(self, request: httpx.Request) -> httpx.Response:
         """A 200 streaming response. Nothing has been generated before it, so a failed try
         is sent again, with exponential backoff, up to `retries` times in all (one budget
