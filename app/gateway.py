@@ -320,14 +320,6 @@ class Gateway:
                                 "which this gateway does not serve", code="pipeline_not_found")
         return spec, ev
 
-    async def last_event_id(self, run: str) -> str | None:
-        """The id of the last event in a run's log (None: empty): a resume id beyond it
-        was never sent by this run."""
-        last = None
-        while batch := await self.transport.read_events(run, last, 1024, 0):
-            last = batch[-1][0]
-        return last
-
     async def follow(
         self,
         spec: PipelineSpec,

@@ -248,7 +248,7 @@ async def run_events(
     if resume is not None:
         # an id past the log's end was never sent (ids are given out as events are
         # appended): following from it would show nothing, not even the run's end
-        last = await gw.last_event_id(run_id)
+        last = await gw.transport.last_event_id(run_id)
         if last is not None and event_order(resume)[:2] > event_order(last)[:2]:
             raise ApiError(404, f"no event {resume!r} in run {run_id!r}: past the end of its "
                                 f"log (its last event is {last!r})", code="event_not_found",

@@ -421,6 +421,11 @@ class EmbeddedTransport(Transport):
         chunk = log.events[start : start + count]
         return [(_eid(start + i + 1), json.loads(text)) for i, text in enumerate(chunk)]
 
+    async def last_event_id(self, run: str) -> str | None:
+        self._alive("events", run)
+        log = self._events.get(run)
+        return _eid(len(log.events)) if log is not None and log.events else None
+
     async def read_events(
         self, run: str, after: str | None, count: int, block_ms: int
     ) -> list[tuple[str, dict[str, Any]]]:

@@ -231,6 +231,10 @@ class Transport(abc.ABC):
         `block_ms` for at least one."""
 
     @abc.abstractmethod
+    async def last_event_id(self, run: str) -> str | None:
+        """The id of `run`'s latest event (None: no events), without reading the log."""
+
+    @abc.abstractmethod
     async def expire_run(self, run: str, ttl_s: int) -> None:
         """Forget the run's events, progress and flags `ttl_s` seconds from now."""
 

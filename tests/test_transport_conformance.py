@@ -359,6 +359,16 @@ async def test_commit_applies_every_part(transport: Transport) -> None:
         Progress(2, True), Progress(1, False), None]
 
 
+async def test_last_event_id_is_the_latest_read(transport: Transport) -> None:
+    """What the gateway checks a resume id against, without reading the whole log."""
+    assert await transport.last_event_id("r9") is None
+    for i in range(3):
+        await transport.commit(Commit(events=[("r9", {"i": i})]))
+        events = await transport.read_events("r9", None, 10, 0)
+        assert await transport.last_event_id("r9") == events[-1][0]
+    assert len(events) == 3
+
+
 async def test_failed_commit_applies_nothing(transport: Transport) -> None:
     await transport.ensure_group("in", "g")
     await transport.publish("in", env(0))

@@ -784,6 +784,10 @@ class RedisTransport(Transport):
             for entry_id, fields in entries
         ]
 
+    async def last_event_id(self, run: str) -> str | None:
+        got = await self._r.xrevrange(self._run_key(run, "events"), count=1)
+        return str(got[0][0]) if got else None
+
     async def expire_run(self, run: str, ttl_s: int) -> None:
         if ttl_s <= 0:
             self._cancel_seen.pop(run, None)
