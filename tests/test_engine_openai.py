@@ -413,3 +413,66 @@ def test_registry_builds_each_kind_without_loading_anything() -> None:
         build_engine(EngineSpec.model_construct(kind="tpu"))
     with pytest.raises(ValueError, match="instance must be >= 0"):
         build_engine(EngineSpec(kind="sim"), -1)
+
+
+# --- raw completions on a chat-only server (hosted chat models have no /completions) ------
+
+_CHAT_SSE = ('data: {"choices":[{"delta":{"content":" Paris."}}]}\n\n'
+             'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+
+
+def _chat_only_engine(chat_status: int = 200, concurrent: bool = False
+                      ) -> tuple[OpenAIEngine, list[str], asyncio.Event]:
+    """An engine on a server with /chat/completions only; the second /completions request
+    is answered only once a chat request was served (both in flight at the first contact,
+    ordered by an event, not by time)."""
+    paths: list[str] = []
+    chatted, second = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        if request.url.path.endswith("/chat/completions"):
+            chatted.set()
+            if chat_status != 200:
+                return httpx.Response(chat_status, json={"error": {"message": "no such model"}})
+            return httpx.Response(200, text=_CHAT_SSE,
+                                  headers={"content-type": "text/event-stream"})
+        if paths.count(request.url.path) == 2:  # the second first contact: answered late
+            second.set()
+            await chatted.wait()
+        elif concurrent:  # the first: not before the second is in flight too
+            await second.wait()
+        return httpx.Response(404, json={"error": {"message": "no such route"}})
+
+    engine = OpenAIEngine(base_url="http://upstream/v1", model="m", api="chat", retries=0)
+    engine._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return engine, paths, chatted
+
+
+async def _raw(engine: OpenAIEngine) -> str:
+    return "".join([d.text async for d in engine.generate("The capital", GenParams(raw=True))])
+
+
+async def test_raw_completions_in_flight_together_both_fall_back_to_chat() -> None:
+    engine, paths, _ = _chat_only_engine(concurrent=True)
+    try:
+        answers = await asyncio.gather(_raw(engine), _raw(engine))
+        later = await _raw(engine)
+    finally:
+        await engine.aclose()
+    assert answers == [" Paris.", " Paris."] and later == " Paris."
+    assert paths.count("/v1/completions") == 2  # the two first contacts, then chat only
+    assert paths[-1] == "/v1/chat/completions" and paths.count("/v1/chat/completions") == 3
+
+
+async def test_a_404_from_chat_too_does_not_switch_the_engine_to_chat() -> None:
+    """A wrong model is a 404 on both endpoints: the error goes to the caller, and raw
+    prompts keep their API once the model exists."""
+    engine, paths, _ = _chat_only_engine(chat_status=404)
+    try:
+        with pytest.raises(EngineHTTPError):
+            await _raw(engine)
+    finally:
+        await engine.aclose()
+    assert paths == ["/v1/completions", "/v1/chat/completions"]
+    assert engine._chat_only is False

@@ -98,3 +98,21 @@ async def test_a_unit_that_is_not_json_fails_on_both_transports_alike(
         await rt.stop()
     assert events[-1]["type"] == "error" and events[-1]["stage"] == "bad"
     assert "produced a unit that is not JSON" in events[-1]["message"]
+
+
+async def test_a_unit_that_is_not_json_is_not_retried(transport: Transport) -> None:
+    """A deterministic bug: `retries` would only repeat it (with backoff)."""
+    from tests.toy import stages
+
+    stages.NOT_JSON_CALLS.clear()
+    spec = parse_pipeline({"name": "noretry", "stages": [
+        {"name": "bad", "kind": "tool", "function": "tests.toy.stages:streams_not_json",
+         "retries": 2, "retry_backoff_s": 0.01}]})
+    rt = Runtime(transport, [spec], config=RunnerConfig(block_ms=20, heartbeat_ms=50))
+    await rt.start()
+    try:
+        _, events = await run_to_completion(transport, spec, "a", deadline_s=30)
+    finally:
+        await rt.stop()
+    assert events[-1]["type"] == "error" and "not JSON" in events[-1]["message"]
+    assert stages.NOT_JSON_CALLS == ["a"]

@@ -273,3 +273,68 @@ async def test_a_call_failing_as_its_run_is_cancelled_is_no_dead_letter(
     spec = _tool_spec("raise_when_cut")
     await _cancel_while_tool_hangs(transport, spec)
     assert await deadletters.count(transport, spec.name) == 0
+
+
+async def raise_when_cut_items(items: list[object], ctx: object) -> str:
+    return await raise_when_cut(items, ctx)
+
+
+async def test_a_reduce_failing_as_its_run_is_cancelled_is_no_dead_letter(
+    transport: Transport, hang_state: dict[str, object],
+) -> None:
+    """The same for an aggregating stage's call (a reviewer: the group was failed and
+    dead-lettered)."""
+    from orchestrator.routing import stage_group, stage_streams
+    from workers import deadletters
+    from workers.runtime import Runtime
+
+    spec = parse_pipeline({"name": "cutgroup", "stages": [
+        {"name": "split", "kind": "tool", "function": "tests.toy.stages:split_words",
+         "framing": "items", "to": ["agg"]},
+        {"name": "agg", "kind": "reduce", "aggregate_by": ["request"],
+         "function": "tests.test_runner_cancel:raise_when_cut_items"}]})
+    rt = Runtime(transport, [spec], config=RunnerConfig(block_ms=20, heartbeat_ms=50))
+    await rt.start()
+    try:
+        run = await start_run(transport, spec, "a b")
+        await eventually(lambda: _hang.get("entered") is True, 10)
+        await transport.cancel(run, 60)
+
+        async def acknowledged() -> bool:
+            group = stage_group(spec.name, "agg")
+            stats = [await transport.stats(s, group) for s in stage_streams(spec, "agg")]
+            return sum(s.pending for s in stats) == 0
+
+        await eventually(acknowledged, 10)
+    finally:
+        await rt.stop()
+    assert await deadletters.count(transport, spec.name) == 0
+
+
+async def paced_units(value: object, ctx: object) -> AsyncIterator[str]:
+    """15 units, 20 ms apart: longer than the cancel watcher's poll period."""
+    for i in range(15):
+        await asyncio.sleep(0.02)  # the workload's pace, not a synchronisation
+        yield str(i)
+
+
+async def test_a_bus_that_cannot_say_does_not_end_a_running_call() -> None:
+    """Looking at the cancel flag can fail (Redis restarting): the call goes on, as the
+    watcher's own looks do (a reviewer: the look between units ended the call, which was
+    then re-run from the start)."""
+    from orchestrator.template import StageContext
+    from workers.stagefn import CallStats
+
+    spec = _tool_spec("paced_units")
+    looks = 0
+
+    async def stop() -> bool:
+        nonlocal looks
+        looks += 1
+        raise ConnectionError("the bus is restarting")
+
+    fn = StageFunction(spec, spec.stage("tool"))
+    ctx = StageContext("r", spec.name, "tool", ())
+    units = [u async for u in fn.produce(ctx, "x", None, CallStats(), stop)]
+    assert units == [str(i) for i in range(15)]
+    assert looks >= 1  # it did look, and went on

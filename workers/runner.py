@@ -738,8 +738,9 @@ class StageRunner:
             if await self._cancelled_anyway(d.envelope.run):
                 # the run is over: failing it would dead-letter an input nobody waits for
                 # (a call that raised while being cut short by the cancel)
-                log.info("stage %s: %s on %s of a cancelled run: acknowledged",
-                         self.stage.name, type(exc).__name__, d.envelope.id)
+                log.warning("stage %s: %s on %s of a cancelled run: acknowledged",
+                            self.stage.name, type(exc).__name__, d.envelope.id, exc_info=exc,
+                            extra={"run": d.envelope.run, "stage": self.stage.name})
                 await self.transport.ack(d.stream, self.group, [d.entry_id])
                 return
             log.error("stage %s failed on %s", self.stage.name, d.envelope.id,
@@ -844,6 +845,12 @@ class StageRunner:
                 log.warning("stage %s: firing %s left pending (%s)", self.stage.name, g.key, exc)
                 self._drop_group(g)
             except Exception as exc:
+                if await self._cancelled_anyway(first.run):  # as _guarded: the run is over
+                    log.warning("stage %s: %s firing %s of a cancelled run: acknowledged",
+                                self.stage.name, type(exc).__name__, g.key, exc_info=exc,
+                                extra={"run": first.run, "stage": self.stage.name})
+                    await self._ack_group(g)
+                    return
                 log.exception("stage %s failed on key %s", self.stage.name, g.key)
                 await self._fail(first, f"{type(exc).__name__}: {exc}", g,
                                  code=_error_code(exc))
@@ -923,7 +930,7 @@ class StageRunner:
                 break
             except Exception as exc:
                 if committing or published or attempt >= self.stage.retries \
-                        or isinstance(exc, self.transport.transient_errors) \
+                        or isinstance(exc, (OutputNotJSON, *self.transport.transient_errors)) \
                         or await self._is_cancelled(run):
                     raise
                 attempt += 1

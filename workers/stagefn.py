@@ -210,7 +210,7 @@ class StageFunction:
                     # rarely caught waiting: look between units too, as an LM call does
                     if time.monotonic() - last_check > TOOL_CANCEL_POLL_S:
                         last_check = time.monotonic()
-                        if await stop():
+                        if await _cancelled(stop):
                             return
             finally:
                 await result.aclose()
@@ -261,7 +261,7 @@ class StageFunction:
                     now = time.monotonic()
                     if now - last_check > CANCEL_POLL_S:
                         last_check = now
-                        if await stop():
+                        if await _cancelled(stop):
                             return
         finally:
             aclose = getattr(gen, "aclose", None)
@@ -443,7 +443,7 @@ async def _first_delta(gen: AsyncIterator[Delta], stop: StopCheck) -> Any:
             done, _ = await asyncio.wait({waiting}, timeout=CANCEL_POLL_S)
             if done:
                 return waiting.result()
-            if await stop():
+            if await _cancelled(stop):
                 return _CANCELLED
     finally:
         if not waiting.done():
@@ -454,6 +454,15 @@ async def _first_delta(gen: AsyncIterator[Delta], stop: StopCheck) -> Any:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise  # this call itself is being cancelled: not ours to swallow
+
+
+async def _cancelled(stop: StopCheck) -> bool:
+    """`stop()`, False when the bus cannot say: a transport blip while a call runs must not
+    end the call (its work would be lost; the next look asks again)."""
+    try:
+        return await stop()
+    except Exception:  # noqa: BLE001
+        return False
 
 
 async def _next_or_none(gen: AsyncIterator[Delta]) -> Delta | None:

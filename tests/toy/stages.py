@@ -109,3 +109,12 @@ def repetitive(prompt: str, params: Any) -> str:
 def many(value: Any, ctx: StageContext) -> list[str]:
     """Forty items, two of each (a tool's list with duplicates)."""
     return [f"item {i // 2}" for i in range(40)]
+
+
+NOT_JSON_CALLS: list[str] = []  # one entry per call of `streams_not_json`
+
+
+async def streams_not_json(value: Any, ctx: StageContext) -> Any:
+    """Streams one unit JSON cannot hold (a deterministic bug: retrying cannot help)."""
+    NOT_JSON_CALLS.append(str(value))
+    yield {"words": {str(value)}}

@@ -227,7 +227,8 @@ class OpenAIEngine:
         if client is not None:
             await client.aclose()
 
-    def request_body(self, prompt: str, params: GenParams) -> dict[str, Any]:
+    def request_body(self, prompt: str, params: GenParams,
+                     api: str | None = None) -> dict[str, Any]:
         """The JSON body for one streaming request (public so tests and tools can inspect it)."""
         body: dict[str, Any] = {
             "max_tokens": params.max_tokens,
@@ -243,7 +244,7 @@ class OpenAIEngine:
             body["top_p"] = params.top_p
         if params.seed is not None:
             body["seed"] = params.seed
-        if self._api(params) == "chat":
+        if (api or self._api(params)) == "chat":
             body["messages"] = chat_messages(prompt, params)
         else:
             body["prompt"] = plain_prompt(prompt, params)
@@ -259,15 +260,17 @@ class OpenAIEngine:
         if self._client is None:
             await self.start()
         assert self._client is not None
+        api = self._api(params)
         try:
-            response = await self._open(self._request(prompt, params))
+            response = await self._open(self._request(prompt, params, api))
         except EngineHTTPError as exc:
-            if not (self._api(params) != self.api and exc.status in (404, 405)):
+            if not (api != self.api and exc.status in (404, 405)):
                 raise
-            log.warning("%s: the server has no /completions (HTTP %d); raw prompts go to "
-                        "/chat/completions as a user message", self.name, exc.status)
-            self._chat_only = True
-            response = await self._open(self._request(prompt, params))
+            response = await self._open(self._request(prompt, params, self.api))
+            if not self._chat_only:  # chat answered where /completions did not: remember it
+                log.warning("%s: the server has no /completions (HTTP %d); raw prompts go to "
+                            "/chat/completions as a user message", self.name, exc.status)
+                self._chat_only = True
         try:
             async for delta in self._deltas(response):
                 yield delta
@@ -276,11 +279,11 @@ class OpenAIEngine:
             await response.aclose()
 
     # -- internals ---------------------------------------------------------------------------
-    def _request(self, prompt: str, params: GenParams) -> httpx.Request:
+    def _request(self, prompt: str, params: GenParams, api: str) -> httpx.Request:
         assert self._client is not None
-        path = "/chat/completions" if self._api(params) == "chat" else "/completions"
+        path = "/chat/completions" if api == "chat" else "/completions"
         return self._client.build_request("POST", f"{self.root}{path}",
-                                          json=self.request_body(prompt, params))
+                                          json=self.request_body(prompt, params, api))
 
     async def _open(self, request: httpx.Request) -> httpx.Response:
         """A 200 streaming response. Nothing has been generated before it, so a failed try
