@@ -209,6 +209,9 @@ class OutputNotJSON(Exception):
             "must be made of str, int, float, bool, None, lists and dicts with str keys")
 
 
+_SCALARS = (str, int, float)  # units that are JSON as they are (bool is an int)
+
+
 def _error_code(exc: BaseException) -> str:
     """The `code` of the run's error event for a call that raised `exc`."""
     return exc.code if isinstance(exc, StageTimeout) else "stage_error"
@@ -986,7 +989,7 @@ class StageRunner:
         """A unit travels as JSON (between stages, in events, to clients): one JSON cannot
         hold (a set, bytes, an object, a circular list) fails the call here, on both
         transports alike (the embedded one passes envelopes on without encoding them)."""
-        if unit is None or isinstance(unit, str | int | float):
+        if unit is None or isinstance(unit, _SCALARS):
             return
         try:
             dumps_json(unit)
