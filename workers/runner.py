@@ -198,6 +198,12 @@ class LeftPending(Exception):
 RETRY_CANCEL_POLL_S = 0.5  # how often a retry's backoff looks at its run's cancel flag
 
 
+class CallCut(Exception):
+    """A call the run's cancel cut short raised (its cleanup failed, or a stage timeout
+    raced the cancel): the run is over, so its input is acknowledged; failing the run
+    would dead-letter an input nobody waits for."""
+
+
 class OutputNotJSON(Exception):
     """A stage's unit could not be written: units travel as JSON (between stages, in
     events, to clients). The run fails with this message instead of the encoder's bare
@@ -737,15 +743,13 @@ class StageRunner:
             log.warning("stage %s: %s on %s; left pending", self.stage.name,
                         exc if isinstance(exc, LeftPending) else f"transport unavailable ({exc})",
                         d.envelope.id)
+        except CallCut as exc:
+            log.warning("stage %s: a call on %s cut short by its run's cancel raised (%s): "
+                        "acknowledged", self.stage.name, d.envelope.id, exc,
+                        exc_info=exc.__cause__,
+                        extra={"run": d.envelope.run, "stage": self.stage.name})
+            await self.transport.ack(d.stream, self.group, [d.entry_id])
         except Exception as exc:  # a stage error fails the run visibly, never silently
-            if await self._cancelled_anyway(d.envelope.run):
-                # the run is over: failing it would dead-letter an input nobody waits for
-                # (a call that raised while being cut short by the cancel)
-                log.warning("stage %s: %s on %s of a cancelled run: acknowledged",
-                            self.stage.name, type(exc).__name__, d.envelope.id, exc_info=exc,
-                            extra={"run": d.envelope.run, "stage": self.stage.name})
-                await self.transport.ack(d.stream, self.group, [d.entry_id])
-                return
             log.error("stage %s failed on %s", self.stage.name, d.envelope.id,
                       exc_info=not isinstance(exc, OutputNotJSON),
                       extra={"run": d.envelope.run, "stage": self.stage.name})
@@ -847,13 +851,13 @@ class StageRunner:
                 # entries stay pending: forget the group; the next claim rebuilds and fires it
                 log.warning("stage %s: firing %s left pending (%s)", self.stage.name, g.key, exc)
                 self._drop_group(g)
+            except CallCut as exc:  # as in _guarded: the run is over
+                log.warning("stage %s: firing %s cut short by its run's cancel raised (%s): "
+                            "acknowledged", self.stage.name, g.key, exc,
+                            exc_info=exc.__cause__,
+                            extra={"run": first.run, "stage": self.stage.name})
+                await self._ack_group(g)
             except Exception as exc:
-                if await self._cancelled_anyway(first.run):  # as _guarded: the run is over
-                    log.warning("stage %s: %s firing %s of a cancelled run: acknowledged",
-                                self.stage.name, type(exc).__name__, g.key, exc_info=exc,
-                                extra={"run": first.run, "stage": self.stage.name})
-                    await self._ack_group(g)
-                    return
                 log.exception("stage %s failed on key %s", self.stage.name, g.key)
                 await self._fail(first, f"{type(exc).__name__}: {exc}", g,
                                  code=_error_code(exc))
@@ -932,6 +936,8 @@ class StageRunner:
                         held.append((n, unit))
                 break
             except Exception as exc:
+                if stats.cut:
+                    raise CallCut(f"{type(exc).__name__}: {exc}") from exc
                 if committing or published or attempt >= self.stage.retries \
                         or isinstance(exc, (OutputNotJSON, *self.transport.transient_errors)) \
                         or await self._is_cancelled(run):
@@ -977,13 +983,6 @@ class StageRunner:
     async def _commit_units(self, c: Commit) -> bool:
         """A commit holding this stage's units (each checked by `_emit`)."""
         return await self.transport.commit(c)
-
-    async def _cancelled_anyway(self, run: str) -> bool:
-        """Whether a failing call's run is cancelled (False when the bus cannot say)."""
-        try:
-            return await self._is_cancelled(run)
-        except Exception:  # noqa: BLE001 - then the failure is reported as usual
-            return False
 
     def _check_json(self, unit: Any) -> None:
         """A unit travels as JSON (between stages, in events, to clients): one JSON cannot

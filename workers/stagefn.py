@@ -86,6 +86,9 @@ class CallStats:
     cached_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
     first_unit_s: float | None = None
+    # the run's cancel cut this call short (its cancel watch cancelled it): whatever the
+    # call raises then is no failure of the run (`workers.runner.CallCut`)
+    cut: bool = False
     # whether the unit being yielded now came while the call still runs (publish it at once)
     # or once it is over (it can share the call's final commit: one commit instead of two)
     incremental: bool = False
@@ -185,7 +188,7 @@ class StageFunction:
             return
         assert self.fn is not None
         arg = items if self.stage.aggregates else value
-        watch = _CancelWatch(self._watcher, stop)
+        watch = _CancelWatch(self._watcher, stop, stats)
         if self._is_async:
             call = self.fn(arg, ctx)
         else:
@@ -288,12 +291,13 @@ class _CancelWatch:
     it, taking back only its own cancellation. A synchronous function's thread cannot be
     stopped: it runs on, unobserved and counted (`running_plain_calls`), until it returns."""
 
-    __slots__ = ("_watcher", "_stop", "_task", "_inside", "_looking", "_cancelling",
+    __slots__ = ("_watcher", "_stop", "_stats", "_task", "_inside", "_looking", "_cancelling",
                  "_cancels_before", "started", "hit")
 
-    def __init__(self, watcher: _Watcher, stop: StopCheck) -> None:
+    def __init__(self, watcher: _Watcher, stop: StopCheck, stats: CallStats) -> None:
         self._watcher = watcher
         self._stop = stop
+        self._stats = stats
         self._task: asyncio.Task[Any] | None = None
         self._inside = self._looking = self._cancelling = False
         self._cancels_before = 0
@@ -331,7 +335,7 @@ class _CancelWatch:
         finally:
             self._looking = False
         if cancelled and self._inside and self._task is not None:
-            self._cancelling = True
+            self._cancelling = self._stats.cut = True
             self._task.cancel()
 
 
