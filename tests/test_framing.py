@@ -31,9 +31,7 @@ from orchestrator.framing import (
 )
 from orchestrator.spec import parse_pipeline
 from orchestrator.transport import Transport
-from workers.client import run_to_completion
-from workers.runner import RunnerConfig
-from workers.runtime import Runtime
+from tests.inprocess import run_texts
 
 # ---------------------------------------------------------------- strategies and helpers
 
@@ -552,13 +550,7 @@ async def test_a_run_whose_json_items_stage_writes_prose_fails_naming_it(
              "aggregate_by": ["request"]},
         ],
     })
-    rt = Runtime(transport, [spec], config=RunnerConfig(block_ms=20, heartbeat_ms=50))
-    await rt.start()
-    try:
-        _, events = await run_to_completion(transport, spec, "Paris is in France.",
-                                            deadline_s=60)
-    finally:
-        await rt.stop()
+    [events], _ = await run_texts(transport, spec, "Paris is in France.", deadline_s=60)
     err = events[-1]
     assert err["type"] == "error", events
     assert err["stage"] == "claims" and err["code"] == "stage_error"

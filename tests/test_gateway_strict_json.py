@@ -17,9 +17,8 @@ from orchestrator.spec import parse_pipeline
 from orchestrator.transport import Transport
 from tests.gateway_fixtures import *  # noqa: F403
 from tests.gateway_fixtures import LiveServer, make_server
-from workers.client import run_to_completion
+from tests.inprocess import run_texts
 from workers.runner import RunnerConfig
-from workers.runtime import Runtime
 
 
 def strict(text: str) -> Any:
@@ -89,13 +88,8 @@ async def test_a_unit_that_is_not_json_fails_on_both_transports_alike(
     spec = parse_pipeline({"name": "middle", "stages": [
         {"name": "bad", "kind": "tool", "function": "tests.toy.stages:not_json", "to": ["up"]},
         {"name": "up", "kind": "tool", "function": "tests.toy.stages:upper"}]})
-    rt = Runtime(transport, [spec], config=RunnerConfig(block_ms=20, heartbeat_ms=50,
-                                                        partial_events=False))
-    await rt.start()
-    try:
-        _, events = await run_to_completion(transport, spec, "a", deadline_s=30)
-    finally:
-        await rt.stop()
+    [events], _ = await run_texts(transport, spec, "a", config=RunnerConfig(
+        block_ms=20, heartbeat_ms=50, partial_events=False))
     assert events[-1]["type"] == "error" and events[-1]["stage"] == "bad"
     assert "produced a unit that is not JSON" in events[-1]["message"]
 
@@ -108,11 +102,6 @@ async def test_a_unit_that_is_not_json_is_not_retried(transport: Transport) -> N
     spec = parse_pipeline({"name": "noretry", "stages": [
         {"name": "bad", "kind": "tool", "function": "tests.toy.stages:streams_not_json",
          "retries": 2, "retry_backoff_s": 0.01}]})
-    rt = Runtime(transport, [spec], config=RunnerConfig(block_ms=20, heartbeat_ms=50))
-    await rt.start()
-    try:
-        _, events = await run_to_completion(transport, spec, "a", deadline_s=30)
-    finally:
-        await rt.stop()
+    [events], _ = await run_texts(transport, spec, "a")
     assert events[-1]["type"] == "error" and "not JSON" in events[-1]["message"]
     assert stages.NOT_JSON_CALLS == ["a"]

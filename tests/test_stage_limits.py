@@ -10,8 +10,7 @@ import pytest
 
 from orchestrator.spec import parse_pipeline
 from orchestrator.transport import Transport
-from workers.client import run_to_completion
-from workers.runner import RunnerConfig
+from tests.inprocess import run_texts
 from workers.runtime import Runtime
 
 
@@ -33,13 +32,7 @@ TOOL = {"kind": "tool", "function": "tests.toy.stages:many", "framing": "items"}
 
 
 async def _run(transport: Transport, first: dict[str, Any]) -> tuple[list[Any], Runtime]:
-    spec = _spec(first)
-    rt = Runtime(transport, [spec], config=RunnerConfig(block_ms=20, heartbeat_ms=50))
-    await rt.start()
-    try:
-        _, events = await run_to_completion(transport, spec, "x", deadline_s=60)
-    finally:
-        await rt.stop()
+    [events], rt = await run_texts(transport, _spec(first), "x", deadline_s=60)
     assert events[-1]["type"] == "result", events[-1]
     return [e["data"] for e in events if e["type"] == "partial" and e["stage"] == "list"], rt
 

@@ -11,11 +11,9 @@ import pytest
 
 from orchestrator.spec import SpecError, load_pipeline, parse_pipeline
 from orchestrator.transport import Transport
+from tests.inprocess import run_texts
 from tests.toy.oracle import evaluate
 from tests.worker_procs import ROOT
-from workers.client import run_to_completion
-from workers.runner import RunnerConfig
-from workers.runtime import Runtime
 
 
 def _spec(times: int | None) -> Any:
@@ -38,12 +36,7 @@ def _spec(times: int | None) -> Any:
 @pytest.mark.parametrize("times", [None, 3])
 async def test_a_tool_reads_its_stage_params(transport: Transport, times: int | None) -> None:
     spec = _spec(times)
-    rt = Runtime(transport, [spec], config=RunnerConfig(block_ms=20, heartbeat_ms=50))
-    await rt.start()
-    try:
-        _, events = await run_to_completion(transport, spec, "a b", deadline_s=30)
-    finally:
-        await rt.stop()
+    [events], _ = await run_texts(transport, spec, "a b")
     n = times or 1
     assert events[-1]["units"] == [f"final[{','.join(['a'] * n + ['b'] * n)}]"]
     assert events[-1]["units"] == evaluate(spec, "a b")  # the reference evaluator agrees
@@ -56,13 +49,8 @@ async def test_a_function_that_changes_its_params_changes_nothing_for_the_next_c
         {"name": "m", "kind": "tool", "function": "tests.toy.stages:meddle",
          "params": {"seen": []}},
     ]})
-    rt = Runtime(transport, [spec], config=RunnerConfig(block_ms=20, heartbeat_ms=50))
-    await rt.start()
-    try:
-        outs = [(await run_to_completion(transport, spec, w, deadline_s=30))[1][-1]["units"]
-                for w in ("a", "b")]
-    finally:
-        await rt.stop()
+    runs, _ = await run_texts(transport, spec, "a", "b")
+    outs = [events[-1]["units"] for events in runs]
     assert outs == [[["a"]], [["b"]]]  # each call saw the params as the spec wrote them
     assert spec.stage("m").params == {"seen": []}
 
@@ -74,13 +62,8 @@ async def test_a_function_may_set_and_return_its_params(transport: Transport) ->
         {"name": "o", "kind": "tool", "function": "tests.toy.stages:overwrite",
          "params": {"k": 1}},
     ]})
-    rt = Runtime(transport, [spec], config=RunnerConfig(block_ms=20, heartbeat_ms=50))
-    await rt.start()
-    try:
-        outs = [(await run_to_completion(transport, spec, w, deadline_s=30))[1][-1]
-                for w in ("a", "b")]
-    finally:
-        await rt.stop()
+    runs, _ = await run_texts(transport, spec, "a", "b")
+    outs = [events[-1] for events in runs]
     assert [o["type"] for o in outs] == ["result", "result"], outs
     assert [o["units"] for o in outs] == [[{"k": 1, "last": "a"}], [{"k": 1, "last": "b"}]]
     assert spec.stage("o").params == {"k": 1}
