@@ -213,3 +213,29 @@ def test_tls_without_a_trusted_ca_is_refused_clearly(tls_redis: RedisServer) -> 
     plain = f"redis://:{PASSWORD}@127.0.0.1:{tls_redis.port}/0"
     code, out = _finish(_worker(plain), terminate=False)
     assert code == 1 and "cannot reach Redis" in out and PASSWORD not in out
+
+
+@pytest.mark.parametrize("url", [
+    "redis://:Ab/c@d#e@127.0.0.1:16392/0",  # / and # end urlsplit's netloc early
+    "redis://:sec#ret@127.0.0.1:16392/0",
+    "rediss://user:se?cret@h:6379/0",
+])
+def test_a_password_urlsplit_cannot_read_is_masked_too(url: str) -> None:
+    """A Secret's raw password pasted into the URL (the chart's $(REDIS_PASSWORD)) with an
+    unencoded /, ? or #: the password looked like host or path to urlsplit and was
+    printed in clear by every 'invalid ALTO_REDIS_URL' message (QA)."""
+    from workers.redact import redact_url
+
+    shown = redact_url(url)
+    secret = url.split("://", 1)[1].rpartition("@")[0]
+    assert secret not in shown and "***" in shown
+    assert shown.endswith(url.rpartition("@")[2])  # the host stays readable
+
+
+def test_an_unparseable_password_is_masked_in_cli_errors() -> None:
+    url = "redis://:Ab/c@d#e@127.0.0.1:16392/0"
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "status", "-p",
+                           str(REPO / "tests" / "toy" / "dead.yaml"), "--redis-url", url],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Ab/c@d#e" not in out and "Ab" not in out.split("@")[0]

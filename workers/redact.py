@@ -30,9 +30,24 @@ def _mask_query(query: str) -> str:
     return "&".join(f"{k}={MASK}" if eq and secret(k) else f"{k}{eq}{v}" for k, eq, v in pairs)
 
 
+def _unparseable_userinfo(url: str) -> bool:
+    """Whether the part after `scheme://` holds an `@` that `urlsplit` will not see as the
+    end of the user info: a password with `/`, `?` or `#` (unencoded) ends the netloc
+    early, and the password then shows up as part of the host, path or fragment."""
+    _, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return False
+    netloc_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    return "@" not in rest[:netloc_end]
+
+
 def redact_url(url: str) -> str:
     """The URL with its password (if any, in the netloc or the query) and API keys in its
     query replaced by `***`; unparseable input is masked whole rather than risked."""
+    if _unparseable_userinfo(url):
+        # everything up to the last @ may be secret: keep only the scheme and the host
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{MASK}@{rest.rpartition('@')[2]}"
     try:
         parts = urlsplit(url)
         query = _mask_query(parts.query)
