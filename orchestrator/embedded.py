@@ -104,6 +104,8 @@ def _wake(waiters: Iterable[asyncio.Future[None]]) -> None:
 class EmbeddedTransport(Transport):
     """See the module docstring; one instance is one "Redis server"."""
 
+    in_process = True
+
     def __init__(self) -> None:
         self._streams: dict[str, _Stream] = {}
         self._events: dict[str, _EventLog] = {}

@@ -141,6 +141,8 @@ class Transport(abc.ABC):
 
     transient_errors: tuple[type[BaseException], ...] = ()
     run_key_ttl_s: int = 86_400  # safety expiry of run keys written without one
+    # reads cost no round trip (the state is in this process): runners may ask freely
+    in_process: bool = False
 
     # ---- work streams -------------------------------------------------------------------
     @abc.abstractmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ from tests import fixtures_llama
 from tests.fixtures_llama import ScriptedSSEServer, start_scripted
 from tests.test_sim_engine import GatedSleep
 from tests.waiting import eventually
-from workers.client import start_run
+from workers.client import follow_run, start_run
 from workers.engines.openai_compat import OpenAIEngine
 from workers.engines.sim import SimEngine
 from workers.runner import RunnerConfig, StageRunner, _wait_event
@@ -338,3 +339,67 @@ async def test_a_bus_that_cannot_say_does_not_end_a_running_call() -> None:
     units = [u async for u in fn.produce(ctx, "x", None, CallStats(), stop)]
     assert units == [str(i) for i in range(15)]
     assert looks >= 1  # it did look, and went on
+
+
+CALLED: list[str] = []  # runs whose `first_blocks` call started
+_RELEASE: dict[str, asyncio.Event] = {}
+
+
+async def first_blocks(value: object, ctx: Any) -> str:
+    CALLED.append(ctx.run)
+    if value == "block":
+        _hang["entered"] = True
+        await _RELEASE["gate"].wait()
+    return str(value)
+
+
+async def test_a_queued_input_of_a_cancelled_run_never_starts(
+    transport: Transport, monkeypatch: pytest.MonkeyPatch, hang_state: dict[str, object],
+) -> None:
+    """Inputs waiting in a stage's backlog when their run is cancelled (or times out) are
+    acknowledged unrun: their calls cost and have effects, and a failing one used to be
+    dead-lettered (QA). Embedded, the flag is read before every call (no round trip);
+    on Redis for every entry older than BACKLOG_MS, here made 0 so the test need not age one."""
+    from workers import deadletters, runner
+    from workers.runtime import Runtime
+
+    monkeypatch.setattr(runner, "BACKLOG_MS", -1)
+    CALLED.clear()
+    _RELEASE["gate"] = asyncio.Event()
+    spec = parse_pipeline({"name": "backlog", "stages": [
+        {"name": "one", "kind": "tool", "function": "tests.test_runner_cancel:first_blocks",
+         "concurrency": 1}]})
+    rt = Runtime(transport, [spec], config=RunnerConfig(block_ms=20, heartbeat_ms=50))
+    await rt.start()
+    try:
+        busy = await start_run(transport, spec, "block")
+        await eventually(lambda: _hang.get("entered") is True, 10)
+        queued = await start_run(transport, spec, "queued")
+        await transport.cancel(queued, 60)
+        _RELEASE["gate"].set()
+        events = [ev async for _, ev in follow_run(transport, spec, busy, deadline_s=30)]
+
+        async def drained() -> bool:
+            from orchestrator.routing import stage_group, stage_streams
+
+            group = stage_group(spec.name, "one")
+            stats = await transport.stats(stage_streams(spec, "one")[0], group)
+            return stats.pending == 0 and stats.lag == 0
+
+        await eventually(drained, 10)
+    finally:
+        await rt.stop()
+    assert events[-1]["type"] == "result"
+    assert [busy] == CALLED  # the queued run's call never started
+    assert await deadletters.count(transport, spec.name) == 0
+
+
+def test_only_an_entry_older_than_the_backlog_bound_counts_as_waited() -> None:
+    import time as _time
+
+    from workers.runner import BACKLOG_MS, _waited
+
+    now = int(_time.time() * 1000)
+    assert _waited(f"{now - BACKLOG_MS - 5_000}-0")
+    assert not _waited(f"{now}-3")
+    assert not _waited("12-0")  # the embedded transport's counter: no clock in it

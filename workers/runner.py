@@ -216,6 +216,17 @@ class OutputNotJSON(Exception):
 
 
 _SCALARS = (str, int, float)  # units that are JSON as they are (bool is an int)
+BACKLOG_MS = 1_000  # an entry this much older than now waited in a backlog
+
+
+def _waited(entry_id: str) -> bool:
+    """Whether a Redis stream entry (id "<ms>-<seq>", the server's clock) was appended
+    more than BACKLOG_MS ago: its run may have been cancelled or timed out meanwhile, so
+    it is worth a round trip to ask before the call. Entries read as they arrive are not
+    (that read was one round trip on every hop). Other ids (the embedded transport's
+    counters) never look old."""
+    ms = entry_id.partition("-")[0]
+    return ms.isdigit() and int(ms) > 10**12 and time.time() * 1000 - int(ms) > BACKLOG_MS
 
 
 def _error_code(exc: BaseException) -> str:
@@ -771,7 +782,11 @@ class StageRunner:
             # for it unless it is a duplicate entry; the guard on every commit drops the
             # writes of a duplicate of finished work, or of a cancelled run, atomically.
             # An engine call is worth a round trip to avoid, so LM stages read first.
-            if env.run in self._cancelled_runs:
+            # ... except where the read is free, or the entry waited in a backlog (a cancelled
+            # or timed-out run's queued inputs must not run: calls cost and have effects)
+            if env.run in self._cancelled_runs or (
+                    (self.transport.in_process or _waited(d.entry_id))
+                    and await self._is_cancelled(env.run)):
                 await self.transport.ack(d.stream, self.group, [d.entry_id])
                 return
             prog, guard = None, Guard(env.run, env.id)
