@@ -20,6 +20,7 @@ from app.errors import ApiError
 from app.metrics import Metrics
 from orchestrator.routing import stage_group
 from orchestrator.spec import PipelineSpec
+from orchestrator.template import is_blank
 from orchestrator.transport import Transport
 from workers.settings import Settings
 from workers.status import queue_depth
@@ -85,7 +86,7 @@ def check_prompt(settings: Settings, text: str, param: str) -> None:
 def check_input(spec: PipelineSpec, text: str, param: str) -> None:
     """400 `empty_input` naming the field, for a blank input to a pipeline that needs one
     (`input_required`)."""
-    if spec.input_required and not text.strip():
+    if spec.input_required and is_blank(text):
         raise ApiError(400, f"pipeline {spec.name!r} needs an input: {param!r} holds no text",
                        code="empty_input", param=param)
 

@@ -307,8 +307,10 @@ def run(
     spec = _load(pipeline, not no_stream)
     if choice is not None:  # embedded: this process builds the engines (on Redis the workers do)
         _check_engines([spec], override, choice, settings.instances)
+    from orchestrator.template import is_blank
+
     text = _input_text(input)
-    if spec.input_required and not text.strip():
+    if spec.input_required and is_blank(text):
         _usage(f"--input: pipeline {spec.name!r} needs an input (input_required), and it "
                "holds no text")
     _exit(asyncio.run(_run(spec, text, url, source, as_json, override, deadline)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,12 @@ _NAME = r"[A-Za-z_][A-Za-z0-9_-]*"
 # an escaped name first, so that `{{input}}` is one escape and not `{` + `{input}` + `}`
 _VAR = re.compile(rf"\{{\{{({_NAME})\}}\}}|\{{({_NAME})\}}")
 BUILTIN_VARS = frozenset({"input", "text", "items"})
+
+
+def is_blank(text: str) -> bool:
+    """No visible character: whitespace and format characters only (zero-width space and
+    joiners, a byte-order mark: Unicode category Cf), which `str.strip` keeps."""
+    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
 # a name alone in braces with blanks inside: `{ input }` is not a placeholder (render
 # leaves it as written), though it looks like one, and like Jinja's `{{ input }}`
 _SPACED = re.compile(rf"\{{(\s*)({_NAME})(\s*)\}}")

@@ -26,6 +26,8 @@ def server() -> Iterator[LiveServer]:
 
 @pytest.mark.parametrize(("path", "body", "param"), [
     ("/v1/pipelines/factool/runs", {"input": "   "}, "input"),
+    # format characters str.strip keeps: zero-width space and joiners, a byte-order mark
+    ("/v1/pipelines/factool/runs", {"input": "\u200b\u200c\u200d \ufeff"}, "input"),
     ("/v1/chat/completions",
      {"model": "factool", "messages": [{"role": "user", "content": ""}]}, "messages"),
     ("/v1/completions", {"model": "factool", "prompt": "\n\t"}, "prompt"),
