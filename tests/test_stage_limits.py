@@ -63,6 +63,12 @@ async def test_a_tool_stage_is_bounded(transport: Transport, limits: dict[str, A
     assert units == expect
 
 
+async def test_unique_compares_dicts_whatever_their_key_order(transport: Transport) -> None:
+    units, _ = await _run(transport, {"kind": "tool", "function": "tests.toy.stages:reordered",
+                                      "framing": "items", "unique": True})
+    assert units == [{"a": 1, "b": 2}, "x", "y"]
+
+
 def test_max_units_must_be_positive() -> None:
     from orchestrator.spec import SpecError
 

@@ -12,6 +12,7 @@ import contextvars
 import functools
 import importlib
 import inspect
+import json
 import threading
 import time
 from collections import Counter
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.engine import Delta, Engine, GenParams
-from orchestrator.envelope import dumps_json
 from orchestrator.framing import frame_value, make_framer
 from orchestrator.lint import call_errors
 from orchestrator.spec import PipelineSpec, SpecError, StageSpec
@@ -383,9 +383,9 @@ async def _limited(units: AsyncIterator[Any], most: int | None,
     try:
         async for unit in units:
             if unique:
-                try:
-                    key = dumps_json(unit)
-                except (TypeError, ValueError):  # not JSON: the commit will say so
+                try:  # equal dicts are equal whatever their key order
+                    key = json.dumps(unit, sort_keys=True, separators=(",", ":")).encode()
+                except (TypeError, ValueError):  # not JSON (mixed keys): the check says so
                     key = repr(unit).encode()
                 if key in seen:
                     continue

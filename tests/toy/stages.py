@@ -118,3 +118,8 @@ async def streams_not_json(value: Any, ctx: StageContext) -> Any:
     """Streams one unit JSON cannot hold (a deterministic bug: retrying cannot help)."""
     NOT_JSON_CALLS.append(str(value))
     yield {"words": {str(value)}}
+
+
+def reordered(value: Any, ctx: StageContext) -> list[Any]:
+    """Equal dicts with their keys in another order, and repeated strings."""
+    return [{"a": 1, "b": 2}, {"b": 2, "a": 1}, "x", "x", "y"]
