@@ -756,3 +756,24 @@ def test_an_external_redis_url_keeps_its_tls_options() -> None:
             assert env(c)["ALTO_REDIS_URL"]["value"] == expect
             assert mount in c["volumeMounts"]
             assert volume in d["spec"]["template"]["spec"]["volumes"]
+
+
+def test_a_stage_s_own_volumes_add_to_the_defaults() -> None:
+    """A GPU stage with its own model volume keeps the defaults' Redis CA volume (QA: lists
+    were replaced, so that worker lost the CA its ALTO_REDIS_URL names)."""
+    ca = {"name": "redis-ca", "secret": {"secretName": "redis-ca"}}
+    ca_mount = {"name": "redis-ca", "mountPath": "/etc/redis-ca", "readOnly": True}
+    models = {"name": "models", "persistentVolumeClaim": {"claimName": "models"}}
+    models_mount = {"name": "models", "mountPath": "/models"}
+    docs = render({"workers": {
+        "defaults": {"extraVolumes": [ca], "extraVolumeMounts": [ca_mount]},
+        "stages": {"verify": {"extraVolumes": [models], "extraVolumeMounts": [models_mount]}}}})
+    deployments = by_kind(docs, "Deployment")
+    verify = deployments[f"{PREFIX}-worker-verify"]
+    volumes = verify["spec"]["template"]["spec"]["volumes"]
+    assert ca in volumes and models in volumes
+    assert ca_mount in container(verify)["volumeMounts"]
+    assert models_mount in container(verify)["volumeMounts"]
+    claims = deployments[f"{PREFIX}-worker-claims"]
+    assert ca in claims["spec"]["template"]["spec"]["volumes"]
+    assert models not in claims["spec"]["template"]["spec"]["volumes"]

@@ -54,7 +54,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "alto.workerValues" -}}
 {{- $d := deepCopy .root.Values.workers.defaults -}}
 {{- $o := deepCopy (get .root.Values.workers.stages .stage | default dict) -}}
-{{- $w := mergeOverwrite $d $o -}}
+{{- $w := mergeOverwrite (deepCopy $d) $o -}}
+{{- /* volumes add up: a stage's own (a model PVC) must not drop the defaults' (a Redis CA) */}}
+{{- range $k := list "extraVolumes" "extraVolumeMounts" }}
+{{- $_ := set $w $k (concat (get $d $k | default list) (get $o $k | default list)) }}
+{{- end }}
 {{- $a := mergeOverwrite (deepCopy .root.Values.autoscaling) ($w.autoscaling | default dict) -}}
 {{- $_ := set $w "autoscaling" $a -}}
 {{- $w | toJson -}}
