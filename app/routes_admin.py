@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import ApiError
 from app.middleware import ADMIN_STATE, OWNER_STATE
@@ -57,11 +57,29 @@ class DeadLetterList(BaseModel):
     unresolved: int = Field(description="all unresolved letters (`data` holds up to `limit`)")
 
 
-class Selection(BaseModel):
-    """Which letters: their ids, or every unresolved one when `ids` is null."""
+class ByIds(BaseModel):
+    """These letters."""
 
-    ids: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
-        default=None, max_length=10_000)
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        min_length=1, max_length=10_000)
+
+
+class All(BaseModel):
+    """Every unresolved letter: said explicitly, as `alto dead-letters ... --all` is (an
+    empty body dropping every letter was too easy a mistake)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    all: Literal[True]
+
+
+Selection = ByIds | All
+
+
+def _ids(selection: ByIds | All) -> list[str] | None:
+    return selection.ids if isinstance(selection, ByIds) else None
 
 
 class Replayed(BaseModel):
@@ -98,13 +116,13 @@ async def list_dead_letters(
 @router.post("/pipelines/{name}/dead-letters/replay", response_model=Replayed,
              dependencies=[Depends(require_admin)], responses=ADMIN_ERRORS)
 async def replay_dead_letters(
-    request: Request, name: PipelineName, selection: Annotated[Selection, Body()] = Selection(),
+    request: Request, name: PipelineName, selection: Annotated[Selection, Body()],
 ) -> Response:
     """Submit the input of each selected letter's run again, as a new run (once per failed
     run), and resolve its letters. For after the cause is fixed."""
     spec = gateway(request).pipeline(name, param="name")
     try:
-        runs = await deadletters.replay(gateway(request).transport, spec, selection.ids,
+        runs = await deadletters.replay(gateway(request).transport, spec, _ids(selection),
                                         owner=getattr(request.state, OWNER_STATE, None))
     except LookupError as exc:
         raise ApiError(404, str(exc), param="ids", code="dead_letter_not_found") from None
@@ -116,12 +134,12 @@ async def replay_dead_letters(
 @router.post("/pipelines/{name}/dead-letters/drop", response_model=Dropped,
              dependencies=[Depends(require_admin)], responses=ADMIN_ERRORS)
 async def drop_dead_letters(
-    request: Request, name: PipelineName, selection: Annotated[Selection, Body()] = Selection(),
+    request: Request, name: PipelineName, selection: Annotated[Selection, Body()],
 ) -> Response:
     """Resolve the selected letters without replaying them."""
     spec = gateway(request).pipeline(name, param="name")
     try:
-        n = await deadletters.drop(gateway(request).transport, spec.name, selection.ids)
+        n = await deadletters.drop(gateway(request).transport, spec.name, _ids(selection))
     except LookupError as exc:
         raise ApiError(404, str(exc), param="ids", code="dead_letter_not_found") from None
     return json_response(Dropped(dropped=n).model_dump())

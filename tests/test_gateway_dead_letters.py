@@ -64,7 +64,8 @@ def test_list_replay_and_drop_over_http(open_server: LiveServer, broken: set[str
         dropped = http.post(f"{LETTERS}/drop", json={"ids": [ids[0]]}).json()
 
         broken.clear()  # the cause is fixed: the second input goes through now
-        replayed = http.post(f"{LETTERS}/replay", json={}).json()
+        everything = http.post(f"{LETTERS}/replay", json={})  # all: said, never implied
+        replayed = http.post(f"{LETTERS}/replay", json={"all": True}).json()
         new_run = replayed["runs"][ids[1]]
         wait_for(lambda: _status(http, new_run) == "completed", 30, "the replayed run")
         after = http.get(LETTERS).json()
@@ -76,6 +77,7 @@ def test_list_replay_and_drop_over_http(open_server: LiveServer, broken: set[str
     assert listed["unresolved"] == 2 and gauge_before == 2
     assert len(again["data"]) == 1 and again["unresolved"] == 2  # listing resolves nothing
     assert_error_shape(missing, 404, "dead_letter_not_found")
+    assert everything.status_code == 400
     assert dropped == {"object": "dead_letters.dropped", "dropped": 1}
     assert list(replayed["runs"]) == [ids[1]] and new_run not in (first, second)
     assert after == {"object": "list", "data": [], "unresolved": 0}
@@ -102,7 +104,7 @@ def test_with_api_keys_only_an_admin_key_may_use_them(broken: set[str]) -> None:
         # an admin key is an API key too
         models = httpx.get(f"{server.url}/v1/models", timeout=30,
                            headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-        user_drop = httpx.post(f"{server.url}{LETTERS}/drop", json={}, timeout=30,
+        user_drop = httpx.post(f"{server.url}{LETTERS}/drop", json={"all": True}, timeout=30,
                                headers={"Authorization": f"Bearer {USER_KEY}"})
     finally:
         server.stop()
@@ -130,7 +132,8 @@ def test_a_replayed_run_belongs_to_the_failed_runs_owner(broken: set[str]) -> No
                           headers=as_(USER_KEY))
             assert r.json()["status"] == "failed", r.text
             broken.clear()
-            replayed = http.post(f"{LETTERS}/replay", headers=as_(ADMIN_KEY)).json()
+            replayed = http.post(f"{LETTERS}/replay", json={"all": True},
+                                 headers=as_(ADMIN_KEY)).json()
             (new_run,) = replayed["runs"].values()
             owner_reads = http.get(f"/v1/runs/{new_run}", headers=as_(USER_KEY))
             other_reads = http.get(f"/v1/runs/{new_run}", headers=as_(other))
