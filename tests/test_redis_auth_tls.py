@@ -239,3 +239,21 @@ def test_an_unparseable_password_is_masked_in_cli_errors() -> None:
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Ab/c@d#e" not in out and "Ab" not in out.split("@")[0]
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    # an @ in the path or query of a well-formed URL is no user info (a reviewer's table)
+    ("http://host/p?next=user@example.com&api_key=SECRET",
+     "http://host/p?next=user@example.com&api_key=***"),
+    ("https://x.openai.azure.com/openai/deployments/d@v1/chat?api-key=SECRET",
+     "https://x.openai.azure.com/openai/deployments/d@v1/chat?api-key=***"),
+    ("redis://host:6379/0?x=a@b", "redis://host:6379/0?x=a@b"),
+    ("http://host/path@foo", "http://host/path@foo"),
+    ("redis://user:pa/ss@[::1]:6379/0", "redis://***@[::1]:6379/0"),
+    # a broken user info, and a secret in the query behind it: both masked
+    ("redis://:p/w@host/0?password=S3CRET", "redis://***@host/0?password=***"),
+])
+def test_redaction_of_urls_with_an_at_sign(url: str, shown: str) -> None:
+    from workers.redact import redact_url
+
+    assert redact_url(url) == shown

@@ -30,24 +30,28 @@ def _mask_query(query: str) -> str:
     return "&".join(f"{k}={MASK}" if eq and secret(k) else f"{k}{eq}{v}" for k, eq, v in pairs)
 
 
-def _unparseable_userinfo(url: str) -> bool:
-    """Whether the part after `scheme://` holds an `@` that `urlsplit` will not see as the
-    end of the user info: a password with `/`, `?` or `#` (unencoded) ends the netloc
-    early, and the password then shows up as part of the host, path or fragment."""
-    _, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+def _broken_authority(url: str) -> bool:
+    """Whether an `@` after the netloc `urlsplit` found is really the end of a user info
+    whose password holds an unencoded `/`, `?` or `#`: those end the netloc early, so the
+    password reads as host, port, path or fragment. Only when the netloc so found is no
+    authority at all (no host name, or a port that is not a number); an `@` in the path or
+    query of a well-formed URL (an e-mail address, a model version) is left alone."""
+    parts = urlsplit(url)
+    if not parts.netloc or "@" in parts.netloc or "@" not in url.partition("://")[2]:
         return False
-    netloc_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    return "@" not in rest[:netloc_end]
+    try:
+        return not parts.hostname or (parts.port is None and ":" in parts.netloc)
+    except ValueError:  # a port that is not a number: part of a password
+        return True
 
 
 def redact_url(url: str) -> str:
     """The URL with its password (if any, in the netloc or the query) and API keys in its
     query replaced by `***`; unparseable input is masked whole rather than risked."""
-    if _unparseable_userinfo(url):
-        # everything up to the last @ may be secret: keep only the scheme and the host
+    if _broken_authority(url):
+        # everything up to the last @ is user info: masked whole; the rest is read normally
         scheme, _, rest = url.partition("://")
-        return f"{scheme}://{MASK}@{rest.rpartition('@')[2]}"
+        return redact_url(f"{scheme}://{MASK}@{rest.rpartition('@')[2]}")
     try:
         parts = urlsplit(url)
         query = _mask_query(parts.query)
