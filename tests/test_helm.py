@@ -777,3 +777,20 @@ def test_a_stage_s_own_volumes_add_to_the_defaults() -> None:
     claims = deployments[f"{PREFIX}-worker-claims"]
     assert ca in claims["spec"]["template"]["spec"]["volumes"]
     assert models not in claims["spec"]["template"]["spec"]["volumes"]
+
+
+def test_a_stage_repeating_a_default_volume_gets_it_once() -> None:
+    """Before volumes added up, a stage had to repeat the defaults' volumes in its own
+    list; that must not render the same name (or mountPath) twice, which Kubernetes
+    refuses. The stage's entry wins."""
+    ca = {"name": "redis-ca", "secret": {"secretName": "redis-ca"}}
+    ca_mine = {"name": "redis-ca", "secret": {"secretName": "my-ca"}}
+    mount = {"name": "redis-ca", "mountPath": "/etc/redis-ca", "readOnly": True}
+    docs = render({"workers": {
+        "defaults": {"extraVolumes": [ca], "extraVolumeMounts": [mount]},
+        "stages": {"verify": {"extraVolumes": [ca_mine], "extraVolumeMounts": [mount]}}}})
+    verify = by_kind(docs, "Deployment")[f"{PREFIX}-worker-verify"]
+    volumes = verify["spec"]["template"]["spec"]["volumes"]
+    assert [v for v in volumes if v["name"] == "redis-ca"] == [ca_mine]
+    assert [m for m in container(verify)["volumeMounts"]
+            if m["mountPath"] == "/etc/redis-ca"] == [mount]

@@ -55,9 +55,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $d := deepCopy .root.Values.workers.defaults -}}
 {{- $o := deepCopy (get .root.Values.workers.stages .stage | default dict) -}}
 {{- $w := mergeOverwrite (deepCopy $d) $o -}}
-{{- /* volumes add up: a stage's own (a model PVC) must not drop the defaults' (a Redis CA) */}}
-{{- range $k := list "extraVolumes" "extraVolumeMounts" }}
-{{- $_ := set $w $k (concat (get $d $k | default list) (get $o $k | default list)) }}
+{{- /* volumes add up: a stage's own (a model PVC) must not drop the defaults' (a Redis CA);
+a stage's entry of the same name (volumes) or mountPath (mounts) replaces the default's,
+so repeating one (as replacing lists once required) is no duplicate Kubernetes refuses */}}
+{{- range $k, $by := dict "extraVolumes" "name" "extraVolumeMounts" "mountPath" }}
+{{- $seen := dict }}
+{{- $order := list }}
+{{- range $v := concat (get $d $k | default list) (get $o $k | default list) }}
+{{- $id := toString (get $v $by) }}
+{{- if not (hasKey $seen $id) }}{{ $order = append $order $id }}{{ end }}
+{{- $_ := set $seen $id $v }}
+{{- end }}
+{{- $merged := list }}
+{{- range $id := $order }}{{ $merged = append $merged (get $seen $id) }}{{ end }}
+{{- $_ := set $w $k $merged }}
 {{- end }}
 {{- $a := mergeOverwrite (deepCopy .root.Values.autoscaling) ($w.autoscaling | default dict) -}}
 {{- $_ := set $w "autoscaling" $a -}}
