@@ -57,7 +57,7 @@ class DeadLetterList(BaseModel):
     unresolved: int = Field(description="all unresolved letters (`data` holds up to `limit`)")
 
 
-class ByIds(BaseModel):
+class DeadLetterIds(BaseModel):
     """These letters."""
 
     model_config = ConfigDict(extra="forbid")
@@ -66,7 +66,7 @@ class ByIds(BaseModel):
         min_length=1, max_length=10_000)
 
 
-class All(BaseModel):
+class AllDeadLetters(BaseModel):
     """Every unresolved letter: said explicitly, as `alto dead-letters ... --all` is (an
     empty body dropping every letter was too easy a mistake)."""
 
@@ -75,11 +75,11 @@ class All(BaseModel):
     all: Literal[True]
 
 
-Selection = ByIds | All
+Selection = DeadLetterIds | AllDeadLetters
 
 
-def _ids(selection: ByIds | All) -> list[str] | None:
-    return selection.ids if isinstance(selection, ByIds) else None
+def _ids(selection: DeadLetterIds | AllDeadLetters) -> list[str] | None:
+    return selection.ids if isinstance(selection, DeadLetterIds) else None
 
 
 class Replayed(BaseModel):
