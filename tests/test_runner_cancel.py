@@ -167,11 +167,14 @@ async def hang_between_units(value: object, ctx: object) -> AsyncIterator[str]:
 
 
 async def steady_units(value: object, ctx: object) -> AsyncIterator[str]:
-    """Units every 20 ms for minutes: never caught waiting long by the watcher's tick."""
+    """Units without end, each at once: never caught waiting by the watcher's tick, so
+    only a look between units can end it."""
+    i = 0
     try:
-        for i in range(10_000):
-            await asyncio.sleep(0.02)  # the workload's pace, not a synchronisation
+        while True:
+            await asyncio.sleep(0)  # a loop turn, as a real producer's I/O would give
             yield str(i)
+            i += 1
             _hang["entered"] = True
     finally:
         _hang["closed"] = True
@@ -312,11 +315,18 @@ async def test_a_reduce_failing_as_its_run_is_cancelled_is_no_dead_letter(
     assert await deadletters.count(transport, spec.name) == 0
 
 
+LOOKS = {"n": 0}  # looks at the cancel flag by the test's stop check
+
+
 async def paced_units(value: object, ctx: object) -> AsyncIterator[str]:
-    """15 units, 20 ms apart: longer than the cancel watcher's poll period."""
-    for i in range(15):
-        await asyncio.sleep(0.02)  # the workload's pace, not a synchronisation
+    """Units until the call has looked at the cancel flag once, then one more: it ends by
+    itself only if that look did not end it."""
+    i = 0
+    while LOOKS["n"] < 1:
+        await asyncio.sleep(0)  # a loop turn, as a real producer's I/O would give
         yield str(i)
+        i += 1
+    yield str(i)
 
 
 async def test_a_bus_that_cannot_say_does_not_end_a_running_call() -> None:
@@ -327,18 +337,17 @@ async def test_a_bus_that_cannot_say_does_not_end_a_running_call() -> None:
     from workers.stagefn import CallStats
 
     spec = _tool_spec("paced_units")
-    looks = 0
+    LOOKS["n"] = 0
 
     async def stop() -> bool:
-        nonlocal looks
-        looks += 1
+        LOOKS["n"] += 1
         raise ConnectionError("the bus is restarting")
 
     fn = StageFunction(spec, spec.stage("tool"))
     ctx = StageContext("r", spec.name, "tool", ())
     units = [u async for u in fn.produce(ctx, "x", None, CallStats(), stop)]
-    assert units == [str(i) for i in range(15)]
-    assert looks >= 1  # it did look, and went on
+    assert units == [str(i) for i in range(len(units))] and len(units) >= 2
+    assert LOOKS["n"] >= 1  # it did look, and went on to the end
 
 
 CALLED: list[str] = []  # runs whose `first_blocks` call started
