@@ -945,7 +945,7 @@ class StageRunner:
                         self._emit(c, run, n, unit, credit, base_lineage, scope, context)
                         c.progress.append((run, cause, Progress(n, False)))
                         committing = True
-                        await self._commit_units(c)
+                        await self.transport.commit(c)
                         committing, published = False, True
                     else:
                         held.append((n, unit))
@@ -975,7 +975,7 @@ class StageRunner:
         self._end_markers(c, run, base_lineage, rest, scope, context, cause, credit_mid, credit)
         c.progress.append((run, cause, Progress(total_units, True)))
         c.acks.extend((s, self.group, ids) for s, ids in acks)
-        if not await self._commit_units(c):
+        if not await self.transport.commit(c):
             return  # the guard stopped it: a duplicate of finished work, or a cancelled run
         self.processed += 1
         call: dict[str, Any] = {
@@ -994,10 +994,6 @@ class StageRunner:
         self.router.observe("call", call)
         if self.observer is not None:
             self.observer("call", call)
-
-    async def _commit_units(self, c: Commit) -> bool:
-        """A commit holding this stage's units (each checked by `_emit`)."""
-        return await self.transport.commit(c)
 
     def _check_json(self, unit: Any) -> None:
         """A unit travels as JSON (between stages, in events, to clients): one JSON cannot
