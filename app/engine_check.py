@@ -50,6 +50,7 @@ def planned_engines(specs: Iterable[PipelineSpec], override: EngineSpec | None,
     """What `Runtime.start` builds for every LM stage of `specs`, each instance once.
     Raises EngineProblem where the instance count itself is wrong (a fleet too large)."""
     from workers.engines import default_instances
+    from workers.runtime import stage_engine
 
     planned: dict[tuple[str, int], PlannedEngine] = {}
     for spec in specs:
@@ -57,8 +58,7 @@ def planned_engines(specs: Iterable[PipelineSpec], override: EngineSpec | None,
             if stage.kind != "lm":
                 continue
             name = None if override is not None else stage.engine or "default"
-            espec = override or spec.engines[stage.engine or "default"]
-            key = f"override:{espec.kind}" if name is None else f"{spec.name}:{name}"
+            key, espec = stage_engine(spec, stage.name, override)
             try:
                 count = instances or default_instances(espec)
             except ValueError as exc:

@@ -34,6 +34,17 @@ def instance_name(stage: str, index: int = 0) -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{stage}-{index}-{uuid.uuid4().hex[:6]}"
 
 
+def stage_engine(spec: PipelineSpec, stage: str,
+                 override: EngineSpec | None) -> tuple[str, EngineSpec]:
+    """The engine an LM stage runs on and its key in a process's engine table: stages
+    naming the same engine (or all of them, under an override) share its instances. The
+    one rule for the runtime and for what `alto serve`/`alto run` check beforehand."""
+    if override is not None:
+        return f"override:{override.kind}", override
+    name = spec.stage(stage).engine or "default"
+    return f"{spec.name}:{name}", spec.engines[name]
+
+
 @dataclass
 class StageSelection:
     pipeline: str
@@ -88,10 +99,7 @@ class Runtime:
                    policy=settings.policy)
 
     def _engine_spec(self, spec: PipelineSpec, stage: str) -> tuple[str, EngineSpec]:
-        name = spec.stage(stage).engine or "default"
-        if self.engine_override is not None:
-            return f"override:{self.engine_override.kind}", self.engine_override
-        return f"{spec.name}:{name}", spec.engines[name]
+        return stage_engine(spec, stage, self.engine_override)
 
     async def _engine(self, key: str, espec: EngineSpec, index: int) -> Engine:
         from workers.engines import build_engine
