@@ -207,6 +207,8 @@ class Gateway:
         return Slot(self)
 
     async def _live(self, group: str) -> int:
+        if self.runtime is not None and self.runtime.serves(group):
+            return 1  # a runner in this process: alive without a fresh heartbeat
         now = time.monotonic()
         hit = self._members_cache.get(group)
         if hit is not None and now - hit[0] < _MEMBERS_CACHE_S:

@@ -174,6 +174,15 @@ class Runtime:
             for r in self.runners:
                 r.function.close()
 
+    def serves(self, group: str) -> bool:
+        """Whether a runner of stage group `group` is running in this process. Its
+        heartbeat says the same to other processes, but the gateway beside it need not
+        wait for one: after the event loop stalls past the member TTL (a long GC, a
+        blocking call, a loaded machine) the heartbeat has lapsed although the runner is
+        alive, and the gateway answered 503 no_workers until the runner's next beat."""
+        return any(r.group == group and not t.done()
+                   for r, t in zip(self.runners, self._tasks, strict=False))
+
     def failed(self) -> BaseException | None:
         for t in self._tasks:
             if t.done() and not t.cancelled() and t.exception() is not None:
