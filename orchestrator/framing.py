@@ -39,6 +39,8 @@ OPENERS = "\"'([{\u201c\u2018\u00ab"  # may precede an abbreviation: "(e.g. this
 # A list marker at the start of a line: "- ", "* ", "+ ", "• ", "1. ", "2) " (at most 3 digits,
 # so "2024. A year" is not mangled).
 _LIST_MARKER = re.compile(r"(?:[-*+\u2022]|[0-9]{1,3}[.)])(?:\s+|$)")
+# A number that may be an inline list's marker in a sentence ("Steps: 1. Boil water 2. Add").
+_NUMBERED = re.compile(r"([0-9]{1,3})\.")
 
 
 class FramingError(ValueError):
@@ -139,7 +141,10 @@ class _Sentences(_Base):
     (optionally followed by closing quotes/brackets), except that:
 
     - a word ending in "." is no end if it is an abbreviation ("Dr.", "Jan."), a dotted
-      initialism ("U.S.", "p.m.") or a number ("1.") opening the sentence;
+      initialism ("U.S.", "p.m.") or a number ("1.") opening the sentence, or if it is an
+      inline list's marker: "1." after a word ending in ":", or the number after the
+      sentence's last marker ("Steps: 1. Boil water 2. Add salt." is one sentence); any
+      other number ends it ("It cost 5. Then we left.", "Boil water 2. Add salt.");
     - a word ending in "." or "\u2026" ends the sentence only if the next word does not
       start with a lowercase letter or a digit ("3.30 p.m. on Jan. 5", "Wait... what?").
 
@@ -152,6 +157,8 @@ class _Sentences(_Base):
         self._parts: list[str] = []  # the pending sentence's text from earlier deltas
         self._word = ""  # last WORD_LIMIT + 1 chars of the current non-space run
         self._words = 0  # complete words already in the pending sentence
+        self._colon = False  # the pending sentence's last complete word ends with ":"
+        self._marker = -1  # the number of its last inline list marker ("2." -> 2), if any
         self._held = False  # the last word may end the sentence: waiting for the next one
 
     def _boundary(self, word: str) -> int:
@@ -168,7 +175,29 @@ class _Sentences(_Base):
     def _not_an_end(self, core: str) -> bool:
         bare = core.lstrip(OPENERS).lower()
         return (bare in ABBREVIATIONS or INITIALISM.fullmatch(bare) is not None
-                or (self._words == 0 and bare[:-1].isdigit()))
+                or (self._words == 0 and bare[:-1].isdigit())
+                or self._list_number(core) is not None)
+
+    def _list_number(self, word: str) -> int | None:
+        """The number of `word` if it is an inline list's marker here: a number opening the
+        sentence, "1." after a word ending in ":", or the next number after the last marker.
+        A list cannot start after any word: "It cost 5. Then" ends after "5."."""
+        m = _NUMBERED.fullmatch(word)
+        if m is None:
+            return None
+        n = int(m[1])
+        if (self._words == 0 or (self._colon and n == 1)
+                or (self._marker >= 0 and n == self._marker + 1)):
+            return n
+        return None
+
+    def _count(self, word: str) -> None:
+        """`word` (complete, not an end) belongs to the pending sentence."""
+        n = self._list_number(word)
+        if n is not None:
+            self._marker = n
+        self._colon = word.endswith(":")
+        self._words += 1
 
     def _cut(self, piece: str, out: list[Any]) -> None:
         """End the pending sentence after `piece` (the rest of it in this delta)."""
@@ -176,6 +205,8 @@ class _Sentences(_Base):
         unit = "".join(self._parts).strip()
         self._parts = []
         self._words = 0
+        self._colon = False
+        self._marker = -1
         self._held = False
         if unit:
             out.append(unit)
@@ -185,7 +216,10 @@ class _Sentences(_Base):
         unless it starts lowercase or with a digit. Returns the pending sentence's start."""
         self._held = False
         if text[at].islower() or text[at].isdigit():
-            self._words += 1  # the held word belongs to this sentence after all
+            # the held word (ending in "." or "\u2026", so no ":" nor a marker) belongs to
+            # this sentence after all
+            self._words += 1
+            self._colon = False
             return seg
         self._cut(text[seg:at], out)
         return at
@@ -213,7 +247,7 @@ class _Sentences(_Base):
             elif verdict == _HELD:
                 self._held = True
             elif word:
-                self._words += 1
+                self._count(word)
         if self._held and word_start < len(text):
             seg = self._resolve(text, word_start, seg, out)
         if seg < len(text):

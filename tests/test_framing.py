@@ -42,6 +42,7 @@ FRAGMENTS = [
     "```json\n", "```", "\u00e9", "\u6f22\u5b57", "\U0001f600", "\u2028", "\xa0", "(", ")",
     "wait...", "etc. ", "end.", "Yes?\"", "\u3000", "\x0b", "\u201cQuoted.\u201d ", "Dr.",
     "abcdefghijklmnopqrstuvwxyz", "U.S.", "p.m. ", "Jan. 5", " on", "\u2026 x", "no. 7", "A.",
+    "Steps: ", "1. Boil", " 2. Add", "3. ", " 5. Then", ":", "0. ",
 ]
 texts = st.one_of(
     st.text(max_size=60),
@@ -157,24 +158,30 @@ def reference_sentences(text: str, closed: bool = True) -> list[str]:
     depends on it. With closed=False, `text` is a prefix of the stream: a decision whose
     next word has not arrived, and the pending sentence, are not units yet."""
     units, pending, words = [], "", 0
+    colon, last = False, None  # previous word ends with ":"; the last list marker's number
     for m in re.finditer(r"(\S*)(\s|$)", text):
         word, space = m.groups()
         pending += word + space
         core = word.rstrip(CLOSERS)
+        number = re.fullmatch(r"([0-9]{1,3})\.", word)
+        n = int(number[1]) if number else None
+        marker = n is not None and (words == 0 or (colon and n == 1) or n - 1 == last)
         ends = bool(core) and core[-1] in SENTENCE_ENDS
         if ends and core[-1] == "." and len(word) <= WORD_LIMIT:
             bare = core.lstrip(OPENERS).lower()
             ends = (bare not in ABBREVIATIONS and not re.fullmatch(r"(?:[a-z]\.){2,}", bare)
-                    and not (words == 0 and bare[:-1].isdigit()))
+                    and not (words == 0 and bare[:-1].isdigit()) and not marker)
         if ends and core[-1] in HELD_ENDS:
             after = re.compile(r"\S").search(text, m.end())
             ends = after is not None and not (after[0].islower() or after[0].isdigit())
         if space == "\n" or (space and ends):
             if pending.strip():
                 units.append(pending.strip())
-            pending, words = "", 0
+            pending, words, colon, last = "", 0, False, None
         elif word:
             words += 1
+            colon = word.endswith(":")
+            last = n if marker else last
     return units + ([pending.strip()] if closed and pending.strip() else [])
 
 
@@ -216,6 +223,16 @@ def test_sentences_match_reference(data: st.DataObject) -> None:
     text = data.draw(texts)
     units, _ = feed_all("sentences", data.draw(chunked(text)))
     assert units == reference_sentences(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(kind=st.sampled_from(["sentences", "whole"]), data=st.data())
+def test_no_text_lost_or_duplicated(kind: str, data: st.DataObject) -> None:
+    """Cutting into units only drops whitespace: the units, joined, are the text without it
+    (lines also drops list markers, and json_items reads JSON, so neither is a cut)."""
+    text = data.draw(texts)
+    units, _ = feed_all(kind, data.draw(chunked(text)))
+    assert "".join("".join(units).split()) == "".join(text.split())
 
 
 @settings(max_examples=200, deadline=None)
@@ -461,6 +478,17 @@ def test_lines_complete_at_newline() -> None:
         ('He said "stop." then left. Yes! and', ['He said "stop." then left.', "Yes!", "and"]),
         ("Wait\u2026 so. Then", ["Wait\u2026 so.", "Then"]),
         ("end.\nlower", ["end.", "lower"]),
+        # an inline list's markers are no ends: "1." after a ":", then the next numbers
+        ("Steps: 1. Boil water 2. Add pasta.", ["Steps: 1. Boil water 2. Add pasta."]),
+        ("Steps: 1. Boil water 2. Add pasta. 3. Drain. Serve it 4. Eat",
+         ["Steps: 1. Boil water 2. Add pasta. 3. Drain.", "Serve it 4.", "Eat"]),
+        ("1. Boil water 2. Add pasta. Then wait", ["1. Boil water 2. Add pasta.", "Then wait"]),
+        # any other number ending in "." ends the sentence: no list started, or not the next
+        ("It cost 5. Then we left.", ["It cost 5.", "Then we left."]),
+        ("Boil water 2. Add pasta.", ["Boil water 2.", "Add pasta."]),
+        ("Note: 5. Then", ["Note: 5.", "Then"]),
+        ("Steps: 1. Boil 3. Add", ["Steps: 1. Boil 3.", "Add"]),
+        ("Steps:\n1. Boil 2. Add", ["Steps:", "1. Boil 2. Add"]),
     ],
 )
 def test_sentences_examples(text: str, expected: list[str]) -> None:
