@@ -219,6 +219,8 @@ def test_tls_without_a_trusted_ca_is_refused_clearly(tls_redis: RedisServer) -> 
     "redis://:Ab/c@d#e@127.0.0.1:16392/0",  # / and # end urlsplit's netloc early
     "redis://:sec#ret@127.0.0.1:16392/0",
     "rediss://user:se?cret@h:6379/0",
+    "redis://user:12/x@host:6379/0",  # `user:12` reads as a well-formed host and port
+    "rediss://user:12#x@host:6379/0",
 ])
 def test_a_password_urlsplit_cannot_read_is_masked_too(url: str) -> None:
     """A Secret's raw password pasted into the URL (the chart's $(REDIS_PASSWORD)) with an
@@ -252,6 +254,9 @@ def test_an_unparseable_password_is_masked_in_cli_errors() -> None:
     ("redis://user:pa/ss@[::1]:6379/0", "redis://***@[::1]:6379/0"),
     # a broken user info, and a secret in the query behind it: both masked
     ("redis://:p/w@host/0?password=S3CRET", "redis://***@host/0?password=***"),
+    # a password whose part before the / is all digits: `user:12` looks like host:port
+    ("redis://user:12/x@host:6379/0", "redis://***@host:6379/0"),
+    ("redis://user:12/x@host:6379/0?api_key=K", "redis://***@host:6379/0?api_key=***"),
 ])
 def test_redaction_of_urls_with_an_at_sign(url: str, shown: str) -> None:
     from workers.redact import redact_url

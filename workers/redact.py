@@ -30,15 +30,24 @@ def _mask_query(query: str) -> str:
     return "&".join(f"{k}={MASK}" if eq and secret(k) else f"{k}{eq}{v}" for k, eq, v in pairs)
 
 
+_REDIS_SCHEMES = ("redis", "rediss")
+
+
 def _broken_authority(url: str) -> bool:
     """Whether an `@` after the netloc `urlsplit` found is really the end of a user info
     whose password holds an unencoded `/`, `?` or `#`: those end the netloc early, so the
     password reads as host, port, path or fragment. Only when the netloc so found is no
-    authority at all (no host name, or a port that is not a number); an `@` in the path or
-    query of a well-formed URL (an e-mail address, a model version) is left alone."""
+    authority at all (no host name, or a port that is not a number), or when a Redis URL
+    has an `@` in its path or fragment; an `@` in the path or query of another well-formed
+    URL (an e-mail address, a model version), or in a Redis URL's query, is left alone."""
     parts = urlsplit(url)
     if not parts.netloc or "@" in parts.netloc or "@" not in url.partition("://")[2]:
         return False
+    if parts.scheme in _REDIS_SCHEMES and "@" in parts.path + parts.fragment:
+        # a Redis URL's path is its db number and it has no fragment: an @ there ends a
+        # user info whose password's first part before the / or # reads as a port
+        # (`redis://user:12/x@host:6379/0`: `user:12` is a well-formed host and port)
+        return True
     try:
         return not parts.hostname or (parts.port is None and ":" in parts.netloc)
     except ValueError:  # a port that is not a number: part of a password
