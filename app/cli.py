@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
 import logging
@@ -321,7 +322,9 @@ def _input_text(value: str) -> str:
     for a command line: `-` (or `@-`) reads stdin, `@PATH` a file, and `@@...` is the text
     after the first @ (so any text can still be given as it is). Contents are taken
     verbatim (a trailing newline included) and must be UTF-8; exit 2 naming the option
-    otherwise."""
+    otherwise. A file's leading UTF-8 byte order mark is dropped: Windows editors write
+    one, and it marks the encoding, it is not text the model (or a stage function
+    splitting words) should see."""
     if value.startswith("@@"):
         return value[1:]
     if value in ("-", "@-"):
@@ -336,7 +339,7 @@ def _input_text(value: str) -> str:
     except OSError as exc:
         _usage(f"--input {value}: cannot read {path}: {_os_reason(exc)} (@@ for a text "
                "that starts with @)")
-    return _utf8(data, value, str(path))
+    return _utf8(data.removeprefix(codecs.BOM_UTF8), value, str(path))
 
 
 def _utf8(data: bytes, value: str, where: str) -> str:

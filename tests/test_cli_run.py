@@ -72,19 +72,22 @@ def test_json_mode_exits_1_when_the_run_fails() -> None:
     assert proc.returncode == 1
 
 
-@pytest.mark.parametrize(("given", "stdin", "text"), [
-    ("-", "from stdin\n", "from stdin\n"),
-    ("@-", "from stdin too", "from stdin too"),
-    ("@{file}", None, "from a file\n"),
-    ("@@x y", None, "@x y"),
-    ("a@b", None, "a@b"),
-], ids=["stdin", "at-stdin", "file", "escaped-at", "inner-at"])
+@pytest.mark.parametrize(("given", "stdin", "text", "contents"), [
+    ("-", "from stdin\n", "from stdin\n", ""),
+    ("@-", "from stdin too", "from stdin too", ""),
+    ("@{file}", None, "from a file\n", "from a file\n"),
+    ("@{file}", None, "from a file\n", "\ufefffrom a file\n"),
+    ("@{file}", None, "\ufefffrom a file\n", "\ufeff\ufefffrom a file\n"),
+    ("@@x y", None, "@x y", ""),
+    ("a@b", None, "a@b", ""),
+], ids=["stdin", "at-stdin", "file", "file-bom", "file-bom-twice", "escaped-at", "inner-at"])
 def test_input_from_stdin_or_a_file(given: str, stdin: str | None, text: str,
-                                    tmp_path: Path) -> None:
-    """curl's conventions: `-` stdin, `@PATH` a file (verbatim, its newline included),
+                                    contents: str, tmp_path: Path) -> None:
+    """curl's conventions: `-` stdin, `@PATH` a file (verbatim, its newline included,
+    except a leading UTF-8 byte order mark, which Windows editors write: only that one),
     `@@` a text that starts with @."""
     path = tmp_path / "input.txt"
-    path.write_text("from a file\n")
+    path.write_text(contents, encoding="utf-8")
     proc = alto("run", str(PIPELINE), "--input", given.format(file=path), "--json",
                 stdin=stdin)
     assert proc.returncode == 0, proc.stderr
