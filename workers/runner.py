@@ -51,6 +51,7 @@ from orchestrator.envelope import (
     end_id,
     lineage_str,
     loads_json,
+    parse_lineage,
     unit_id,
 )
 from orchestrator.routing import (
@@ -216,6 +217,9 @@ class OutputNotJSON(Exception):
 
 
 _SCALARS = (str, int, float)  # units that are JSON as they are (bool is an int)
+# What encoding a value JSON cannot hold raises (RecursionError: nested too deep to write;
+# caught alike on both transports, so such a unit is not retried on either).
+_NOT_JSON = (TypeError, ValueError, RecursionError)
 BACKLOG_MS = 1_000  # an entry this much older than now waited in a backlog
 
 
@@ -276,6 +280,12 @@ class StageRunner:
         self.successors = list(self.stage.to)
         self.is_sink = not self.successors
         self.is_output = stage == spec.output_stage
+        # `_emit` checks a unit only where nothing else encodes it: the embedded transport
+        # passes envelopes on as objects, and a unit no message or event carries is written
+        # nowhere. On Redis the commit encodes every unit anyway, and `_commit_units` turns
+        # the encoder's error into the same OutputNotJSON: one encoding of a unit, not two.
+        self._check_units = transport.in_process or not (
+            self.successors or self.config.partial_events or self.is_output)
         self.streaming = spec.streaming_for(stage)
         self._slots = asyncio.Semaphore(self.capacity)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -945,7 +955,7 @@ class StageRunner:
                         self._emit(c, run, n, unit, credit, base_lineage, scope, context)
                         c.progress.append((run, cause, Progress(n, False)))
                         committing = True
-                        await self.transport.commit(c)
+                        await self._commit_units(c)
                         committing, published = False, True
                     else:
                         held.append((n, unit))
@@ -975,7 +985,7 @@ class StageRunner:
         self._end_markers(c, run, base_lineage, rest, scope, context, cause, credit_mid, credit)
         c.progress.append((run, cause, Progress(total_units, True)))
         c.acks.extend((s, self.group, ids) for s, ids in acks)
-        if not await self.transport.commit(c):
+        if not await self._commit_units(c):
             return  # the guard stopped it: a duplicate of finished work, or a cancelled run
         self.processed += 1
         call: dict[str, Any] = {
@@ -995,15 +1005,36 @@ class StageRunner:
         if self.observer is not None:
             self.observer("call", call)
 
+    async def _commit_units(self, c: Commit) -> bool:
+        """Commit `c`, which holds this stage's units. A unit JSON cannot hold (a set, bytes,
+        an object, a circular list) fails the call with OutputNotJSON on both transports
+        alike: checked by `_emit` where nothing encodes it (`_check_units`), here where the
+        transport's encoding of the commit (before anything is written) is the check."""
+        try:
+            return await self.transport.commit(c)
+        except _NOT_JSON:
+            self._find_not_json(c)  # raises OutputNotJSON if a unit is what failed
+            raise
+
+    def _find_not_json(self, c: Commit) -> None:
+        """Raise `_check_json`'s OutputNotJSON for the first unit of `c` JSON cannot hold,
+        in the order `_emit` added them (the unit the embedded transport's check names)."""
+        units = {e.lineage: e.payload for _, e in c.messages
+                 if e.kind == "unit" and e.sender == self.stage.name}
+        for _, ev in c.events:
+            if ev.get("type") == "partial":
+                units.setdefault(parse_lineage(ev["lineage"]), ev["data"])
+        for lineage in sorted(units):
+            self._check_json(units[lineage])
+
     def _check_json(self, unit: Any) -> None:
         """A unit travels as JSON (between stages, in events, to clients): one JSON cannot
-        hold (a set, bytes, an object, a circular list) fails the call here, on both
-        transports alike (the embedded one passes envelopes on without encoding them)."""
+        hold fails the call with this message, on both transports alike."""
         if unit is None or isinstance(unit, _SCALARS):
             return
         try:
             dumps_json(unit)
-        except (TypeError, ValueError) as exc:
+        except _NOT_JSON as exc:
             raise OutputNotJSON(self.stage.name, exc) from None
 
     def _ctx_params(self) -> dict[str, Any]:
@@ -1047,7 +1078,8 @@ class StageRunner:
         context: dict[str, Any],
     ) -> None:
         """Add unit `index` to a commit: to every successor, and as a run event."""
-        self._check_json(unit)
+        if self._check_units:
+            self._check_json(unit)
         lin = (*base_lineage, (self.stage.name, index))
         lin_s = lineage_str(lin)
         share = unit_credit(credit, index)
