@@ -261,8 +261,12 @@ class _Sentences(_Base):
         return [unit] if unit else []
 
 
-_SEEK, _ARRAY, _OBJECT, _DONE = range(4)
+_SEEK, _OPENED, _ARRAY, _OBJECT, _DONE = range(5)
 _OPEN = re.compile(r"[\[{]")
+_NONBLANK = re.compile(r"\S")
+# what a JSON value (or the "]" of an empty list) can start with: a "[" followed by anything
+# else ("[sic]", "[see below]") is prose, not a list
+_VALUE_START = frozenset('"[{-0123456789tfn')
 _SIGNIFICANT = re.compile(r'[\[\]{}",\\]')
 
 
@@ -284,17 +288,21 @@ def _strip_fence(text: str) -> str:
 class _JsonItems(_Base):
     """Streams the elements of the first JSON array in the text.
 
-    Prose before the first "[" is skipped, and so is everything after its matching "]". If a
-    "{" comes first, the text is taken to be one JSON object: it is emitted as one unit when it
-    closes (if it does not parse, e.g. "{as requested}", the search for a "[" goes on after
-    it). A string or container element is emitted when its closing character arrives; a
-    scalar when the following "," or "]" does. Malformed or truncated elements are dropped.
-    If nothing was emitted and no array closed, close() tries the whole text (optionally in a
-    ``` fence) as one JSON value, so a bare scalar answer still yields a unit. If that fails
-    too and no "[" ever opened a list, the output was prose where a list was asked for (a
+    Prose before the list is skipped, and so is everything after its matching "]". A "["
+    opens the list only if the first non-blank character after it can start a JSON value (or
+    is the "]" of "[]"), and a list that closes with no element parsed ("[todo]", "[oops,
+    {bad}]") was not one either: prose such as "I can't [sic] do it" holds no list, and the
+    search for one goes on after it. If a "{" comes first, the text is taken to be one JSON
+    object: it is emitted as one unit when it closes (if it does not parse, e.g. "{as
+    requested}", the search goes on after it too). A string or container element is emitted
+    when its closing character arrives; a scalar when the following "," or "]" does.
+    Malformed or truncated elements are dropped. If nothing was emitted and no list
+    closed, close() tries the whole text (optionally in a ``` fence) as one JSON value, so
+    a bare scalar answer still yields a unit. If that fails too and no list is open (cut
+    off), the output was prose where a list was asked for (a
     small model's answer): close() raises FramingError rather than yield no units, which
-    would read as "the list is empty". Empty or blank output, "[]", and a list whose
-    elements are all malformed or cut off yield no units, without an error.
+    would read as "the list is empty". Empty or blank output, "[]", and a list cut off
+    before its first element completed yield no units, without an error.
     """
 
     def __init__(self) -> None:
@@ -306,7 +314,6 @@ class _JsonItems(_Base):
         self._esc = False  # the previous char was a backslash inside a string
         self._tried = False  # the element's first closed value was already offered to json
         self._emitted = False  # the current element has been emitted
-        self._listed = False  # a "[" opened a top-level list
 
     def _new_element(self) -> None:
         self._parts = []
@@ -361,12 +368,21 @@ class _JsonItems(_Base):
                 m = _OPEN.search(text, i)
                 if m is None:
                     break
-                self._mode = _ARRAY if m.group() == "[" else _OBJECT
-                self._listed = self._listed or self._mode == _ARRAY
+                self._mode = _OPENED if m.group() == "[" else _OBJECT
                 self._depth = 1
                 self._new_element()
-                start = m.end() if self._mode == _ARRAY else m.start()
+                start = m.end() if self._mode == _OPENED else m.start()
                 i = m.end()
+                continue
+            if mode == _OPENED:  # is this "[" a list's? its first non-blank character says
+                m = _NONBLANK.search(text, i)
+                if m is None:
+                    break
+                if m.group() == "]":  # "[]": the list, empty
+                    self._mode = _DONE
+                    break
+                self._mode = _ARRAY if m.group() in _VALUE_START else _SEEK
+                i = m.start()
                 continue
             if self._esc:
                 self._esc = False
@@ -399,7 +415,8 @@ class _JsonItems(_Base):
                     self._object_closed(text, start, i, out)
                 elif c == "]":  # the top-level array ends; a stray "}" is ignored
                     self._element_end(text, start, j, out)
-                    self._mode = _DONE
+                    # the list if some element parsed; else prose in brackets: seek on
+                    self._mode = _DONE if self._seen is None else _SEEK
             elif c == "," and self._depth == 1 and mode == _ARRAY:
                 self._element_end(text, start, j, out)
                 start = i
@@ -416,7 +433,7 @@ class _JsonItems(_Base):
         ok, value = _loads(_strip_fence(text))
         if ok:
             return [value]
-        if not self._listed and text.strip():
+        if self._mode not in (_OPENED, _ARRAY) and text.strip():
             raise FramingError(f"the output holds no JSON list (json_items framing): "
                                f"{_excerpt(text)!r}")
         return []

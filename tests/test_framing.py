@@ -375,11 +375,34 @@ def test_json_no_list_at_all_is_an_error() -> None:
             frame_all("json_items", text)
 
 
+@pytest.mark.parametrize("text", [
+    "I can't [sic] do it",  # no JSON value can start with "s"
+    "I can't [ sic ] do it [see below",
+    "[todo] later",  # it could have been [true]: the list closed and nothing parsed
+    "Claims: [oops, {bad}] and more prose",
+    "[,]",
+    "- [x] done\n- [x] tested",
+    "See [1 source]. {not json}",
+])
+def test_json_brackets_in_prose_are_no_list(text: str) -> None:
+    """A "[" in prose used to open "the list", which then closed with no element: zero
+    units and no error, so a downstream stage read "nothing to do"."""
+    with pytest.raises(FramingError, match="holds no JSON list"):
+        frame_all("json_items", text)
+
+
+def test_json_the_list_after_brackets_in_prose_is_found() -> None:
+    assert frame_all("json_items", 'I can\'t [sic] list: ["a", "b"] ok') == ["a", "b"]
+    assert frame_all("json_items", "[todo] [1, 2]") == [1, 2]
+    # the whole text is one JSON string: the fallback reads it, as it reads a scalar
+    assert frame_all("json_items", '"I can\'t [sic] do it"') == ["I can't [sic] do it"]
+
+
 def test_json_empty_or_broken_lists_are_no_error() -> None:
     assert frame_all("json_items", "") == []
     assert frame_all("json_items", " \n\t") == []
     assert frame_all("json_items", "None found: []. Sorry.") == []
-    assert frame_all("json_items", "Claims: [oops, {bad}] and more prose") == []
+    assert frame_all("json_items", " [ \n ] ") == []
     assert frame_all("json_items", 'Claims: ["cut off') == []
     assert frame_all("json_items", "I found none, see [1].") == [1]
 
