@@ -4,14 +4,23 @@ example then ran past its deadline, each copy costing a search and a verificatio
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
+from orchestrator.engine import GenParams
 from orchestrator.spec import parse_pipeline
 from orchestrator.transport import Transport
-from tests.inprocess import run_texts
+from tests.inprocess import FAST, run_texts
+from tests.test_sim_engine import GatedSleep
+from tests.toy.stages import repetitive
+from workers.client import run_to_completion
+from workers.engines.sim import SimEngine
+from workers.engines.tokens import tokenize
+from workers.runner import StageRunner
 from workers.runtime import Runtime
+from workers.stagefn import StageFunction
 
 
 def _spec(first: dict[str, Any]) -> Any:
@@ -53,6 +62,36 @@ async def test_an_lm_stage_is_bounded(transport: Transport, limits: dict[str, An
     assert engine.cancelled + engine.completed == 1
     if "max_units" not in limits:
         assert engine.cancelled == 0
+
+
+async def test_max_units_aborts_the_engine_request(transport: Transport) -> None:
+    """The simulator's clock holds the step that would write the reply's last token, so
+    the request cannot finish: the call ends (and its run completes) only because
+    `max_units` closes the stream, and the engine must have seen that as an abort."""
+    spec = parse_pipeline({"name": "aborting", "engines": {"default": {"kind": "sim"}},
+                           "stages": [{**LM, "name": "list", "max_units": 3}]})
+    reply = tokenize(repetitive("x", GenParams()))
+    gate = GatedSleep()  # one token a step: every step but the reply's last one runs
+    await gate.release(len(reply) - 1)
+    engine = SimEngine(sleep=gate)
+    await engine.start()
+    runner = StageRunner(spec, "list", transport,
+                         StageFunction(spec, spec.stage("list"), engine),
+                         instance="list-0", config=FAST)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        _, events = await run_to_completion(transport, spec, "x", deadline_s=30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await gate.release(len(reply))
+        await engine.aclose()
+    assert events[-1]["type"] == "result", events[-1]
+    assert [e["data"] for e in events if e["type"] == "partial"] == \
+        ["a is 1.", "b is 2.", "b is 2."]
+    assert engine.requests == 1 and engine.completed == 0 and engine.cancelled == 1
+    assert engine.completion_tokens < len(reply)
 
 
 @pytest.mark.parametrize(("limits", "expect"), [
