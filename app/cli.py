@@ -155,15 +155,17 @@ def _build_engine(choice: _EngineChoice) -> EngineSpec | None:
 
 
 def _check_engines(specs: list[PipelineSpec], override: EngineSpec | None,
-                   choice: _EngineChoice, instances: int | None = None) -> None:
-    """Build (without starting) every engine the embedded runtime will build, so a wrong
-    engine option or setting is one line naming the engine, exit 2, before anything
-    starts (not a runtime failure, nor uvicorn's startup traceback); an optional
-    dependency this machine lacks is one line too, exit 1."""
+                   choice: _EngineChoice, instances: int | None = None,
+                   only: set[tuple[str, str]] | None = None) -> None:
+    """Build (without starting) every engine the runtime will build (an `alto worker`:
+    those of the (pipeline, stage)s `only` names), so a wrong engine option or setting is
+    one line naming the engine, exit 2, before anything starts (not a runtime failure,
+    nor uvicorn's startup traceback); an optional dependency this machine lacks is one
+    line too, exit 1."""
     from app.engine_check import EngineProblem, check_engines
 
     try:
-        check_engines(specs, override, instances)
+        check_engines(specs, override, instances, only)
     except EngineProblem as exc:
         what, why = f"engine {exc.engine!r} of pipeline {exc.pipeline!r}", exc.message
         if exc.engine is None:
@@ -510,7 +512,11 @@ def worker(
     if stage not in spec.by_name:
         console.print(f"[red]pipeline {spec.name!r} has no stage {stage!r}[/red] (has {list(spec.by_name)})")
         raise typer.Exit(2)
-    override = _engine_override(engine, engine_opt, settings)
+    choice = _engine_choice(engine, engine_opt, settings)
+    override = _build_engine(choice)
+    # its stage's engine, built before Redis is reached: a wrong option is one line, exit
+    # 2, as `alto run` and `alto serve` say it (it failed the stage's start, exit 1)
+    _check_engines([spec], override, choice, instances, only={(spec.name, stage)})
     if instances is None:
         instances = _default_instances(spec, stage, override)
     if metrics_port is not None:

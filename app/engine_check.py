@@ -1,19 +1,19 @@
-"""The engines a command's embedded runtime will build, checked before it starts.
+"""The engines a command's runtime will build, checked before it starts.
 
 Why: `Runtime.start` builds its engines only once the command is under way (inside
-uvicorn's lifespan for `alto serve`, inside the run for `alto run`), where a wrong option
-became uvicorn's 40-line "Application startup failed" traceback or a runtime failure
-(exit 1). Building an engine only constructs it (`build_engine` validates the options and
-reads the environment; `start()` is what connects or loads weights), so every engine the
-runtime would build is built here the same way, then closed, and the first problem is
-raised with the engine named.
+uvicorn's lifespan for `alto serve`, inside the run for `alto run`, once connected to
+Redis for `alto worker`), where a wrong option became uvicorn's 40-line "Application
+startup failed" traceback or a runtime failure (exit 1). Building an engine only
+constructs it (`build_engine` validates the options and reads the environment; `start()`
+is what connects or loads weights), so every engine the runtime would build is built here
+the same way, then closed, and the first problem is raised with the engine named.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 
 from orchestrator.engine import Engine
@@ -46,16 +46,19 @@ class PlannedEngine:
 
 
 def planned_engines(specs: Iterable[PipelineSpec], override: EngineSpec | None,
-                    instances: int | None) -> list[PlannedEngine]:
-    """What `Runtime.start` builds for every LM stage of `specs`, each instance once.
-    Raises EngineProblem where the instance count itself is wrong (a fleet too large)."""
+                    instances: int | None,
+                    only: Container[tuple[str, str]] | None = None) -> list[PlannedEngine]:
+    """What `Runtime.start` builds for every LM stage of `specs` (or for the stages `only`
+    names as (pipeline, stage), as `Runtime.start(only)` does: an `alto worker`'s one
+    stage), each instance once. Raises EngineProblem where the instance count itself is
+    wrong (a fleet too large)."""
     from workers.engines import default_instances
     from workers.runtime import stage_engine
 
     planned: dict[tuple[str, int], PlannedEngine] = {}
     for spec in specs:
         for stage in (spec.stage(n) for n in spec.topo_order):  # the runtime's order
-            if stage.kind != "lm":
+            if stage.kind != "lm" or (only is not None and (spec.name, stage.name) not in only):
                 continue
             name = None if override is not None else stage.engine or "default"
             key, espec = stage_engine(spec, stage.name, override)
@@ -69,14 +72,15 @@ def planned_engines(specs: Iterable[PipelineSpec], override: EngineSpec | None,
 
 
 def check_engines(specs: Iterable[PipelineSpec], override: EngineSpec | None,
-                  instances: int | None) -> None:
+                  instances: int | None,
+                  only: Container[tuple[str, str]] | None = None) -> None:
     """Build every engine `planned_engines` lists without starting any, close them all,
     and raise EngineProblem for the first that cannot be built."""
     from workers.engines import build_engine
 
     built: list[Engine] = []
     try:
-        for p in planned_engines(specs, override, instances):
+        for p in planned_engines(specs, override, instances, only):
             try:
                 built.append(build_engine(p.spec, p.index))
             except ValueError as exc:  # MissingSetting included: a setting it lacks

@@ -1,6 +1,7 @@
 """`alto` refuses at once, in one line, what would otherwise fail after it had started: an
 engine that cannot be built (`alto serve` printed uvicorn's 40-line "Application startup
-failed" traceback and exited 3; `alto run` called it a failure of the run, exit 1), a
+failed" traceback and exited 3; `alto run` called it a failure of the run, and `alto
+worker` a failure to start its stage once connected to Redis, exit 1), a
 metrics port that is taken (`alto worker`), an output file that cannot be written
 (`alto openapi`).
 Every test runs the real CLI as a subprocess."""
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_cli_errors import PIPELINE, alto, clean_env, one_line_error
+from tests.test_cli_errors import NOWHERE, PIPELINE, alto, clean_env, one_line_error
 
 KNOWN_SIM = "known options: ['block_size'"
 
@@ -27,6 +28,15 @@ def lm_pipeline(tmp_path: Path, engine: dict[str, object]) -> Path:
     return path
 
 
+def command_args(command: str, path: Path) -> list[str]:
+    """`command` on the pipeline at `path`, its LM stage `a` for a worker (on a Redis URL
+    where nothing listens: the engine is checked before anything connects)."""
+    return {"serve": ["serve", "-p", str(path), "--port", "0"],
+            "run": ["run", str(path), "-i", "x"],
+            "worker": ["worker", "-p", str(path), "--stage", "a", "--redis-url", NOWHERE],
+            }[command]
+
+
 SPEC_ENGINES = {
     "openai-no-base-url": ({"kind": "openai", "model": "m"},
                            "openai engine: no base_url (set the engine option or "
@@ -35,15 +45,15 @@ SPEC_ENGINES = {
 }
 
 
-@pytest.mark.parametrize("command", ["serve", "run"])
+@pytest.mark.parametrize("command", ["serve", "run", "worker"])
 @pytest.mark.parametrize("case", list(SPEC_ENGINES))
 def test_an_engine_that_cannot_be_built_is_one_line(command: str, case: str,
                                                     tmp_path: Path) -> None:
+    """`alto worker` said it after connecting to Redis, as its stage failed to start
+    (exit 1)."""
     engine, why = SPEC_ENGINES[case]
     path = lm_pipeline(tmp_path, engine)
-    args = ["serve", "-p", str(path), "--port", "0"] if command == "serve" else \
-        ["run", str(path), "-i", "x"]
-    line = one_line_error(alto(*args, timeout=30))
+    line = one_line_error(alto(*command_args(command, path), timeout=30))
     assert line.startswith(f"error: invalid engine 'default' of pipeline 'p': {why}"), line
 
 
@@ -58,7 +68,7 @@ OVERRIDES = {
 }
 
 
-@pytest.mark.parametrize("command", ["serve", "run"])
+@pytest.mark.parametrize("command", ["serve", "run", "worker"])
 @pytest.mark.parametrize("case", list(OVERRIDES))
 def test_an_override_option_the_engine_refuses_is_one_line_naming_it(
         command: str, case: str, tmp_path: Path) -> None:
@@ -66,11 +76,28 @@ def test_an_override_option_the_engine_refuses_is_one_line_naming_it(
     names only the key)."""
     flags, env, why = OVERRIDES[case]
     path = lm_pipeline(tmp_path, {"kind": "sim", "time_scale": 0})
-    args = ["serve", "-p", str(path), "--port", "0"] if command == "serve" else \
-        ["run", str(path), "-i", "x"]
-    line = one_line_error(alto(*args, "--engine", "sim", *flags, env=clean_env(**env),
-                               timeout=30))
+    line = one_line_error(alto(*command_args(command, path), "--engine", "sim", *flags,
+                               env=clean_env(**env), timeout=30))
     assert line.startswith(f"error: invalid engine override: {why}"), line
+
+
+def test_a_worker_checks_only_its_own_stage_s_engine(tmp_path: Path) -> None:
+    """Another stage's engine may be one this machine cannot build (it runs elsewhere):
+    the worker of stage `a` gets past the check, to Redis (where nothing listens)."""
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "p", "engines": {"default": {"kind": "sim", "time_scale": 0},
+                                 "other": {"kind": "sim", "foo": 1}},
+        "stages": [{"name": "a", "kind": "lm", "prompt": "{input}", "max_tokens": 4,
+                    "to": ["b"]},
+                   {"name": "b", "kind": "lm", "engine": "other", "prompt": "{input}",
+                    "max_tokens": 4}]}))
+    proc = alto(*command_args("worker", path), timeout=30)
+    assert proc.returncode == 1 and proc.stderr.startswith("cannot reach Redis"), proc.stderr
+    line = one_line_error(alto("worker", "-p", str(path), "--stage", "b", "--redis-url",
+                               NOWHERE, timeout=30))
+    assert line.startswith("error: invalid engine 'other' of pipeline 'p': sim engine: "
+                           "unknown option(s) ['foo']"), line
 
 
 @pytest.mark.redis
