@@ -298,8 +298,9 @@ class _JsonItems(_Base):
     when its closing character arrives; a scalar when the following "," or "]" does.
     Malformed or truncated elements are dropped. If nothing was emitted and no list
     closed, close() tries the whole text (optionally in a ``` fence) as one JSON value, so
-    a bare scalar answer still yields a unit. If that fails too and no list is open (cut
-    off), the output was prose where a list was asked for (a
+    a bare scalar answer still yields a unit. If that fails too (or the text is "null": a
+    model saying "nothing", which a None unit would pass on as the text "null") and no
+    list is open (cut off), the output was prose where a list was asked for (a
     small model's answer): close() raises FramingError rather than yield no units, which
     would read as "the list is empty". Empty or blank output, "[]", and a list cut off
     before its first element completed yield no units, without an error.
@@ -431,7 +432,7 @@ class _JsonItems(_Base):
             return []
         text = "".join(seen)
         ok, value = _loads(_strip_fence(text))
-        if ok:
+        if ok and value is not None:
             return [value]
         if self._mode not in (_OPENED, _ARRAY) and text.strip():
             raise FramingError(f"the output holds no JSON list (json_items framing): "

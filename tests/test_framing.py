@@ -412,7 +412,17 @@ def test_json_object_and_scalars_are_one_unit() -> None:
     assert frame_all("json_items", "Result: {\"ok\": true} done") == [{"ok": True}]
     assert frame_all("json_items", "42") == [42]
     assert frame_all("json_items", '```json\n"hi"\n```') == ["hi"]
-    assert frame_all("json_items", "null") == [None]
+    assert frame_all("json_items", "[null, 1]") == [None, 1]
+
+
+@pytest.mark.parametrize("text", ["null", " null\n", "```json\nnull\n```"])
+def test_json_null_output_is_an_error(text: str) -> None:
+    """A model writing `null` where a list was asked for gave one None unit, which the next
+    stage got as the text "null" (a claim "null" to verify). `[]` is the empty list."""
+    with pytest.raises(FramingError, match=r"holds no JSON list \(json_items framing\): "):
+        frame_all("json_items", text)
+    with pytest.raises(FramingError, match="holds no JSON list"):
+        frame_value("json_items", text)
 
 
 def test_json_prose_braces_before_the_list_are_skipped() -> None:
@@ -583,8 +593,14 @@ def prose(prompt: str, params: Any) -> str:
     return "I checked the text carefully and it contains no factual claims at all."
 
 
+def null_answer(prompt: str, params: Any) -> str:
+    """A sim responder that answers `null` where a JSON list was asked for."""
+    return "null"
+
+
+@pytest.mark.parametrize("responder", [prose, null_answer])
 async def test_a_run_whose_json_items_stage_writes_prose_fails_naming_it(
-    transport: Transport,
+    transport: Transport, responder: Any,
 ) -> None:
     """The runtime closes the framer at the end of the LM call: the FramingError fails the
     run as a stage error of `claims`, where it used to finish with zero claims (FacTool
@@ -594,7 +610,7 @@ async def test_a_run_whose_json_items_stage_writes_prose_fails_naming_it(
         "engines": {"default": {"kind": "sim", "time_scale": 0.001}},
         "stages": [
             {"name": "claims", "kind": "lm", "prompt": "{input}", "framing": "json_items",
-             "responder": "tests.test_framing:prose", "to": ["check"]},
+             "responder": f"tests.test_framing:{responder.__name__}", "to": ["check"]},
             {"name": "check", "kind": "tool", "function": "tests.toy.stages:upper",
              "to": ["report"]},
             {"name": "report", "kind": "reduce", "function": "tests.toy.stages:collect",
@@ -606,5 +622,5 @@ async def test_a_run_whose_json_items_stage_writes_prose_fails_naming_it(
     assert err["type"] == "error", events
     assert err["stage"] == "claims" and err["code"] == "stage_error"
     assert err["message"] == ("FramingError: the output holds no JSON list (json_items "
-                              "framing): " + repr(prose("", None)))
+                              "framing): " + repr(responder("", None)))
     assert not [e for e in events if e["type"] == "partial" and e["stage"] == "claims"]
