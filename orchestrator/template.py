@@ -26,10 +26,29 @@ _VAR = re.compile(rf"\{{\{{({_NAME})\}}\}}|\{{({_NAME})\}}")
 BUILTIN_VARS = frozenset({"input", "text", "items"})
 
 
+# Format characters (category Cf) that are drawn: the prepended concatenation marks (Unicode
+# property Prepended_Concatenation_Mark), signs written over or before the digits that follow,
+# and visible alone ("\u06dd" is the end-of-ayah ornament).
+_VISIBLE_FORMAT = frozenset("\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891"
+                            "\u08e2\U000110bd\U000110cd")
+# Invisible characters outside Cf: the Hangul fillers (letters, Default_Ignorable_Code_Point),
+# the Braille blank (a symbol, drawn as nothing; a favourite "empty" message), the combining
+# grapheme joiner, the Khmer inherent vowels and the variation selectors (nonspacing marks,
+# Default_Ignorable_Code_Point, with nothing to select alone).
+_INVISIBLE = frozenset(
+    "\u115f\u1160\u3164\uffa0\u2800\u034f\u17b4\u17b5\u180b\u180c\u180d\u180f"
+    + "".join(map(chr, range(0xFE00, 0xFE10)))
+    + "".join(map(chr, range(0xE0100, 0xE01F0)))
+)
+
+
 def is_blank(text: str) -> bool:
-    """No visible character: whitespace and format characters only (zero-width space and
-    joiners, a byte-order mark: Unicode category Cf), which `str.strip` keeps."""
-    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
+    """No visible character: whitespace, invisible format characters (zero-width space and
+    joiners, a byte-order mark: Unicode category Cf, which `str.strip` keeps, but not the
+    prepended concatenation marks, which are drawn) and invisible fillers of other
+    categories (Hangul fillers, the Braille blank, variation selectors)."""
+    return all(c.isspace() or c in _INVISIBLE
+               or (unicodedata.category(c) == "Cf" and c not in _VISIBLE_FORMAT) for c in text)
 # a name alone in braces with blanks inside: `{ input }` is not a placeholder (render
 # leaves it as written), though it looks like one, and like Jinja's `{{ input }}`
 _SPACED = re.compile(rf"\{{(\s*)({_NAME})(\s*)\}}")
