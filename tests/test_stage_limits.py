@@ -111,6 +111,23 @@ async def test_unique_compares_dicts_whatever_their_key_order(transport: Transpo
     assert units == [{"a": 1, "b": 2}, "x", "y"]
 
 
+def mixed_keys(value: Any, ctx: Any) -> list[Any]:
+    """Equal dicts with keys of mixed types (which JSON cannot sort), in another order, at
+    the top and nested."""
+    return [{1: "a", "1": "b"}, {"1": "b", 1: "a"}, [{2: "x", "2": {"k": 1, 3: None}}],
+            ({"2": {3: None, "k": 1}, 2: "x"},), {1: "a", "1": "c"}]
+
+
+async def test_unique_compares_dicts_with_mixed_keys_whatever_their_order(
+    transport: Transport,
+) -> None:
+    """Such a dict was compared by its repr, which follows the key order: both copies were
+    kept."""
+    units, _ = await _run(transport, {"kind": "tool", "function": "tests.test_stage_limits:"
+                                      "mixed_keys", "framing": "items", "unique": True})
+    assert len(units) == 3, units
+
+
 def test_max_units_must_be_positive() -> None:
     from orchestrator.spec import SpecError
 

@@ -373,6 +373,37 @@ class _Watcher:
 _looks: set[asyncio.Future[Any]] = set()  # running looks, referenced until they end
 
 
+def _unit_key(unit: Any) -> bytes:
+    """What `unique` compares: the unit as JSON with sorted keys, so equal dicts are equal
+    whatever their key order. A function's unit JSON cannot sort (a dict with keys of mixed
+    types, {1: "a", "1": "b"}, which the unit check lets through: JSON writes both keys as
+    "1") or cannot hold (a set: the check then fails the call) is compared by the repr of
+    `_canonical(unit)`, in which key order does not count either."""
+    try:
+        return json.dumps(unit, sort_keys=True, separators=(",", ":")).encode()
+    except (TypeError, ValueError):
+        try:
+            return repr(_canonical(unit)).encode()
+        except RecursionError:  # a circular unit: the unit check fails the call
+            return repr(unit).encode()
+
+
+def _canonical(value: Any) -> Any:
+    """`value` with each dict's items (and a set's members) in one order, sorted by type name
+    and repr (keys of different types do not compare); a tuple is a list, as in JSON."""
+    def order(x: Any) -> tuple[str, str]:
+        return type(x).__name__, repr(x)
+
+    if isinstance(value, dict):
+        items = [(_canonical(k), _canonical(v)) for k, v in value.items()]
+        return ("dict", sorted(items, key=lambda kv: (*order(kv[0]), repr(kv[1]))))
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return ("set", sorted((_canonical(v) for v in value), key=order))
+    return value
+
+
 async def _limited(units: AsyncIterator[Any], most: int | None,
                    unique: bool) -> AsyncIterator[Any]:
     """A stage's `max_units` and `unique`: at most `most` units, each (with `unique`) unlike
@@ -383,10 +414,7 @@ async def _limited(units: AsyncIterator[Any], most: int | None,
     try:
         async for unit in units:
             if unique:
-                try:  # equal dicts are equal whatever their key order
-                    key = json.dumps(unit, sort_keys=True, separators=(",", ":")).encode()
-                except (TypeError, ValueError):  # not JSON (mixed keys): the check says so
-                    key = repr(unit).encode()
+                key = _unit_key(unit)
                 if key in seen:
                     continue
                 seen.add(key)
