@@ -148,6 +148,23 @@ def test_engine_model_proxy(gateway: LiveServer) -> None:
     assert legacy.choices[0].text
 
 
+def test_engine_model_reports_a_reply_cut_by_max_tokens(gateway: LiveServer) -> None:
+    """The sim engine's text is drawn at 16 tokens or more: under max_tokens=5 it is cut,
+    and `finish_reason` says so ("length"), streamed or not; with room it is "stop"."""
+    c = client(gateway)
+    done = c.chat.completions.create(model="slow/default", messages=user("cut"), max_tokens=5)
+    assert done.choices[0].finish_reason == "length"
+    assert done.usage is not None and done.usage.completion_tokens == 5
+    chunks = list(c.chat.completions.create(
+        model="slow/default", messages=user("cut"), max_tokens=5, stream=True))
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices
+            and ch.choices[0].finish_reason] == ["length"]
+    roomy = c.chat.completions.create(model="slow/default", messages=user("cut"),
+                                      max_tokens=16)
+    assert roomy.choices[0].finish_reason == "stop"
+    assert roomy.usage is not None and roomy.usage.completion_tokens == 16
+
+
 def test_pipeline_failure_raises_sdk_errors(gateway: LiveServer) -> None:
     c = client(gateway)
     with pytest.raises(openai.InternalServerError) as info:

@@ -460,6 +460,31 @@ async def test_max_tokens_truncates_with_finish_length(
     assert (short[-1].completion_tokens, short[-1].finish_reason) == (30, "stop")
 
 
+async def test_default_text_cut_by_max_tokens_finishes_with_length(
+    make_engine: Callable[..., SimEngine],
+) -> None:
+    """The default text's length is drawn from min_tokens (16) up to max_tokens: below 16
+    the cap cuts every answer, and a client must hear it ("length"). Text, token counts and
+    steps stay as they were (the calibrated benchmarks' draws do not move)."""
+    engine = make_engine()
+    cut = await collect(engine.generate("q", GenParams(max_tokens=5)))
+    assert "".join(d.text for d in cut) == pseudo_text("q", 5)
+    assert (cut[-1].completion_tokens, cut[-1].finish_reason) == (5, "length")
+    assert len(engine.step_log) == 5  # one token a step, as before
+
+    # a stop string the capped text holds ends it first
+    stop = tokenize(pseudo_text("q", 5))[3]
+    stopped = await collect(engine.generate("q", GenParams(max_tokens=5, stop=[stop])))
+    assert stopped[-1].finish_reason == "stop" and stopped[-1].completion_tokens < 5
+
+    # at min_tokens, or from a lower min_tokens up, the drawn length is not cut
+    whole = await collect(engine.generate("q", GenParams(max_tokens=16)))
+    assert (whole[-1].completion_tokens, whole[-1].finish_reason) == (16, "stop")
+    low = await collect(make_engine(min_tokens=2).generate("q", GenParams(max_tokens=5)))
+    assert "".join(d.text for d in low) == pseudo_text("q", 5, min_tokens=2)
+    assert low[-1].finish_reason == "stop"
+
+
 async def test_stop_string_cuts_the_answer(make_engine: Callable[..., SimEngine]) -> None:
     engine = make_engine()
     out = await collect(

@@ -41,8 +41,10 @@ whose blocks become reusable only once computed).
 
 Text comes from a *responder*: ``params.tags["responder"]`` may be a callable
 ``(prompt, params) -> str`` (or a ``"package.module:function"`` string naming one);
-otherwise a pseudo-text generator seeded by the prompt's hash is used. Output is cut at the
-first `params.stop` string (finish "stop") and at ``max_tokens`` tokens (finish "length").
+otherwise a pseudo-text generator seeded by the prompt's hash is used, whose length is drawn
+from ``[min_tokens, max_tokens]``: below ``min_tokens`` the cap cuts every such answer to
+``max_tokens`` tokens (finish "length"). Output is cut at the first `params.stop` string
+(finish "stop") and at ``max_tokens`` tokens (finish "length").
 Sampling temperature is ignored: the simulator is deterministic by design.
 """
 
@@ -590,7 +592,11 @@ class SimEngine:
             raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
         loop = asyncio.get_running_loop()
         responder = resolve_responder(params.tags.get("responder"))
+        capped = False
         if responder is None:
+            # its length is drawn from min_tokens up, capped at max_tokens: below min_tokens
+            # every answer was cut short (told apart here: the draws stay as they are)
+            capped = params.max_tokens < self.min_tokens
             text = pseudo_text(
                 _full_prompt(prompt, params),
                 params.max_tokens,
@@ -603,7 +609,7 @@ class SimEngine:
             text = responder(prompt, params)
             if not isinstance(text, str):
                 raise TypeError(f"responder returned {type(text).__name__}, expected str")
-        out_tokens, finish = _shape_output(text, params)
+        out_tokens, finish = _shape_output(text, params, capped=capped)
         prompt_toks = tokenize(_full_prompt(prompt, params))
         seq = _Seq(
             id=self._next_id,
@@ -796,13 +802,17 @@ def _full_prompt(prompt: str, params: GenParams) -> str:
     return f"{params.system}\n\n{prompt}" if params.system else prompt
 
 
-def _shape_output(text: str, params: GenParams) -> tuple[list[str], str]:
-    """Apply stop strings, then max_tokens; return (tokens, finish_reason)."""
-    finish = "stop"
+def _shape_output(
+    text: str, params: GenParams, *, capped: bool = False
+) -> tuple[list[str], str]:
+    """Apply stop strings, then max_tokens; return (tokens, finish_reason). `capped`: the
+    text already ends where max_tokens cut it ("length", unless a stop string comes first)."""
+    finish = "length" if capped else "stop"
     if params.stop:
         cuts = [i for i in (text.find(s) for s in params.stop if s) if i >= 0]
         if cuts:
             text = text[: min(cuts)]
+            finish = "stop"
     tokens = tokenize(text)
     if len(tokens) > params.max_tokens:
         tokens = tokens[: params.max_tokens]
