@@ -739,10 +739,59 @@ def serve(
         own_handler("uvicorn", settings.log_level)
     else:
         log_config = uvicorn.config.LOGGING_CONFIG
+    guarded = _StartupGuard(app)
     with _stop_signals_raise() as stopped:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_config=log_config,
-                    log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+        try:
+            uvicorn.run(guarded, host=settings.host, port=settings.port,
+                        log_config=log_config, log_level=settings.log_level.lower(),
+                        timeout_graceful_shutdown=5)
+        except SystemExit:  # uvicorn's exit 3 after a failed startup
+            if guarded.error is None:
+                raise
+            error = guarded.error
+            _say_error(f"cannot start the gateway: {str(error) or type(error).__name__}")
+            _exit(1)
     _exit(128 + stopped[0] if stopped else 0)
+
+
+_STARTUP_FAILED = "Application startup failed. Exiting."
+
+
+class _StartupGuard:
+    """The app as `alto serve` hands it to uvicorn, keeping what failed its startup (the
+    embedded runtime's: an engine that builds, as checked before, but cannot start, such
+    as a model file that is not there) for one line and exit 1, as `alto run` and `alto
+    worker` say it. Starlette hands uvicorn the traceback as the failure's message, which
+    it logged (40 lines) before exiting 3; here the message is dropped, and so is
+    uvicorn's own line, which the one line replaces."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.error: Exception | None = None
+        logging.getLogger("uvicorn.error").addFilter(self._quiet)
+
+    def _quiet(self, record: logging.LogRecord) -> bool:
+        return not (self.error is not None and record.getMessage() == _STARTUP_FAILED)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        failed = False
+
+        async def send_quietly(message: Any) -> None:
+            nonlocal failed
+            if message["type"] == "lifespan.startup.failed":
+                failed = True
+                message = {"type": message["type"], "message": ""}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_quietly)
+        except Exception as exc:
+            if failed:  # raised by the startup (not the shutdown)
+                self.error = exc
+            raise
 
 
 class _StoppedBy(BaseException):

@@ -8,6 +8,7 @@ Every test runs the real CLI as a subprocess."""
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 from pathlib import Path
 
@@ -79,6 +80,24 @@ def test_an_override_option_the_engine_refuses_is_one_line_naming_it(
     line = one_line_error(alto(*command_args(command, path), "--engine", "sim", *flags,
                                env=clean_env(**env), timeout=30))
     assert line.startswith(f"error: invalid engine override: {why}"), line
+
+
+def test_serve_with_an_engine_that_cannot_start_is_one_line(tmp_path: Path) -> None:
+    """An engine that builds (the check before uvicorn passes) but cannot start: a local
+    model file that is not there. uvicorn logged the 40-line traceback Starlette handed
+    it and exited 3; now one line after uvicorn's own startup lines, exit 1 (what this
+    machine lacks, as `alto run` and `alto worker` say it)."""
+    path = lm_pipeline(tmp_path, {"kind": "sim", "time_scale": 0})
+    model = tmp_path / "missing.gguf"
+    proc = alto(*command_args("serve", path), "--engine", "local", "--engine-opt",
+                f"model_path={model}", timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "startup failed" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert [x for x in lines if "error" in x.lower()] == lines[-1:], proc.stderr
+    why = f"model file {str(model)!r} not found" if importlib.util.find_spec("llama_cpp") \
+        else "the local engine needs llama-cpp-python"
+    assert lines[-1].startswith(f"error: cannot start the gateway: {why}"), lines[-1]
 
 
 def test_a_worker_checks_only_its_own_stage_s_engine(tmp_path: Path) -> None:
