@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.template import BUILTIN_VARS
+from orchestrator.template import BUILTIN_VARS, ambiguous
 
 REQUEST = "request"
 StageKind = Literal["lm", "tool", "reduce"]
@@ -261,6 +261,14 @@ def _validate_graph(p: PipelineSpec) -> None:
                                 "its prompt for its engine", stage=s.name, field="function")
             if not s.prompt:
                 raise SpecError("an lm stage needs a prompt template", stage=s.name, field="prompt")
+            for written, name in ambiguous(s.prompt):
+                if name in BUILTIN_VARS or name in by:
+                    raise SpecError(
+                        f"{written} is ambiguous: write {{{name}}} for its value, "
+                        f"{{{{{name}}}}} to show the model {{{name}}} itself, and a blank "
+                        f"between braces meant as text ({{ {{{name}}} }})",
+                        stage=s.name, field="prompt",
+                    )
             if (s.engine or "default") not in p.engines:
                 raise SpecError(
                     f"unknown engine {s.engine or 'default'!r}", stage=s.name, field="engine"

@@ -5,8 +5,12 @@ this stage is processing), `items` (for an aggregating stage: its units, one per
 in lineage order) and any upstream stage's name (the text of that stage's unit on this
 message's lineage). Anything else in braces is left as written, so prompts can contain
 JSON examples without escaping. A placeholder's name in double braces, `{{input}}`, is
-written as `{input}`: the way to show a placeholder itself to the model. A placeholder has
-no blanks inside its braces: `{ input }` is text (the lint warns about it).
+written as `{input}`: the way to show a placeholder itself to the model. A name between
+longer runs of braces, `{{{input}}}`, is left as written: it is ambiguous (Python's format
+reads it as the value in braces, Mustache as the value unescaped, and it holds the escape
+`{{input}}`), so the spec refuses it around a placeholder's name (`ambiguous`). One brace
+on either side is a placeholder with braces around it: `{"a": {"b": {input}}}`. A
+placeholder has no blanks inside its braces: `{ input }` is text (the lint warns about it).
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from typing import Any
 from orchestrator.envelope import Lineage
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_-]*"
-# an escaped name first, so that `{{input}}` is one escape and not `{` + `{input}` + `}`
-_VAR = re.compile(rf"\{{\{{({_NAME})\}}\}}|\{{({_NAME})\}}")
+# a name with the whole runs of braces around it, read by `_kind`: so that `{{input}}` is one
+# escape and not `{` + `{input}` + `}`, and `{{{input}}}` is seen whole
+_BRACED = re.compile(rf"(\{{+)({_NAME})(\}}+)")
+_PLACEHOLDER, _ESCAPE, _AMBIGUOUS = range(3)
 BUILTIN_VARS = frozenset({"input", "text", "items"})
 
 
@@ -54,6 +60,23 @@ def is_blank(text: str) -> bool:
 _SPACED = re.compile(rf"\{{(\s*)({_NAME})(\s*)\}}")
 
 
+def _kind(m: re.Match[str]) -> int:
+    """One brace on a side: a placeholder (the other side's extra braces are text); two on
+    each: an escape; two or more on each, three or more on one: ambiguous."""
+    opened, closed = len(m.group(1)), len(m.group(3))
+    if min(opened, closed) == 1:
+        return _PLACEHOLDER
+    return _ESCAPE if opened == closed == 2 else _AMBIGUOUS
+
+
+def ambiguous(template: str) -> list[tuple[str, str]]:
+    """(written text, name) of each name between runs of braces that are neither a
+    placeholder nor an escape, such as `{{{input}}}`, in order: `render` leaves them as
+    written, and the spec refuses them around a placeholder's name."""
+    return [(m.group(0), m.group(2)) for m in _BRACED.finditer(template)
+            if _kind(m) == _AMBIGUOUS]
+
+
 def as_text(value: Any) -> str:
     if isinstance(value, str):
         return value
@@ -62,7 +85,7 @@ def as_text(value: Any) -> str:
 
 def variables(template: str) -> list[str]:
     """The placeholders of `template`, in order (escaped ones are text, not placeholders)."""
-    return [m.group(2) for m in _VAR.finditer(template) if m.group(2)]
+    return [m.group(2) for m in _BRACED.finditer(template) if _kind(m) == _PLACEHOLDER]
 
 
 def spaced_names(template: str) -> list[str]:
@@ -73,12 +96,14 @@ def spaced_names(template: str) -> list[str]:
 
 def render(template: str, values: dict[str, Any]) -> str:
     def sub(m: re.Match[str]) -> str:
-        escaped, name = m.group(1), m.group(2)
-        if escaped:
-            return "{" + escaped + "}"
-        return as_text(values[name]) if name in values else m.group(0)
+        kind, name = _kind(m), m.group(2)
+        if kind == _ESCAPE:
+            return "{" + name + "}"
+        if kind == _AMBIGUOUS or name not in values:
+            return m.group(0)
+        return m.group(1)[1:] + as_text(values[name]) + m.group(3)[1:]
 
-    return _VAR.sub(sub, template)
+    return _BRACED.sub(sub, template)
 
 
 @dataclass(slots=True)

@@ -115,6 +115,35 @@ def test_aggregator_that_drops_the_scope_in_between_is_rejected() -> None:
         parse_pipeline(raw)
 
 
+@pytest.mark.parametrize("written", ["{{{input}}}", "{{{a}}}", "{{input}}}", "{{{text}}",
+                                     "{{{{items}}}}"])
+def test_a_placeholder_in_more_braces_is_ambiguous(written: str) -> None:
+    """`{{{input}}}` was sent as `{{input}}` (an escape with a brace either side), where
+    Python's format would send the value in braces and Mustache the value: refused at
+    load, naming the stage and the field, with what to write instead."""
+    name = written.strip("{}")
+    with pytest.raises(SpecError) as caught:
+        parse_pipeline(mutate(["stages", 1, "prompt"], f"say {written} now"))
+    assert str(caught.value) == (
+        f"stages.b.prompt: {written} is ambiguous: write {{{name}}} for its value, "
+        f"{{{{{name}}}}} to show the model {{{name}}} itself, and a blank between braces "
+        f"meant as text ({{ {{{name}}} }})")
+
+
+def test_braces_around_placeholders_as_the_docs_say() -> None:
+    """`{x}` is the value, `{{x}}` shows `{x}`, one brace on a side of a placeholder is
+    the value with braces around it (JSON), and a name that is no placeholder between
+    longer runs of braces is left as written (a Mustache example shown to the model)."""
+    from orchestrator.template import render, variables
+
+    prompt = ('{a} {{a}} {"k": {"j": {a}}} {{{body}}} {{{{body}}}} {{body}}} { {a} } '
+              "{{a}{input}}")
+    parse_pipeline(mutate(["stages", 1, "prompt"], prompt))
+    assert render(prompt, {"a": "A", "input": "I"}) == (
+        'A {a} {"k": {"j": A}} {{{body}}} {{{{body}}}} {{body}}} { A } {AI}')
+    assert variables(prompt) == ["a", "a", "a", "a", "input"]
+
+
 def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nstages: [\n")
