@@ -14,12 +14,15 @@ to every caller anyway, and so are these.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.errors import ApiError
+from app.errors import ApiError, validation_error
 from app.middleware import ADMIN_STATE, OWNER_STATE
 from app.responses import errors
 from app.routes_native import PipelineName, gateway
@@ -82,6 +85,67 @@ def _ids(selection: DeadLetterIds | AllDeadLetters) -> list[str] | None:
     return selection.ids if isinstance(selection, DeadLetterIds) else None
 
 
+SELECTION_SHAPES = ('expected {"ids": [letter id, ...]} (those letters) or {"all": true} '
+                    '(every unresolved letter)')
+
+
+def selection_error(exc: RequestValidationError) -> ApiError | None:
+    """A 400 for a body that is not a Selection, saying both shapes it may have. Why:
+    pydantic reports a union's failure branch by branch, and the generic message named
+    only the first (`missing required field 'DeadLetterIds.ids'`), hiding `{"all":
+    true}`. The problem reported is the one of the shape the body was meant to be (by
+    the key it has); None where the body is not the problem (a path parameter, JSON that
+    does not parse), which the generic handler words."""
+    errors = exc.errors()
+    if not errors or any(tuple(e.get("loc", ()))[:1] != ("body",)
+                         or e.get("type") == "json_invalid" for e in errors):
+        return None
+    body = exc.body
+    if body is None:
+        return ApiError(400, f"missing request body: {SELECTION_SHAPES}",
+                        code="missing_required_parameter")
+    if not isinstance(body, dict):
+        return ApiError(400, f"invalid request body: not a JSON object; {SELECTION_SHAPES}",
+                        code="invalid_value")
+    if "ids" in body and "all" in body:
+        return ApiError(400, f"'ids' and 'all' together: give one; {SELECTION_SHAPES}",
+                        code="invalid_value")
+    if "ids" not in body and "all" not in body:
+        return ApiError(400, f"missing 'ids' or 'all': {SELECTION_SHAPES}",
+                        code="missing_required_parameter")
+    meant = (DeadLetterIds if "ids" in body else AllDeadLetters).__name__
+    # the meant shape's problems, located in the body as if it were the only shape
+    mine = [{**e, "loc": ("body", *e["loc"][2:])} for e in errors
+            if tuple(e["loc"][1:2]) == (meant,)]
+    if not mine:
+        return None
+    inner = validation_error(RequestValidationError(mine))
+    return ApiError(400, f"{inner.message}; {SELECTION_SHAPES}", param=inner.param,
+                    code=inner.code)
+
+
+class SelectionRoute(APIRoute):
+    """A route whose body is a Selection: its validation errors say both shapes."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                error = selection_error(exc)
+                if error is None:
+                    raise
+                raise error from None
+
+        return route
+
+
+# the routes that take a Selection (included into `router` below, after their definitions)
+selecting = APIRouter(route_class=SelectionRoute)
+
+
 class Replayed(BaseModel):
     object: Literal["dead_letters.replayed"] = "dead_letters.replayed"
     runs: dict[str, str] = Field(description="letter id -> the new run that re-submits its input")
@@ -113,7 +177,7 @@ async def list_dead_letters(
     return json_response(body.model_dump())
 
 
-@router.post("/pipelines/{name}/dead-letters/replay", response_model=Replayed,
+@selecting.post("/pipelines/{name}/dead-letters/replay", response_model=Replayed,
              dependencies=[Depends(require_admin)], responses=ADMIN_ERRORS)
 async def replay_dead_letters(
     request: Request, name: PipelineName, selection: Annotated[Selection, Body()],
@@ -131,7 +195,7 @@ async def replay_dead_letters(
     return json_response(Replayed(runs=runs).model_dump())
 
 
-@router.post("/pipelines/{name}/dead-letters/drop", response_model=Dropped,
+@selecting.post("/pipelines/{name}/dead-letters/drop", response_model=Dropped,
              dependencies=[Depends(require_admin)], responses=ADMIN_ERRORS)
 async def drop_dead_letters(
     request: Request, name: PipelineName, selection: Annotated[Selection, Body()],
@@ -143,3 +207,6 @@ async def drop_dead_letters(
     except LookupError as exc:
         raise ApiError(404, str(exc), param="ids", code="dead_letter_not_found") from None
     return json_response(Dropped(dropped=n).model_dump())
+
+
+router.include_router(selecting)

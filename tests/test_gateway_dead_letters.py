@@ -85,6 +85,35 @@ def test_list_replay_and_drop_over_http(open_server: LiveServer, broken: set[str
     assert_error_shape(unknown, 404, "pipeline_not_found")
 
 
+@pytest.mark.parametrize(("body", "param", "code", "problem"), [
+    ({}, None, "missing_required_parameter", "missing 'ids' or 'all'"),
+    ({"idz": ["1-1"]}, None, "missing_required_parameter", "missing 'ids' or 'all'"),
+    (None, None, "missing_required_parameter", "missing request body"),
+    ([], None, "invalid_value", "invalid request body: not a JSON object"),
+    ({"all": False}, "all", "invalid_value", "invalid value for 'all'"),
+    ({"ids": []}, "ids", "invalid_value", "invalid value for 'ids'"),
+    ({"ids": [""]}, "ids[0]", "invalid_value", "invalid value for 'ids[0]'"),
+    ({"ids": ["1-1"], "x": 1}, "x", "invalid_value", "invalid value for 'x'"),
+    ({"ids": ["1-1"], "all": True}, None, "invalid_value", "'ids' and 'all' together"),
+], ids=["empty", "other-key", "no-body", "not-an-object", "all-false", "no-ids", "empty-id",
+        "extra-key", "both"])
+@pytest.mark.parametrize("action", ["replay", "drop"])
+def test_a_wrong_selection_names_both_shapes(open_server: LiveServer, action: str,
+                                             body: object, param: str | None, code: str,
+                                             problem: str) -> None:
+    """The body is `{"ids": [...]}` or `{"all": true}`: a 400 named only the first shape
+    (`missing required field 'DeadLetterIds.ids'`, a schema name for a field), so
+    `{"all": true}` stayed hidden. The problem is the one of the shape the body meant."""
+    with httpx.Client(base_url=open_server.url, timeout=30) as http:
+        r = http.post(f"{LETTERS}/{action}", json=body) if body is not None \
+            else http.post(f"{LETTERS}/{action}")
+    err = assert_error_shape(r, 400, code)
+    assert err["type"] == "invalid_request_error" and err["param"] == param, err
+    assert err["message"].startswith(problem), err
+    assert '{"ids": [letter id, ...]}' in err["message"], err
+    assert '{"all": true}' in err["message"] and "DeadLetterIds" not in err["message"], err
+
+
 def test_a_letter_without_its_input_is_not_replayed(open_server: LiveServer) -> None:
     with httpx.Client(base_url=open_server.url, timeout=30) as http:
         r = http.post(f"{LETTERS}/replay", json={"ids": ["not-an-id"]})
