@@ -12,9 +12,11 @@ every value reads back as the standard library would have written it.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import math
+import uuid
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
@@ -30,6 +32,18 @@ _ORJSON_OPTS = (
 )
 
 
+def _as_orjson(value: Any) -> Any:
+    """What orjson writes for the types it encodes natively and the standard library
+    refuses (a UUID as its canonical text, an Enum as its value): without it a tool's
+    UUID or Enum encoded or failed depending on whether a `null` elsewhere in the same
+    envelope sent it down the standard-library path."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def dumps_json(value: Any) -> bytes:
     """`json.dumps(value, separators=(",", ":"), ensure_ascii=False)` as UTF-8, fast.
 
@@ -37,7 +51,8 @@ def dumps_json(value: Any) -> bytes:
     (as `NaN`, `Infinity`); so any output containing `null` is rewritten by the standard
     library (a cheap substring test; end markers omit their null payload to stay fast).
     Integers beyond 64 bits, non-string keys and subclasses of built-in types also take
-    that path, and whatever the standard library refuses raises its TypeError/ValueError.
+    that path, and whatever the standard library refuses raises its TypeError/ValueError,
+    except UUIDs and Enums, which both paths write as orjson does (`_as_orjson`).
     Text with a lone UTF-16 surrogate (which no UTF-8 holds) is written with ASCII escapes,
     which read back as the same text.
     """
@@ -46,11 +61,13 @@ def dumps_json(value: Any) -> bytes:
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         out = b"null"
     if b"null" in out:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False,
+                          default=_as_orjson)
         try:
             return text.encode()
         except UnicodeEncodeError:  # a lone surrogate (orjson refuses it too): escaped
-            return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode()
+            return json.dumps(value, separators=(",", ":"), ensure_ascii=True,
+                              default=_as_orjson).encode()
     return out
 
 

@@ -3,8 +3,10 @@ standard library would have written it, whatever the payload holds."""
 
 from __future__ import annotations
 
+import enum
 import json
 import math
+import uuid
 from fractions import Fraction
 from typing import Any
 
@@ -143,3 +145,19 @@ def test_strict_json_is_strict_and_keeps_every_finite_value(value: Any) -> None:
 
     back = json.loads(strict_json(value), parse_constant=refuse)
     assert back == _nulled(value)  # NaN != NaN, but no NaN is left to compare
+
+
+class _Colour(enum.Enum):
+    RED = "red"
+    DEEP = {"r": 1, "tone": None}
+
+
+@pytest.mark.parametrize("other", [1, None, float("nan"), 2**70])
+def test_uuids_and_enums_encode_whatever_else_the_value_holds(other: Any) -> None:
+    """orjson writes a UUID and an Enum; the standard library refuses both. A `null`, a NaN
+    or a big integer elsewhere in the same value sends it down the standard library's path,
+    so a tool's UUID used to encode or fail by what sat beside it."""
+    u = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    value = {"id": u, "c": [_Colour.RED, _Colour.DEEP], "other": other}
+    got = loads_json(dumps_json(value))
+    assert got["id"] == str(u) and got["c"] == ["red", {"r": 1, "tone": None}]
