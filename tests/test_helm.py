@@ -167,6 +167,8 @@ def test_the_validator_catches_a_bad_manifest() -> None:
         ({"redis": {"enabled": False}}, "/redis/external/url"),
         ({"redis": {"enabled": False, "external": {"url": "redis://:secret@r:6379/0"}}},
          "/redis/external/url"),
+        ({"redis": {"enabled": False, "external": {"url": "redis://user:secret@r:6379/0"}}},
+         "/redis/external/url"),
         ({"autoscaling": {"enabled": True, "minReplicas": 0}}, "/autoscaling/minReplicas"),
         ({"autoscaling": {"kind": "vpa"}}, "/autoscaling/kind"),
         ({"workers": {"stages": {"verify": {"gpu": -1}}}}, "/workers/stages/verify/gpu"),
@@ -756,6 +758,32 @@ def test_an_external_redis_url_keeps_its_tls_options() -> None:
             assert env(c)["ALTO_REDIS_URL"]["value"] == expect
             assert mount in c["volumeMounts"]
             assert volume in d["spec"]["template"]["spec"]["volumes"]
+
+
+@pytest.mark.parametrize("secret", ["", "redis-auth"], ids=["no-password", "password"])
+def test_an_external_redis_url_may_name_an_acl_user(secret: str) -> None:
+    """`redis[s]://user@host...` (a managed Redis with ACLs): the schema refused any user
+    info. The user reaches ALTO_REDIS_URL (beside the Secret's password) and KEDA's
+    scaler, which reads it from the workers' env; a password in the URL stays refused."""
+    url = "rediss://alto-app@r.example:6380/2?ssl_cert_reqs=required"
+    docs = render({"redis": {"enabled": False, "external": {"url": url, "existingSecret": secret}},
+                   "autoscaling": {"enabled": True, "kind": "keda"}})
+    deployments = by_kind(docs, "Deployment")
+    for d in deployments.values():
+        e = env(container(d))
+        assert e["REDIS_USERNAME"]["value"] == "alto-app"
+        kw = redis.connection.parse_url(_expand(e["ALTO_REDIS_URL"]["value"],
+                                                {"REDIS_PASSWORD": "s3cret"}))
+        assert (kw["username"], kw.get("password"), kw["host"], kw["port"], kw["db"]) == \
+            ("alto-app", "s3cret" if secret else None, "r.example", 6380, 2)
+    scaled = by_kind(docs, "ScaledObject")
+    assert scaled
+    for so in scaled.values():
+        target = container(deployments[so["spec"]["scaleTargetRef"]["name"]])
+        for t in so["spec"]["triggers"]:
+            assert t["metadata"]["address"] == "r.example:6380"
+            user_env = t["metadata"]["usernameFromEnv"]
+            assert env(target)[user_env]["value"] == "alto-app"
 
 
 def test_a_stage_s_own_volumes_add_to_the_defaults() -> None:

@@ -134,11 +134,15 @@ the transport's prefix "alto:", "stream:", then the stream's name (orchestrator.
 {{- $u := urlParse .Values.redis.external.url -}}
 {{- $query := "" -}}
 {{- if $u.query }}{{ $query = printf "?%s" $u.query }}{{ end -}}
+{{- if $u.userinfo }}{{- /* an ACL user: KEDA's scaler reads it here (usernameFromEnv) */}}
+- name: REDIS_USERNAME
+  value: {{ $u.userinfo | quote }}
+{{- end }}
 {{- if .Values.redis.external.existingSecret }}
 - name: REDIS_PASSWORD
   valueFrom: {secretKeyRef: {name: {{ .Values.redis.external.existingSecret }}, key: {{ .Values.redis.external.existingSecretKey }}}}
 - name: ALTO_REDIS_URL
-  value: {{ printf "%s://:$(REDIS_PASSWORD)@%s%s%s" $u.scheme $u.host $u.path $query | quote }}
+  value: {{ printf "%s://%s:$(REDIS_PASSWORD)@%s%s%s" $u.scheme $u.userinfo $u.host $u.path $query | quote }}
 {{- else }}
 - name: ALTO_REDIS_URL
   value: {{ .Values.redis.external.url | quote }}
