@@ -331,10 +331,15 @@ def _check_scaled_objects(docs: list[Doc], spec: PipelineSpec, values: dict[str,
             if values.get("redis", {}).get("enabled", True):
                 assert host == f"{PREFIX}-redis.{NAMESPACE}.svc" and f"{PREFIX}-redis" in services
             auth = auths[t["authenticationRef"]["name"]]
-            (ref,) = auth["spec"]["secretTargetRef"]
-            assert ref["parameter"] == "password"
+            refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
             external = values.get("redis", {}).get("external", {})
+            ref = refs.pop("password")
             assert ref["name"] in secrets or ref["name"] == external.get("existingSecret")
+            if "ca" in refs:  # a private CA: for a rediss:// Redis of your own
+                assert md["enableTLS"] == "true" and not values["redis"]["enabled"]
+                assert refs.pop("ca") == {"parameter": "ca", "name": external["caSecret"],
+                                          "key": external.get("caSecretKey", "ca.crt")}
+            assert not refs, refs
 
 
 def test_keda_scales_each_stage_on_its_streams(tmp_path: Path) -> None:
@@ -784,6 +789,36 @@ def test_an_external_redis_url_may_name_an_acl_user(secret: str) -> None:
             assert t["metadata"]["address"] == "r.example:6380"
             user_env = t["metadata"]["usernameFromEnv"]
             assert env(target)[user_env]["value"] == "alto-app"
+
+
+@pytest.mark.parametrize("secret", ["", "redis-auth"], ids=["no-password", "password"])
+def test_keda_gets_the_ca_of_a_private_ca_redis(secret: str, tmp_path: Path) -> None:
+    """The alto pods read a private CA from the file their URL's ssl_ca_certs names; KEDA's
+    scaler got no CA at all, so it could not verify the server and the workers never
+    scaled. `redis.external.caSecret` gives it the CA (TriggerAuthentication `ca`)."""
+    values = {"redis": {"enabled": False, "external": {
+        "url": "rediss://r.example:6380/2?ssl_ca_certs=/etc/redis-ca/ca.crt",
+        "existingSecret": secret, "caSecret": "redis-ca", "caSecretKey": "ca.pem"}},
+        "autoscaling": {"enabled": True, "kind": "keda"}}
+    docs = render(values)
+    (auth,) = by_kind(docs, "TriggerAuthentication").values()
+    expected = [{"parameter": "ca", "name": "redis-ca", "key": "ca.pem"}]
+    if secret:
+        expected.insert(0, {"parameter": "password", "name": secret, "key": "redis-password"})
+        _check_scaled_objects(docs, chart_spec(docs, tmp_path), values)
+    assert auth["spec"]["secretTargetRef"] == expected
+    for so in by_kind(docs, "ScaledObject").values():
+        for t in so["spec"]["triggers"]:
+            # KEDA refuses its `tls` auth parameter beside enableTLS; `ca` goes with either
+            assert t["metadata"]["enableTLS"] == "true"
+            assert t["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert lint_problems(values) == []
+
+
+def test_a_redis_ca_needs_a_tls_url() -> None:
+    with pytest.raises(helm.HelmError, match=re.escape("redis.external.caSecret")):
+        render({"redis": {"enabled": False, "external": {"url": "redis://r.example:6379/0",
+                                                         "caSecret": "redis-ca"}}})
 
 
 def test_a_stage_s_own_volumes_add_to_the_defaults() -> None:
