@@ -36,6 +36,7 @@ from app.metrics import Metrics
 from orchestrator.spec import PipelineSpec
 from orchestrator.tracker import RunTracker, event_order
 from orchestrator.transport import Transport
+from workers import deadletters
 from workers.client import fail_run, follow_run, start_run
 from workers.router import PolicyRouter, Router, entry_router
 from workers.runtime import Runtime
@@ -116,20 +117,23 @@ class RunHandle:
                 m.stage_errors.labels(self.spec.name, ev["stage"]).inc()
 
     async def close(self, *, grace_s: float = 0.0) -> None:
-        """End of the owner's connection: release the slot; cancel unfinished work."""
+        """End of the owner's connection: release the slot and cancel unfinished work, or
+        with `grace_s`, leave both to a reaper that waits for the client to come back."""
         if self._closed:
             return
         self._closed = True
-        self.slot.release()
         self._end_span(grace_s)
         gw = self.gateway
+        if not self.finished and grace_s > 0:
+            gw.metrics.runs.labels(self.spec.name, "detached").inc()
+            # the slot goes with the run: it is released when the run ends or is reaped
+            gw.reap_later(self.spec, self.run, grace_s, slot=self.slot,
+                          deadline_s=self.deadline_left(), total_s=self.deadline_s)
+            return
+        self.slot.release()
         if self.finished:
             gw.metrics.runs.labels(self.spec.name, self.outcome or "completed").inc()
             await gw.expire(self.run)
-            return
-        if grace_s > 0:
-            gw.metrics.runs.labels(self.spec.name, "detached").inc()
-            gw.reap_later(self.spec, self.run, grace_s)
             return
         gw.metrics.runs.labels(self.spec.name, "cancelled").inc()
         await gw.cancel(self.run, "the client disconnected before the run finished")
@@ -397,19 +401,100 @@ class Gateway:
                 if tracker.finished:
                     return True
 
-    def reap_later(self, spec: PipelineSpec, run: str, grace_s: float) -> None:
-        """Cancel `run` after `grace_s` unless someone follows it again by then."""
+    def reap_later(self, spec: PipelineSpec, run: str, grace_s: float, *,
+                   slot: Slot | None = None, deadline_s: float | None = None,
+                   total_s: float | None = None) -> None:
+        """Cancel `run` after `grace_s` unless someone follows it again by then; if
+        someone does (or `grace_s` is 0), stay with the run until it ends when given a
+        `slot` or a `deadline_s`.
+
+        `slot`: the run's admission slot, held until the run ends: a client dropping its
+        stream must not free room for another run while its own goes on (30 dropped
+        SSE streams ran at once under a limit of 4, and `alto_runs_inflight` read 0).
+        `deadline_s` (seconds left; `total_s` the whole): enforced while it runs, as a
+        follower does (a replayed run nobody followed ran on past its deadline)."""
 
         async def reap() -> None:
-            await asyncio.sleep(grace_s)
-            if await self.transport.members(WATCH_PREFIX + run):
+            if slot is None and deadline_s is None:
+                await asyncio.sleep(grace_s)
+                if not await self.transport.members(WATCH_PREFIX + run):
+                    await self._drop_unfollowed(spec, run)
                 return  # resumed: the new follower owns the decision now
-            if await self.finished(spec, run):
-                await self.expire(run)
-                return
-            await self.cancel(run, "no client followed the run within the resume grace period")
+            try:
+                ended = asyncio.ensure_future(self._until_end(spec, run, deadline_s, total_s))
+                try:
+                    done, _ = await asyncio.wait({ended}, timeout=grace_s)
+                    if not done and not await self.transport.members(WATCH_PREFIX + run):
+                        await self._drop_unfollowed(spec, run)
+                    await ended
+                finally:
+                    ended.cancel()
+            finally:
+                if slot is not None:
+                    slot.release()
 
         task = asyncio.get_running_loop().create_task(reap(), name=f"reap:{run}")
+        self._reapers.add(task)
+        task.add_done_callback(self._reapers.discard)
+
+    async def _drop_unfollowed(self, spec: PipelineSpec, run: str) -> None:
+        if await self.finished(spec, run):
+            await self.expire(run)
+        else:
+            await self.cancel(run, "no client followed the run within the resume grace period")
+
+    async def _until_end(self, spec: PipelineSpec, run: str, deadline_s: float | None,
+                         total_s: float | None) -> None:
+        """Wait (as no registered follower: clients resuming are told apart from this)
+        until `run` ends, failing it at its deadline."""
+        left = self.settings.run_deadline_s if deadline_s is None else deadline_s
+        try:
+            async for _ in follow_run(self.transport, spec, run, deadline_s=max(0.001, left)):
+                pass
+        except TimeoutError:
+            total = self.settings.run_deadline_s if total_s is None else total_s
+            await self.fail(run, "deadline_exceeded",
+                            f"the run did not finish within its deadline ({total:g} s)")
+            return
+        await self.expire(run)
+
+    async def replay(self, spec: PipelineSpec, entry_ids: list[str] | None, *,
+                     owner: str | None) -> dict[str, str]:
+        """Replay dead letters as new runs this gateway answers for as for its own: each
+        gets the run deadline (enforced here, though no client follows it), the log TTL
+        and the run metrics of a run started by a request."""
+        deadline = self.settings.run_deadline_s
+        runs = await deadletters.replay(self.transport, spec, entry_ids, owner=owner,
+                                        deadline_s=deadline)
+        t0 = time.monotonic()
+        for run in dict.fromkeys(runs.values()):
+            self.metrics.runs_started.labels(spec.name).inc()
+            await self.expire(run, int(deadline + self.settings.resume_grace_s)
+                              + self.settings.run_ttl_s)
+            self._account(spec, run, t0, deadline)
+        return runs
+
+    def _account(self, spec: PipelineSpec, run: str, t0: float, deadline_s: float) -> None:
+        """Count a replayed run's outcome and time as a request's run is counted."""
+
+        async def account() -> None:
+            outcome = "cancelled"
+            try:
+                async for _, ev in self.follow(spec, run, deadline_s=deadline_s,
+                                               total_s=deadline_s):
+                    if ev.get("type") == "result":
+                        outcome = "completed"
+                        self.metrics.run_seconds.labels(spec.name).observe(
+                            time.monotonic() - t0)
+                    elif ev.get("type") == "error":
+                        code = ev.get("code") or "error"
+                        outcome = {"deadline_exceeded": "timeout",
+                                   "cancelled": "cancelled"}.get(code, "failed")
+                await self.expire(run)
+            finally:
+                self.metrics.runs.labels(spec.name, outcome).inc()
+
+        task = asyncio.get_running_loop().create_task(account(), name=f"replayed:{run}")
         self._reapers.add(task)
         task.add_done_callback(self._reapers.discard)
 

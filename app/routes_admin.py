@@ -183,11 +183,12 @@ async def replay_dead_letters(
     request: Request, name: PipelineName, selection: Annotated[Selection, Body()],
 ) -> Response:
     """Submit the input of each selected letter's run again, as a new run (once per failed
-    run), and resolve its letters. For after the cause is fixed."""
+    run), and resolve its letters. For after the cause is fixed. The new runs have the
+    gateway's run deadline, enforced although no client follows them."""
     spec = gateway(request).pipeline(name, param="name")
     try:
-        runs = await deadletters.replay(gateway(request).transport, spec, _ids(selection),
-                                        owner=getattr(request.state, OWNER_STATE, None))
+        runs = await gateway(request).replay(spec, _ids(selection),
+                                             owner=getattr(request.state, OWNER_STATE, None))
     except LookupError as exc:
         raise ApiError(404, str(exc), param="ids", code="dead_letter_not_found") from None
     except ValueError as exc:  # a letter without a run input

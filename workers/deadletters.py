@@ -97,7 +97,7 @@ def _pick(letters: list[DeadLetter], entry_ids: Sequence[str] | None) -> list[De
 
 async def replay(
     transport: Transport, spec: PipelineSpec, entry_ids: Sequence[str] | None = None,
-    *, limit: int = 100_000, owner: str | None = None,
+    *, limit: int = 100_000, owner: str | None = None, deadline_s: float | None = None,
 ) -> dict[str, str]:
     """Submit the input of each run these dead letters (all unresolved ones if None) come
     from again, as a new run, then resolve the letters; returns {entry id: new run id}.
@@ -110,7 +110,9 @@ async def replay(
 
     A new run belongs to its failed run's owner (the API key hash its `run` event
     records), so only that key reads it, as it read the original; when that log has
-    expired, to `owner` (the admin who replays, over HTTP), else to nobody in particular."""
+    expired, to `owner` (the admin who replays, over HTTP), else to nobody in particular.
+    `deadline_s` is recorded in each new run's `run` event, as a gateway's runs record theirs.
+    """
     listed = await unresolved(transport, spec.name, limit)
     letters = _pick(listed, entry_ids)
     runs_named = {d.run for d in letters}  # a run's other letters go with it: its input is
@@ -124,6 +126,8 @@ async def replay(
     runs: dict[str, str] = {}
     for failed, group in by_run.items():
         meta: dict[str, Any] = {"replay_of": failed, "dead_letters": [d.entry_id for d in group]}
+        if deadline_s is not None:
+            meta["deadline_s"] = deadline_s
         first = await transport.read_events(failed, None, 1, 0)
         recorded = first[0][1].get("owner") if first and first[0][1].get("type") == "run" \
             else owner

@@ -97,3 +97,18 @@ def lone_surrogate(value: Any, ctx: StageContext) -> str:
     """Returns text no UTF-8 can hold (a high surrogate alone), as a tool decoding bytes
     with errors="surrogateescape" might."""
     return f"{value} \ud83d"
+
+
+HANGING: set[str] = set()  # the words `fail_or_hang` never returns on
+
+
+async def fail_or_hang(value: Any, ctx: StageContext) -> str:
+    """Fails on words in BROKEN, never returns on words in HANGING (a fix that made things
+    worse): a replayed run that only its deadline can end."""
+    import asyncio
+
+    if value in BROKEN:
+        raise ValueError(f"cannot process {value!r} (yet)")
+    if value in HANGING:
+        await asyncio.get_running_loop().create_future()
+    return str(value)

@@ -1,0 +1,97 @@
+"""Runs no client follows are still the gateway's: a replayed dead letter gets the run
+deadline (enforced although nobody reads it) and the run metrics, and a native stream
+the client dropped keeps its admission slot while the run goes on (QA: 30 dropped SSE
+runs ran at once under a limit of 4; a replayed run hung 35 s past a 5 s deadline)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+from tests.gateway_fixtures import *  # noqa: F403
+from tests.gateway_fixtures import LiveServer, assert_error_shape, make_server, wait_for
+from tests.test_gateway_metrics import scrape, value
+from tests.toy import faulty
+
+RUNS = "/v1/pipelines/stuck/runs"
+
+
+@pytest.fixture
+def words() -> Iterator[tuple[set[str], set[str]]]:
+    faulty.BROKEN.clear()
+    faulty.HANGING.clear()
+    yield faulty.BROKEN, faulty.HANGING
+    faulty.BROKEN.clear()
+    faulty.HANGING.clear()
+
+
+def _events(server: LiveServer, run: str) -> list[dict[str, Any]]:
+    t = server.gateway.transport
+    return [ev for _, ev in server.call(lambda: t.read_events(run, None, 100, 0))]
+
+
+def test_a_replayed_run_gets_the_deadline_and_the_metrics(
+        words: tuple[set[str], set[str]]) -> None:
+    broken, hanging = words
+    server = make_server(("stuck",), run_deadline_s=1.0)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            broken.add("w")
+            failed = http.post(RUNS, json={"input": "w"}).json()
+            assert failed["status"] == "failed", failed
+            broken.clear()
+            hanging.add("w")  # the "fix" makes the input hang instead
+            before = scrape(server)
+            replayed = http.post("/v1/pipelines/stuck/dead-letters/replay",
+                                 json={"all": True})
+            assert replayed.status_code == 200, replayed.text
+            [run] = set(replayed.json()["runs"].values())
+
+            def timed_out() -> bool:
+                return any(ev.get("type") == "error" and ev.get("code") == "deadline_exceeded"
+                           for ev in _events(server, run))
+
+            # nobody asks about the run: the gateway itself must end it at its deadline
+            wait_for(timed_out, 30, "the replayed run to be failed at its deadline")
+            assert _events(server, run)[0]["deadline_s"] == 1.0
+
+            def counted() -> bool:
+                return value(scrape(server), "alto_runs_total", pipeline="stuck",
+                             outcome="timeout") == value(before, "alto_runs_total",
+                                                         pipeline="stuck", outcome="timeout") + 1
+
+            wait_for(counted, 30, "the replayed run's outcome in alto_runs_total")
+            started = value(scrape(server), "alto_runs_started_total", pipeline="stuck")
+            assert started == value(before, "alto_runs_started_total", pipeline="stuck") + 1
+    finally:
+        server.stop()
+
+
+def test_a_dropped_stream_keeps_its_slot_until_the_run_ends(
+        words: tuple[set[str], set[str]]) -> None:
+    _, hanging = words
+    hanging.add("hold")
+    server = make_server(("stuck",), max_inflight_runs=1, resume_grace_s=600)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            with connect_sse(http, "POST", RUNS, json={"input": "hold"}) as source:
+                first = next(iter(source.iter_sse()))
+                run = first.json()["run"]
+            # the client is gone, the run goes on (it may resume within the grace period)
+            wait_for(lambda: value(scrape(server), "alto_runs_total", pipeline="stuck",
+                                   outcome="detached") == 1, 30, "the stream to detach")
+            refused = http.post(RUNS, json={"input": "free"})
+            assert_error_shape(refused, 429, "too_many_runs")
+            assert value(scrape(server), "alto_runs_inflight") == 1
+
+            cancelled = http.post(f"/v1/runs/{run}/cancel")
+            assert cancelled.status_code == 200, cancelled.text
+            wait_for(lambda: server.gateway.inflight == 0, 30, "the slot to come back")
+            after = http.post(RUNS, json={"input": "free"})
+            assert after.status_code == 200 and after.json()["status"] == "completed"
+    finally:
+        server.stop()
