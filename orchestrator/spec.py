@@ -14,6 +14,7 @@ from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -239,7 +240,40 @@ def _reachable(by: dict[str, StageSpec], start: list[str], removed: str | None) 
     return seen
 
 
+def _bad_base_url(value: Any) -> str | None:
+    """Why an `openai` engine's `base_url` (one URL, a list, or a comma-separated string)
+    cannot work, or None. Checked at load: a URL without a scheme ('localhost:8000') reads
+    as scheme 'localhost', and the run then failed on a connect to a nonsense path."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(u, str) for u in items):
+        return "must be an http(s) URL or a list of them"
+    for url in (u.strip() for u in items):
+        if not url:
+            continue
+        try:
+            parts = urlsplit(url)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:  # a malformed port or IPv6 literal
+            ok = False
+        if not ok:
+            return f"must be an http(s) URL (like http://host:8000), got {url!r}"
+    return None
+
+
+def _validate_engines(p: PipelineSpec) -> None:
+    for name, engine in p.engines.items():
+        if engine.kind != "openai":
+            continue
+        url = engine.options().get("base_url")
+        if url in (None, "", []):  # ALTO_OPENAI_BASE_URL may give it where it runs
+            continue
+        why = _bad_base_url(url)
+        if why:
+            raise SpecError(why, field=f"engines.{name}.base_url")
+
+
 def _validate_graph(p: PipelineSpec) -> None:
+    _validate_engines(p)
     by: dict[str, StageSpec] = {}
     for s in p.stages:
         if s.name in by:

@@ -129,6 +129,16 @@ def test_a_wrong_engine_option_is_an_error(tmp_path: Path) -> None:
     assert "error engines.default: openai engine: unknown option(s) ['retrys']" in proc.stderr
 
 
+def test_a_base_url_without_a_scheme_is_an_invalid_spec(tmp_path: Path) -> None:
+    """QA: `localhost:8901` said `ok`, and the run failed on a connect to `/8901/v1/...`."""
+    path = write(tmp_path, chain(
+        {"name": "ask", "kind": "lm", "prompt": "{input}"},
+        engines={"default": {"kind": "openai", "base_url": "localhost:8901", "model": "m"}}))
+    proc = alto_check(path)
+    assert proc.returncode == 2
+    assert "engines.default.base_url: must be an http(s) URL" in proc.stderr
+
+
 def test_an_engine_that_needs_the_environment_is_a_warning(tmp_path: Path) -> None:
     """No base_url in the spec: where it runs, ALTO_OPENAI_BASE_URL may give one."""
     path = write(tmp_path, chain({"name": "ask", "kind": "lm", "prompt": "{input}"},

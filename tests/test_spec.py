@@ -144,6 +144,30 @@ def test_braces_around_placeholders_as_the_docs_say() -> None:
     assert variables(prompt) == ["a", "a", "a", "a", "input"]
 
 
+def openai_engine(base_url: Any) -> dict[str, Any]:
+    raw = copy.deepcopy(BASE)
+    raw["engines"] = {"gpu": {"kind": "openai", "model": "m", "base_url": base_url}}
+    raw["stages"][1]["engine"] = "gpu"
+    return raw
+
+
+@pytest.mark.parametrize("url", ["localhost:8901", "ftp://x", "http://", "gpu-0",
+                                 ["http://a:8000", "b:8000"], "http://a,b:8000", ["http://a", 3]])
+def test_an_openai_base_url_must_be_http(url: Any) -> None:
+    """QA: `localhost:8901` passed the check, and the run failed on `POST /8901/v1/...`
+    (UnsupportedProtocol); refused at load, naming the engine and the field."""
+    with pytest.raises(SpecError, match=r"^engines\.gpu\.base_url: must be an http\(s\) URL"):
+        parse_pipeline(openai_engine(url))
+
+
+@pytest.mark.parametrize("url", ["http://localhost:8901", "https://api.example.com/v1",
+                                 ["http://gpu-0:8000", "http://[::1]:8000"], "http://a, http://b",
+                                 None, ""])
+def test_http_base_urls_and_none_load(url: Any) -> None:
+    """None: ALTO_OPENAI_BASE_URL may give it where the engine runs."""
+    parse_pipeline(openai_engine(url))
+
+
 def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nstages: [\n")
