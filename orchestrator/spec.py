@@ -108,9 +108,10 @@ class StageSpec(BaseModel):
                              f"built-in value, which a stage of that name would hide")
         return v
 
-    @field_validator("to", mode="before")
+    @field_validator("to", "stop", mode="before")
     @classmethod
     def _to_list(cls, v: Any) -> Any:
+        # one string is a one-element list, as the OpenAI API takes `"stop": "."`
         return [v] if isinstance(v, str) else v
 
     @property

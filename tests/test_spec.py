@@ -144,6 +144,15 @@ def test_braces_around_placeholders_as_the_docs_say() -> None:
     assert variables(prompt) == ["a", "a", "a", "a", "input"]
 
 
+def test_stop_may_be_one_string_as_in_the_openai_api() -> None:
+    """QA: `stop: "END"` failed with `Input should be a valid list`, while the API's
+    `"stop": "."` is accepted; one string is a one-element list."""
+    assert parse_pipeline(mutate(["stages", 1, "stop"], "END")).stage("b").stop == ["END"]
+    assert parse_pipeline(mutate(["stages", 1, "stop"], ["a", "b"])).stage("b").stop == ["a", "b"]
+    with pytest.raises(SpecError, match=r"stages\.b\.stop"):
+        parse_pipeline(mutate(["stages", 1, "stop"], 5))
+
+
 def openai_engine(base_url: Any) -> dict[str, Any]:
     raw = copy.deepcopy(BASE)
     raw["engines"] = {"gpu": {"kind": "openai", "model": "m", "base_url": base_url}}
