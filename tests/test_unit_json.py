@@ -123,3 +123,44 @@ async def test_a_unit_nothing_carries_is_checked_too(transport: Transport) -> No
         block_ms=FAST.block_ms, heartbeat_ms=FAST.heartbeat_ms, partial_events=False))
     assert events[-1]["type"] == "error" and events[-1]["stage"] == "bad", events[-1]
     assert events[-1]["message"] == _message("Object of type set is not JSON serializable")
+
+
+SEEN: list[Any] = []  # what `record` received, as the next stage reads it
+
+
+KEPT: list[Any] = []  # the objects `python_objects` returned
+
+
+class Attrs(dict[str, Any]):
+    pass
+
+
+def python_objects(value: Any, ctx: StageContext) -> Any:
+    """A unit JSON holds, written with Python's own types: int keys, a tuple, a dict
+    subclass; the function keeps (and later changes) the object it returned."""
+    out = {1: "int key", "pair": (1, 2), "sub": Attrs(x=1)}
+    KEPT.append(out)
+    return out
+
+
+def record(value: Any, ctx: StageContext) -> str:
+    SEEN.append(value)
+    KEPT[-1]["pair"] = "changed after the call"  # the upstream function's object, later
+    return "ok"
+
+
+async def test_the_next_stage_reads_a_unit_as_json_on_both_transports(
+        transport: Transport) -> None:
+    """Both transports hand the next stage what JSON reads back: on Redis the unit was
+    encoded, and the embedded transport passed the Python object itself on (int keys and
+    tuples arrived unchanged, and the upstream function could change it afterwards)."""
+    spec = parse_pipeline({"name": "objects", "stages": [
+        {"name": "make", "kind": "tool", "function": "tests.test_unit_json:python_objects",
+         "to": ["read"]},
+        {"name": "read", "kind": "tool", "function": "tests.test_unit_json:record"}]})
+    SEEN.clear()
+    [events], _ = await run_texts(transport, spec, "a")
+    assert events[-1]["type"] == "result", events[-1]
+    [got] = SEEN
+    assert got == {"1": "int key", "pair": [1, 2], "sub": {"x": 1}}
+    assert type(got["sub"]) is dict

@@ -216,7 +216,7 @@ class OutputNotJSON(Exception):
             "must be made of str, int, float, bool, None, lists and dicts with str keys")
 
 
-_SCALARS = (str, int, float)  # units that are JSON as they are (bool is an int)
+_SCALARS = (str, int, float, bool)  # exact types: units that read back as they are
 # What encoding a value JSON cannot hold raises (RecursionError: nested too deep to write;
 # caught alike on both transports, so such a unit is not retried on either).
 _NOT_JSON = (TypeError, ValueError, RecursionError)
@@ -1027,13 +1027,18 @@ class StageRunner:
         for lineage in sorted(units):
             self._check_json(units[lineage])
 
-    def _check_json(self, unit: Any) -> None:
+    def _check_json(self, unit: Any) -> Any:
         """A unit travels as JSON (between stages, in events, to clients): one JSON cannot
-        hold fails the call with this message, on both transports alike."""
-        if unit is None or isinstance(unit, _SCALARS):
-            return
+        hold fails the call with this message, on both transports alike. Returns the unit
+        as the next stage reads it from Redis: a tuple is a list, a dict key a string, an
+        Enum its value, and nothing is shared with the object the function returned (it
+        may change it after). The embedded transport passed the object itself on, so a
+        tool's `{1: "a"}` reached the next stage as `{1: "a"}` there, `{"1": "a"}` on
+        Redis."""
+        if unit is None or type(unit) in _SCALARS:
+            return unit
         try:
-            dumps_json(unit)
+            return loads_json(dumps_json(unit))
         except _NOT_JSON as exc:
             raise OutputNotJSON(self.stage.name, exc) from None
 
@@ -1079,7 +1084,7 @@ class StageRunner:
     ) -> None:
         """Add unit `index` to a commit: to every successor, and as a run event."""
         if self._check_units:
-            self._check_json(unit)
+            unit = self._check_json(unit)
         lin = (*base_lineage, (self.stage.name, index))
         lin_s = lineage_str(lin)
         share = unit_credit(credit, index)
