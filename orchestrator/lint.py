@@ -97,6 +97,7 @@ def lint(spec: PipelineSpec) -> list[SpecWarning]:
                 f"runs on the simulated engine: engine {engine!r} names no kind (give "
                 "`engines:` an entry with kind: openai, local, vllm or sim), unless "
                 "--engine or ALTO_ENGINE sets one at run time")))
+        warnings += _idle_responder(spec, stage)
         known = _known(stage, into)
         for name in dict.fromkeys(variables(stage.prompt)):
             if name not in known:
@@ -123,6 +124,22 @@ def _inert(stage: StageSpec) -> list[SpecWarning]:
             "has no effect: the stage has no retries (retries: 0), so a failed call is "
             "never tried again; set retries to use the backoff")))
     return warnings
+
+
+def _idle_responder(spec: PipelineSpec, stage: StageSpec) -> list[SpecWarning]:
+    """A `responder` on a stage whose engine is not `sim`: only the sim engine calls one,
+    so the author's canned answers never reach the run. Judged on the spec as written: an
+    `--engine sim` (or ALTO_ENGINE=sim) at run time would use it, which the message says."""
+    if not stage.responder:
+        return []
+    engine = stage.engine or "default"
+    kind = spec.engines[engine].kind
+    if kind == "sim":
+        return []
+    return [SpecWarning(stage.name, "responder", (
+        f"has no effect: only a sim engine calls a responder, and engine {engine!r} is "
+        f"kind {kind}; it is used only where --engine sim (or ALTO_ENGINE=sim) overrides "
+        "the pipeline's engines"))]
 
 
 def _spaced(spec: PipelineSpec, stage: StageSpec) -> list[SpecWarning]:

@@ -299,6 +299,24 @@ def test_partitions_and_a_backoff_where_they_act_are_no_warning() -> None:
     assert messages(spec) == []
 
 
+RESPOND = {"name": "ask", "kind": "lm", "prompt": "{input}",
+           "responder": "tests.toy.stages:repetitive"}
+
+
+@pytest.mark.parametrize("kind", ["openai", "local", "vllm"])
+def test_a_responder_on_an_engine_that_is_not_sim_is_a_warning(kind: str) -> None:
+    """QA: only the sim engine calls a responder; on an openai stage it passed the check
+    silently, though the docs say check warns about settings that do nothing."""
+    engines = {"default": {"kind": "sim"}, "gpu": {"kind": kind, "base_url": "http://h"}}
+    spec = parse_pipeline(chain({**RESPOND, "engine": "gpu"}, engines=engines))
+    assert messages(spec) == [
+        f"stages.ask.responder: has no effect: only a sim engine calls a responder, and "
+        f"engine 'gpu' is kind {kind}; it is used only where --engine sim (or "
+        f"ALTO_ENGINE=sim) overrides the pipeline's engines"]
+    on_sim = parse_pipeline(chain(RESPOND, engines=engines))  # the default engine: sim
+    assert messages(on_sim) == []
+
+
 def test_alto_check_prints_an_inert_setting_and_strict_fails_on_it(tmp_path: Path) -> None:
     path = write(tmp_path, chain(SPLIT, {**UP, "partitions": 8, "retry_backoff_s": 2.0}, ALL))
     relaxed, strict = alto_check(path), alto_check(path, "--strict")
