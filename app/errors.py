@@ -109,12 +109,36 @@ _EVENT_ID_LOCS = {("header", "Last-Event-ID"), ("query", "after")}
 _UNPARSABLE_BODY = "There was an error parsing the body"
 
 
-def validation_error(exc: RequestValidationError) -> ApiError:
+def not_json_body(exc: RequestValidationError, content_type: str | None) -> ApiError | None:
+    """The 400 for a body FastAPI left unparsed because its Content-Type is not JSON's
+    (curl's `-d` sends application/x-www-form-urlencoded): the body reaches validation as
+    raw bytes, and pydantic's own words ("Input should be a valid dictionary") never said
+    why. Not parsed anyway (vLLM's FastAPI server does not either): a browser may send a
+    form or text/plain body cross-site without a preflight, so reading it as JSON would
+    let any web page start runs on an unauthenticated local gateway."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    # the body itself, or a union's branch (loc body.<Model>): a field inside a parsed
+    # body is never bytes
+    if tuple(first.get("loc", ()))[:1] != ("body",) or not isinstance(first.get("input"), bytes):
+        return None
+    got = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+    return ApiError(400, "the request body must be JSON sent with Content-Type: "
+                    f"application/json; this request has {got} (curl -d sends "
+                    "application/x-www-form-urlencoded: add -H 'Content-Type: application/json')",
+                    code="invalid_json")
+
+
+def validation_error(exc: RequestValidationError, content_type: str | None = None) -> ApiError:
+    """`content_type`: the request's, named when the body was not read as JSON for it."""
     errors = exc.errors()
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         why = first.get("ctx", {}).get("error", "parse error")
         return ApiError(400, f"the request body is not valid JSON: {why}", code="invalid_json")
+    unread = not_json_body(exc, content_type)
+    if unread is not None:
+        return unread
     param = field_path(first.get("loc", ()))
     loc = tuple(first.get("loc", ()))
     if loc in _EVENT_ID_LOCS and first.get("type") == "string_pattern_mismatch":
@@ -142,7 +166,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc).response()
+        return validation_error(exc, request.headers.get("content-type")).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -101,6 +101,8 @@ def selection_error(exc: RequestValidationError) -> ApiError | None:
                          or e.get("type") == "json_invalid" for e in errors):
         return None
     body = exc.body
+    if isinstance(body, bytes):  # not read as JSON (its Content-Type): the generic 400 says so
+        return None
     if body is None:
         return ApiError(400, f"missing request body: {SELECTION_SHAPES}",
                         code="missing_required_parameter")

@@ -207,6 +207,28 @@ def test_unknown_model_is_not_found(gateway: LiveServer) -> None:
         client(gateway).models.retrieve("nope")
 
 
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", None])
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"model": "toy", "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/pipelines/toy/runs", {"input": "hi"}),
+    ("/v1/pipelines/toy/dead-letters/replay", {"all": True}),
+])
+def test_a_json_body_without_its_content_type_says_so(
+        gateway: LiveServer, content_type: str | None, path: str, body: dict[str, Any]) -> None:
+    """QA: `curl -d` (form encoding) got "Input should be a valid dictionary or object",
+    which never named the Content-Type; the body is still not read as JSON (a browser
+    sends such bodies cross-site without a preflight)."""
+    headers = {"content-type": content_type} if content_type else {}
+    r = httpx.post(f"{gateway.url}{path}", content=json.dumps(body).encode(), headers=headers)
+    assert r.status_code == 400, r.text
+    got = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+    assert r.json() == {"error": {
+        "message": "the request body must be JSON sent with Content-Type: application/json; "
+                   f"this request has {got} (curl -d sends application/x-www-form-urlencoded: "
+                   "add -H 'Content-Type: application/json')",
+        "type": "invalid_request_error", "param": None, "code": "invalid_json"}}
+
+
 def test_malformed_json_is_400(gateway: LiveServer) -> None:
     r = httpx.post(f"{gateway.url}/v1/chat/completions", content=b'{"model": "toy",',
                    headers={"content-type": "application/json"})
