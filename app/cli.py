@@ -393,7 +393,8 @@ async def _show_events(transport: Any, spec: PipelineSpec, run_id: str, deadline
                 text_ = o if isinstance(o, str) else json.dumps(o, indent=2, ensure_ascii=False)
                 print(text_, flush=True)  # the answer, verbatim (no markup, no wrapping)
             elif kind == "error":
-                console.print(f"[red]error[/red] {ev.get('stage', '')}: {escape(ev['message'])}")
+                console.print(f"[red]error[/red] {ev.get('stage', '')}: {escape(ev['message'])}",
+                              soft_wrap=True)  # one line, however long: logs get grepped
                 code = 1
     except TimeoutError as exc:
         await _cancel_run(transport, run_id, "deadline_exceeded",
@@ -403,8 +404,34 @@ async def _show_events(transport: Any, spec: PipelineSpec, run_id: str, deadline
     return code
 
 
+class _SaidByTheRun(logging.Filter):
+    """`alto run` on its embedded runtime: drops the runner's error record of a stage call
+    that failed for an engine (a server it cannot reach, an HTTP error, a broken stream)
+    or its `timeout_s`. The run's error event prints that as one line naming the stage
+    and the engine; the record repeated it with some 60 lines of httpx internals per
+    traceback. A stage function's own exception keeps its record: its traceback points
+    into the author's code."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from workers.engines.common import EngineError
+        from workers.stagefn import StageTimeout
+
+        exc = record.exc_info[1] if isinstance(record.exc_info, tuple) else None
+        return record.levelno < logging.ERROR or not isinstance(exc, EngineError | StageTimeout)
+
+
 async def _run(spec: PipelineSpec, text: str, redis_url: str | None, source: str,
                as_json: bool, override: EngineSpec | None, deadline: float) -> int:
+    runner_log, said = logging.getLogger("alto.runner"), _SaidByTheRun()
+    runner_log.addFilter(said)
+    try:
+        return await _run_pipeline(spec, text, redis_url, source, as_json, override, deadline)
+    finally:
+        runner_log.removeFilter(said)
+
+
+async def _run_pipeline(spec: PipelineSpec, text: str, redis_url: str | None, source: str,
+                        as_json: bool, override: EngineSpec | None, deadline: float) -> int:
     from workers.client import start_run
     from workers.runtime import Runtime
 

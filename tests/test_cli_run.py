@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,38 @@ def test_json_mode_exits_1_when_the_run_fails() -> None:
     events = [_strict(line) for line in proc.stdout.splitlines() if line.strip()]
     assert events[-1]["type"] == "error" and "not JSON" in events[-1]["message"]
     assert proc.returncode == 1
+
+
+def test_an_unreachable_engine_is_one_error_line_without_tracebacks(tmp_path: Path) -> None:
+    """QA: an openai engine on a closed port printed two ~60-line tracebacks (httpx
+    internals, from the runner's log) before the useful line, itself wrapped."""
+    with socket.socket() as s:  # a port nothing listens on once it is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "dead.yaml"
+    path.write_text(
+        "name: dead\n"
+        f"engines: {{default: {{kind: openai, base_url: 'http://127.0.0.1:{port}', model: m, "
+        "retries: 0}}\n"
+        "stages:\n  - {name: answer, kind: lm, prompt: '{input}'}\n")
+    proc = alto("run", str(path), "--input", "hi")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "alto.runner" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert errors == [
+        "error answer: EngineConnectError: openai:m#0: cannot connect to its server "
+        "(POST /v1/chat/completions) after 1 attempt(s): ConnectError"], proc.stderr
+
+
+def test_a_stage_function_that_raises_keeps_its_traceback(tmp_path: Path) -> None:
+    """The author's own bug: the runner's record keeps the traceback into their code."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\nstages:\n"
+                    "  - {name: check, kind: tool, function: 'tests.toy.faulty:fail_on_bad'}\n")
+    proc = alto("run", str(path), "--input", "bad")
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and 'faulty.py", line' in proc.stderr, proc.stderr
+    assert "error check: ValueError: cannot process 'bad'" in proc.stderr
 
 
 @pytest.mark.parametrize(("given", "stdin", "text", "contents"), [
