@@ -366,14 +366,16 @@ async def _cancel_run(transport: Any, run_id: str, code: str, message: str) -> N
 
 async def _show_events(transport: Any, spec: PipelineSpec, run_id: str, deadline: float,
                        as_json: bool) -> int:
+    from app.gateway import public_event
+    from app.routes_native import event_payload
     from orchestrator.envelope import strict_json
     from workers.client import follow_run
 
     code = 0
     try:
         async for _, ev in follow_run(transport, spec, run_id, deadline_s=deadline):
-            if as_json:
-                print(strict_json(ev).decode(), flush=True)
+            if as_json:  # the native API's event, as its SSE stream sends it
+                print(strict_json(event_payload(public_event(ev))).decode(), flush=True)
                 if ev["type"] == "error":
                     code = 1
                 continue
@@ -466,7 +468,9 @@ async def _run_pipeline(spec: PipelineSpec, text: str, redis_url: str | None, so
         loop.add_signal_handler(sig, signals, sig)
     code = 0
     try:
-        run_id = await start_run(transport, spec, text)
+        # the run event says its deadline, as the gateway's does (--deadline 0: none)
+        run_id = await start_run(transport, spec, text,
+                                 meta={"deadline_s": deadline} if deadline > 0 else None)
         show = asyncio.create_task(_show_events(transport, spec, run_id, deadline, as_json))
         stopped = asyncio.ensure_future(signals.first.wait())
         waiters: list[asyncio.Future[Any]] = [show, stopped]

@@ -4,6 +4,9 @@ listing, and replay/resume of a run's events with Last-Event-ID."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +17,7 @@ from orchestrator.tracker import event_order
 from tests.gateway_fixtures import *  # noqa: F403
 from tests.gateway_fixtures import LiveServer, assert_error_shape
 
+ROOT = Path(__file__).resolve().parents[1]
 Event = tuple[str, str, dict[str, Any]]  # (id, event type, data)
 
 
@@ -48,6 +52,31 @@ def test_sse_run_typed_events(gateway: LiveServer) -> None:
         assert "mid" not in d  # internal de-duplication ids stay inside
     assert [d["stage"] for _, t, d in events if t == "stage_done"] == ["split", "up", "join"]
     assert events[-1][2]["output"] == "HELLO BRAVE WORLD"
+
+
+def test_alto_run_json_prints_the_native_events(gateway: LiveServer) -> None:
+    """QA: `alto run --json` printed the internal `mid` and `partial` events without
+    `text`; its lines are now the native SSE stream's event data, as the README says."""
+    text = "hello brave world"
+    with httpx.Client(base_url=gateway.url, timeout=30) as http:
+        events, _ = read_events(http, "POST", "/v1/pipelines/toy/runs", json={"input": text})
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "run", str(ROOT / "tests/gateway_pipelines/toy.yaml"),
+         "--input", text, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    printed = [json.loads(line) for line in proc.stdout.splitlines()]
+
+    def same(run: str, evs: list[dict[str, Any]]) -> list[str]:
+        # the run id, its creation time (whole seconds) and deadline (the gateway's
+        # default, alto run's --deadline) differ
+        return sorted(json.dumps({k: "RUN" if v == run else 0 if k in ("created", "deadline_s")
+                                  else v for k, v in ev.items()}, sort_keys=True) for ev in evs)
+
+    assert same(printed[0]["run"], printed) == same(events[0][2]["run"],
+                                                    [d for _, _, d in events])
+    assert all("mid" not in ev for ev in printed) and printed[0]["deadline_s"] == 600
+    assert {ev["text"] for ev in printed if ev["type"] == "partial" and ev["stage"] == "up"} \
+        == {"HELLO", "BRAVE", "WORLD"}
 
 
 def test_json_run_has_result_and_all_partials(gateway: LiveServer) -> None:
