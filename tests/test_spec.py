@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from fractions import Fraction
@@ -175,6 +176,60 @@ def test_an_openai_base_url_must_be_http(url: Any) -> None:
 def test_http_base_urls_and_none_load(url: Any) -> None:
     """None: ALTO_OPENAI_BASE_URL may give it where the engine runs."""
     parse_pipeline(openai_engine(url))
+
+
+PIPELINES_MD = ROOT / "docs" / "PIPELINES.md"
+
+
+def doc_text() -> str:
+    return " ".join(PIPELINES_MD.read_text(encoding="utf-8").split())
+
+
+def test_the_documented_side_branch_around_an_aggregator_is_refused_as_documented() -> None:
+    """QA: PIPELINES.md stated only that a scope stage must be on every path into its
+    aggregator; the converse (nothing from the scope may end around it), which the loader
+    enforces, was in ARCHITECTURE.md only."""
+    raw = {"name": "p", "output": "j", "stages": [
+        {"name": "split", "kind": "tool", "function": T + "split_words", "framing": "items",
+         "to": ["summ"]},
+        {"name": "summ", "kind": "tool", "function": T + "upper", "to": ["combine", "note"]},
+        {"name": "combine", "kind": "reduce", "function": T + "join",
+         "aggregate_by": ["request", "split"], "to": ["j"]},
+        {"name": "note", "kind": "tool", "function": T + "upper"},
+        {"name": "j", "kind": "reduce", "function": T + "join", "aggregate_by": ["request"]}]}
+    with pytest.raises(SpecError) as caught:
+        parse_pipeline(raw)
+    assert "no path from the scope stage may reach a final stage without passing" in doc_text()
+    assert f"`{caught.value}`" in doc_text()
+
+
+def test_functions_import_from_the_working_directory_as_documented(tmp_path: Path) -> None:
+    """QA: nothing said that `module:name` is imported from where alto starts (or
+    PYTHONPATH), not next to the spec; the same spec checked from another directory fails."""
+    (tmp_path / "work" / "ragpkg").mkdir(parents=True)
+    (tmp_path / "work" / "ragpkg" / "__init__.py").write_text("")
+    (tmp_path / "work" / "ragpkg" / "fns.py").write_text(
+        "def retrieve(value, ctx):\n    return value\n")
+    (tmp_path / "specs").mkdir()
+    spec = tmp_path / "specs" / "rag.yaml"
+    spec.write_text("name: rag\nstages:\n"
+                    "  - {name: retrieve, kind: tool, function: 'ragpkg.fns:retrieve'}\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    alto = [str(Path(sys.executable).parent / "alto"), "check", str(spec)]
+    here = subprocess.run(alto, cwd=tmp_path / "work", capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert here.returncode == 0, here.stderr
+    beside = subprocess.run(alto, cwd=tmp_path / "specs", capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert beside.returncode == 1
+    said = "stages.retrieve.function: cannot import 'ragpkg.fns:retrieve': No module named " \
+           "'ragpkg'"
+    assert said in " ".join(beside.stderr.split())
+    assert f"`{said}`" in doc_text()
+    assert "not a file next to the spec" in doc_text()
+    on_path = subprocess.run(alto, cwd=tmp_path / "specs", capture_output=True, text=True,
+                             timeout=60, env={**env, "PYTHONPATH": str(tmp_path / "work")})
+    assert on_path.returncode == 0, on_path.stderr
 
 
 def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
