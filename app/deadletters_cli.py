@@ -70,7 +70,10 @@ def _chosen(ids: list[str] | None, every: bool) -> list[str] | None:
 @app.command()
 def replay(pipeline: PipelineOpt, ids: IdsArg = None, every: AllOpt = False,
            redis_url: RedisOpt = None) -> None:
-    """Submit each letter's run input again as a new run (after a fix), and resolve it."""
+    """Submit each letter's run input again as a new run (after a fix), and resolve it.
+
+    Once per run: a failed run can leave several letters, and replaying one of them
+    replays that run and resolves all of its letters, the ones not named too."""
     from app.cli import on_redis
     from workers import deadletters
 
