@@ -520,11 +520,12 @@ def worker(
         help="override the engine kind (or ALTO_ENGINE)")] = None,
     engine_opt: Annotated[list[str] | None, typer.Option(
         "--engine-opt", help="KEY=VALUE engine option (over ALTO_ENGINE_OPTIONS)")] = None,
-    concurrency: Annotated[int | None, typer.Option(min=1, help="max inputs in flight")] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        min=1, help="max inputs in flight per instance (or ALTO_CONCURRENCY)")] = None,
     instances: Annotated[int | None, typer.Option(
         min=1, max=256, help="engine instances this process runs, each with its own runner "
-        "(default 1, or one per server of an openai engine's base_url list; instance i "
-        "talks to the i-th server)")] = None,
+        "(or ALTO_INSTANCES; default 1, or one per server of an openai engine's base_url "
+        "list; instance i talks to the i-th server)")] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="barrier mode")] = False,
     metrics_port: Annotated[
         int | None, typer.Option(min=0, max=65535, help="serve /metrics /healthz /readyz "
@@ -545,6 +546,12 @@ def worker(
         raise typer.Exit(2)
     choice = _engine_choice(engine, engine_opt, settings)
     override = _build_engine(choice)
+    # the flags over ALTO_INSTANCES / ALTO_CONCURRENCY, as `alto run` and `alto serve`
+    # (Runtime.embedded) read those settings: the worker used to ignore them
+    instances = _worker_count("--instances", instances, "ALTO_INSTANCES", settings.instances,
+                              256)
+    concurrency = _worker_count("--concurrency", concurrency, "ALTO_CONCURRENCY",
+                                settings.concurrency)
     # its stage's engine, built before Redis is reached: a wrong option is one line, exit
     # 2, as `alto run` and `alto serve` say it (it failed the stage's start, exit 1)
     _check_engines([spec], override, choice, instances, only={(spec.name, stage)})
@@ -554,6 +561,20 @@ def worker(
         settings = settings.model_copy(update={"metrics_port": metrics_port})
     _exit(asyncio.run(_worker(spec, stage, url, source, override, concurrency, settings,
                               instances)))
+
+
+def _worker_count(flag: str, given: int | None, setting: str, configured: int | None,
+                  most: int | None = None) -> int | None:
+    """A worker's count option: the flag (typer checked its range), else the setting, which
+    must be in the flag's range (exit 2 naming it); None when neither is given."""
+    if given is not None:
+        return given
+    if configured is None:
+        return None
+    if configured < 1 or (most is not None and configured > most):
+        bound = f"between 1 and {most}" if most is not None else "at least 1"
+        _usage(f"invalid setting {setting}: {configured} is not {bound} ({flag}'s range)")
+    return configured
 
 
 def _default_instances(spec: PipelineSpec, stage: str, override: EngineSpec | None) -> int:

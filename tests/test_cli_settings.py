@@ -8,12 +8,21 @@ CLI as a subprocess."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from orchestrator.routing import stage_group
 from orchestrator.spec import load_pipeline
-from tests.test_cli_errors import NOWHERE, PIPELINE, alto, clean_env, one_line_error
+from tests.test_cli_errors import FAST, NOWHERE, PIPELINE, alto, clean_env, one_line_error
+from tests.test_cli_startup import lm_pipeline
 from tests.toy.oracle import evaluate
+from tests.waiting import eventually
+from tests.worker_procs import ROOT
+from workers.redis_transport import RedisTransport
 
 COMMANDS = {
     "run": ["run", str(PIPELINE), "-i", "x"],
@@ -83,3 +92,49 @@ def test_run_help_says_where_the_run_goes() -> None:
     text = " ".join(proc.stdout.split())
     assert "or else ALTO_REDIS_URL" in text, proc.stdout
     assert "(ALTO_REDIS_URL unset or empty) every stage runs in this process" in text
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("env", "flags", "instances", "capacity"), [
+    ({"ALTO_INSTANCES": "3", "ALTO_CONCURRENCY": "2"}, [], 3, 2),
+    ({"ALTO_INSTANCES": "3", "ALTO_CONCURRENCY": "2"},
+     ["--instances", "2", "--concurrency", "1"], 2, 1),
+])
+async def test_worker_reads_instances_and_concurrency_settings(
+        redis_url: str, tmp_path: Path, env: dict[str, str], flags: list[str],
+        instances: int, capacity: int) -> None:
+    """ALTO_INSTANCES and ALTO_CONCURRENCY size an `alto worker` as they size `alto run`
+    and `alto serve`, and its flags override them: the worker ignored both settings (1
+    instance, the sim engine's capacity of 256). Read from the instances' heartbeats in
+    Redis (what `alto status` counts)."""
+    path = lm_pipeline(tmp_path, {"kind": "sim"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker", "-p", str(path), "--stage", "a",
+         "--redis-url", redis_url, *flags],
+        cwd=ROOT, env=clean_env(**FAST, **env), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    t = RedisTransport(redis_url)
+    group = stage_group("p", "a")
+    try:
+        async def registered() -> bool:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            return len(await t.members(group)) >= instances
+
+        await eventually(registered, 60, every=0.05)
+        members = await t.members(group)
+        assert len(members) == instances, members
+        assert {m["capacity"] for m in members.values()} == {capacity}, members
+    finally:
+        await t.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def test_worker_refuses_an_instances_setting_out_of_range() -> None:
+    """A setting gets the range its flag has (typer checks the flag's), in one line."""
+    line = one_line_error(alto("worker", "-p", str(PIPELINE), "--stage", "split",
+                               "--redis-url", NOWHERE, env=clean_env(ALTO_INSTANCES="0")))
+    assert line == ("error: invalid setting ALTO_INSTANCES: 0 is not between 1 and 256 "
+                    "(--instances's range)"), line
