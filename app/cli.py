@@ -778,10 +778,15 @@ def serve(
         _check_engines(specs, engine_override(settings), choice, settings.instances)
     app = create_app(settings, specs)
     mode = f"redis {redact_url(url)}" if url else "embedded"
-    console.print(
-        f"[green]alto gateway[/green] http://{settings.host}:{settings.port} ({mode}; "
-        f"pipelines: {', '.join(s.name for s in specs)})"
-    )
+
+    def announce(port: int) -> None:
+        console.print(
+            f"[green]alto gateway[/green] http://{_address(settings.host, port)} ({mode}; "
+            f"pipelines: {', '.join(s.name for s in specs)})", soft_wrap=True
+        )
+
+    if settings.port:  # known now: said before the (maybe slow) startup, as before
+        announce(settings.port)
     from app.logs import is_json, own_handler
 
     # JSON logs: uvicorn's records get a JSON handler like the root's, at uvicorn's level
@@ -794,9 +799,11 @@ def serve(
     guarded = _StartupGuard(app)
     with _stop_signals_raise() as stopped:
         try:
-            uvicorn.run(guarded, host=settings.host, port=settings.port,
-                        log_config=log_config, log_level=settings.log_level.lower(),
-                        timeout_graceful_shutdown=5)
+            config = uvicorn.Config(guarded, host=settings.host, port=settings.port,
+                                    log_config=log_config,
+                                    log_level=settings.log_level.lower(),
+                                    timeout_graceful_shutdown=5)
+            _run_uvicorn(config, None if settings.port else announce)
         except SystemExit:  # uvicorn's exit 3 after a failed startup
             if guarded.error is None:
                 raise
@@ -804,6 +811,26 @@ def serve(
             _say_error(f"cannot start the gateway: {str(error) or type(error).__name__}")
             _exit(1)
     _exit(128 + stopped[0] if stopped else 0)
+
+
+def _run_uvicorn(config: Any, announce: Callable[[int], None] | None) -> None:
+    """`uvicorn.run(config's app)`, and `announce(port)` with the port it bound once it
+    has: for `--port 0` (any free port) the start line said port 0, the one number a
+    client cannot use. Exits 3 after a failed startup, as uvicorn.run does."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if announce is not None and self.started:
+                announce(self.servers[0].sockets[0].getsockname()[1])
+
+    config.load_app()
+    server = Server(config)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run
+        server.run()
+    if not server.started:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE
 
 
 _STARTUP_FAILED = "Application startup failed. Exiting."
