@@ -149,9 +149,9 @@ def _spaced(spec: PipelineSpec, stage: StageSpec) -> list[SpecWarning]:
     assert stage.prompt is not None
     meant = BUILTIN_VARS | set(spec.by_name)
     return [SpecWarning(stage.name, "prompt",
-                        f"{{ {name} }} is left as written (a placeholder has no blanks inside "
+                        f"{written} is left as written (a placeholder has no blanks inside "
                         f"its braces: write {{{name}}} to fill it in)")
-            for name in dict.fromkeys(spaced_names(stage.prompt)) if name in meant]
+            for written, name in dict.fromkeys(spaced_names(stage.prompt)) if name in meant]
 
 
 # How the runtime calls what a stage names (workers/stagefn.py, workers/engines/sim.py):

@@ -56,8 +56,9 @@ def is_blank(text: str) -> bool:
     return all(c.isspace() or c in _INVISIBLE
                or (unicodedata.category(c) == "Cf" and c not in _VISIBLE_FORMAT) for c in text)
 # a name alone in braces with blanks inside: `{ input }` is not a placeholder (render
-# leaves it as written), though it looks like one, and like Jinja's `{{ input }}`
-_SPACED = re.compile(rf"\{{(\s*)({_NAME})(\s*)\}}")
+# leaves it as written), though it looks like one, and like Jinja's `{{ input }}`; the
+# whole runs of braces, so that the lint can quote the text as the prompt has it
+_SPACED = re.compile(rf"(\{{+)(\s*)({_NAME})(\s*)(\}}+)")
 
 
 def _kind(m: re.Match[str]) -> int:
@@ -88,10 +89,20 @@ def variables(template: str) -> list[str]:
     return [m.group(2) for m in _BRACED.finditer(template) if _kind(m) == _PLACEHOLDER]
 
 
-def spaced_names(template: str) -> list[str]:
-    """Names written as `{ name }` (blanks inside the braces), in order: text to `render`,
-    which the lint points out, since such a name is rarely meant to reach the model as is."""
-    return [m.group(2) for m in _SPACED.finditer(template) if m.group(1) or m.group(3)]
+def spaced_names(template: str) -> list[tuple[str, str]]:
+    """(written text, name) of each name written as `{ name }` (blanks inside the braces),
+    in order: text to `render`, which the lint points out, since such a name is rarely
+    meant to reach the model as is. The text is quoted as written, braces as many as
+    match on both sides (`{{ input }}` is Jinja's, and the warning said `{ input }`, which
+    the prompt did not have; in `{"a": { input }}` the last brace is the JSON's), blanks
+    as spaces (a warning is one line)."""
+    out = []
+    for m in _SPACED.finditer(template):
+        if m.group(2) or m.group(4):
+            n = min(len(m.group(1)), len(m.group(5)))
+            inner = re.sub(r"\s", " ", m.group(2) + m.group(3) + m.group(4))
+            out.append(("{" * n + inner + "}" * n, m.group(3)))
+    return out
 
 
 def render(template: str, values: dict[str, Any]) -> str:

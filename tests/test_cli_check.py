@@ -228,13 +228,17 @@ def test_a_placeholder_written_with_blanks_is_a_warning() -> None:
     a stage), not for any word in braces (`{ other }` in a code sample)."""
     from orchestrator.template import render
 
-    prompt = "Check { input } against {{ split }} and { other }."
+    prompt = 'Check { input } against {{ split }}, {"a": {  split\t}} and { other }.'
     assert render(prompt, {"input": "I", "split": "S"}) == prompt
     assert messages(spec_of(SPLIT, {"name": "ask", "kind": "lm", "prompt": prompt})) == [
         "stages.ask.prompt: { input } is left as written (a placeholder has no blanks inside "
         "its braces: write {input} to fill it in)",
-        "stages.ask.prompt: { split } is left as written (a placeholder has no blanks inside "
-        "its braces: write {split} to fill it in)",
+        # quoted as the prompt has it (it said `{ split }`, which it did not have), but for
+        # a brace that closes the JSON around it and blanks shown as spaces (one line)
+        "stages.ask.prompt: {{ split }} is left as written (a placeholder has no blanks "
+        "inside its braces: write {split} to fill it in)",
+        "stages.ask.prompt: {  split } is left as written (a placeholder has no blanks "
+        "inside its braces: write {split} to fill it in)",
     ]
 
 
