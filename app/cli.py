@@ -19,6 +19,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
+from typer.exceptions import TyperException
 
 from orchestrator.spec import EngineSpec, PipelineSpec, SpecError, load_pipeline, with_streaming
 
@@ -27,7 +28,9 @@ cli = typer.Typer(
     no_args_is_help=True,
     help="alto: stream partial outputs between LLM pipeline stages.",
 )
-console = Console(stderr=True)
+# soft_wrap: a message is one line however long (rich wrapped at 80 columns, or the
+# terminal's width, and a one-line error became two); logs and CI output get grepped
+console = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 
 
@@ -75,7 +78,7 @@ def _load(path: Path, stream: bool = True) -> PipelineSpec:
     try:
         spec = load_pipeline(path)
     except SpecError as exc:
-        console.print(f"[red]invalid pipeline[/red] {path}: {exc}")
+        console.print(f"[red]invalid pipeline[/red] {escape(f'{path}: {exc}')}")
         raise typer.Exit(2) from None
     return spec if stream else with_streaming(spec, False)
 
@@ -771,7 +774,7 @@ def serve(
     try:
         specs = load_pipelines(settings.pipelines)
     except (SpecError, ValueError) as exc:
-        console.print(f"[red]invalid pipeline[/red]: {exc}")
+        console.print(f"[red]invalid pipeline[/red]: {escape(str(exc))}")
         raise typer.Exit(2) from None
     if not url:  # embedded: this process runs every stage (on Redis the workers do)
         _check_functions(specs)
@@ -1101,15 +1104,35 @@ def main() -> None:
         _say_error(str(exc))
         sys.exit(2)
     try:
-        cli()
+        # not standalone: click's usage errors come here instead of typer's error box
+        code = cli(standalone_mode=False)
     except KeyboardInterrupt:
         sys.exit(130)
+    except TyperException as exc:  # click's (typer vendors click): usage errors, exit 2
+        if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help
+            _say_error(_click_error(exc))
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        _say_error("aborted")
+        sys.exit(1)
     except ValidationError as exc:
         if exc.title != "Settings":  # a bug, not the environment: the whole traceback
             raise
         # ALTO_* (or .env) that does not validate, wherever a command reads its settings
         _say_error(f"invalid setting {_problems(exc, _setting_name)}")
         sys.exit(2)
+    # a command's typer.Exit(code) comes back as its code; a command that returns is done
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _click_error(exc: TyperException) -> str:
+    """A usage error (a bad option value, a missing argument, an unknown option or
+    command) as one line, as alto says its own option and setting mistakes (README:
+    "one line naming the option or setting, exit 2"), with where to find the usage:
+    typer drew a box of five lines or more around it."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    return f"{message} (see {ctx.command_path} --help)" if ctx is not None else message
 
 
 if __name__ == "__main__":

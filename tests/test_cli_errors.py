@@ -89,6 +89,50 @@ def test_a_mistake_is_one_line_naming_the_option_or_setting(
         assert name in line, line
 
 
+@pytest.mark.parametrize(("args", "line"), [
+    (["run", str(PIPELINE), "-i", "x", "--deadline", "-1"],
+     "error: Invalid value for '--deadline': Input should be greater than or equal to 0 "
+     "(see python -m app.cli run --help)"),
+    (["serve", "--port", "70000"],
+     "error: Invalid value for '--port': Input should be less than or equal to 65535 "
+     "(see python -m app.cli serve --help)"),
+    (["run", str(PIPELINE), "-i", "x", "--no-such-flag"],
+     "error: No such option: --no-such-flag (see python -m app.cli run --help)"),
+    (["run", "-i", "x"], "error: Missing argument 'pipeline'. (see python -m app.cli run --help)"),
+    (["dead-letters", "list"],
+     "error: Missing option '--pipeline' / '-p'. (see python -m app.cli dead-letters list "
+     "--help)"),
+    (["nope"], "error: No such command 'nope'. (see python -m app.cli --help)"),
+], ids=["deadline-range", "port-range", "unknown-option", "missing-argument", "subgroup",
+        "unknown-command"])
+def test_a_usage_error_is_one_line(args: list[str], line: str) -> None:
+    """What click refuses before a command runs is said as alto says its own mistakes, one
+    line, exit 2: typer drew an error box of five lines (README: "Mistakes in options ...
+    are one line naming the option")."""
+    assert one_line_error(alto(*args, timeout=30)) == line
+
+
+def test_help_is_still_typer_s() -> None:
+    """The usage errors' one line leaves `--help` (and `alto` alone) as typer draws it."""
+    proc = alto("run", "--help", timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "╭─ Options" in proc.stdout and "--deadline" in proc.stdout, proc.stdout
+    bare = alto(timeout=30)
+    assert "╭─ Commands" in bare.stdout + bare.stderr, (bare.stdout, bare.stderr)
+
+
+def test_a_spec_error_is_one_line_however_long(tmp_path: Path) -> None:
+    """rich wrapped it at 80 columns (no terminal: its default width), so the last word
+    of `stages.a.framing: framing 'items' is for tool/reduce stages` had a line of its
+    own, and `[...]` in a message could be read as markup."""
+    path = tmp_path / "a-rather-long-file-name-for-a-pipeline-spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "stages": [
+        {"name": "a", "kind": "lm", "prompt": "{input}", "framing": "items"}]}))
+    line = one_line_error(alto("check", str(path), timeout=30))
+    assert line.startswith(f"invalid pipeline {path}: stages.a.framing: framing 'items' is "
+                           "for tool/reduce stages"), line
+
+
 def test_serve_checks_its_stage_functions_before_starting(tmp_path: Path) -> None:
     """As `alto worker` and `alto run` do, not with a traceback from uvicorn's lifespan."""
     path = tmp_path / "p.yaml"
