@@ -43,6 +43,7 @@ class PlannedEngine:
     pipeline: str
     engine: str | None  # None: the override
     spec: EngineSpec
+    count: int = 1  # how many instances of it the runtime runs
 
 
 def planned_engines(specs: Iterable[PipelineSpec], override: EngineSpec | None,
@@ -67,7 +68,8 @@ def planned_engines(specs: Iterable[PipelineSpec], override: EngineSpec | None,
             except ValueError as exc:
                 raise EngineProblem(spec.name, name, str(exc), usage=True) from None
             for i in range(count):
-                planned.setdefault((key, i), PlannedEngine(key, i, spec.name, name, espec))
+                planned.setdefault((key, i), PlannedEngine(key, i, spec.name, name, espec,
+                                                           count))
     return list(planned.values())
 
 
@@ -82,7 +84,7 @@ def check_engines(specs: Iterable[PipelineSpec], override: EngineSpec | None,
     try:
         for p in planned_engines(specs, override, instances, only):
             try:
-                built.append(build_engine(p.spec, p.index))
+                built.append(build_engine(p.spec, p.index, p.count))
             except ValueError as exc:  # MissingSetting included: a setting it lacks
                 raise EngineProblem(p.pipeline, p.engine, str(exc), usage=True) from None
             except RuntimeError as exc:  # an optional dependency that is not installed

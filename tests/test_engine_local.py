@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,13 +12,15 @@ import pytest_asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from orchestrator.embedded import EmbeddedTransport
 from orchestrator.engine import Delta, Engine, GenParams
-from orchestrator.spec import EngineSpec
+from orchestrator.spec import EngineSpec, parse_pipeline
 from tests import fixtures_llama
 from workers.engines import build_engine
 from workers.engines.common import EngineError, StopMatcher
 from workers.engines.local import LocalEngine, _Formatter
 from workers.engines.models import MODEL_DIR_ENV, bundled_gemma_path, resolve_model_path
+from workers.runtime import Runtime
 
 # fixture from tests/fixtures_llama.py, bound here so pytest finds it for this module
 gemma_model_path = fixtures_llama.gemma_model_path
@@ -162,6 +165,35 @@ def test_from_spec_validates_options(monkeypatch: pytest.MonkeyPatch) -> None:
         build_engine(EngineSpec(kind="local", n_gpu=1))
     with pytest.raises(ValueError, match="'chat' must be true or false"):
         build_engine(EngineSpec(kind="local", chat="maybe"))
+
+
+def test_each_instance_defaults_to_its_share_of_the_cpus(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every instance took all the CPUs for its llama.cpp threads, so `instances: 4` ran
+    four times as many threads as cores; a given n_threads is kept."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert build_engine(EngineSpec(kind="local")).n_threads == 8
+    assert build_engine(EngineSpec(kind="local", instances=4), 3).n_threads == 2
+    assert build_engine(EngineSpec(kind="local"), 1, 3).n_threads == 2  # the runtime's count
+    assert build_engine(EngineSpec(kind="local"), 0, 16).n_threads == 1
+    assert build_engine(EngineSpec(kind="local", n_threads=8), 0, 4).n_threads == 8
+
+
+@pytest.mark.slow
+async def test_the_runtime_s_instances_share_the_cpus(
+        gemma_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count the runtime runs (ALTO_INSTANCES, --instances), which the spec does not
+    say, reaches each instance it builds."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    spec = parse_pipeline({"name": "p", "engines": {"default": {
+        "kind": "local", "model": str(gemma_model_path), "n_ctx": 64}}, "stages": [
+        {"name": "a", "kind": "lm", "prompt": "{input}", "max_tokens": 1}]})
+    rt = Runtime(EmbeddedTransport(), [spec], instances=3)
+    try:
+        await rt.start()
+        assert sorted(e.n_threads for e in rt.engines.values()) == [2, 2, 2]
+    finally:
+        await rt.stop(drain=False)
 
 
 # ------------------------------------------------------------------------------------------

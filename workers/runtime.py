@@ -101,11 +101,12 @@ class Runtime:
     def _engine_spec(self, spec: PipelineSpec, stage: str) -> tuple[str, EngineSpec]:
         return stage_engine(spec, stage, self.engine_override)
 
-    async def _engine(self, key: str, espec: EngineSpec, index: int) -> Engine:
+    async def _engine(self, key: str, espec: EngineSpec, index: int, count: int) -> Engine:
+        """Instance `index` of the `count` this process runs of engine `key`."""
         from workers.engines import build_engine
 
         if (key, index) not in self.engines:
-            engine = build_engine(espec, index)
+            engine = build_engine(espec, index, count)
             await engine.start()
             self.engines[(key, index)] = engine
         return self.engines[(key, index)]
@@ -124,7 +125,8 @@ class Runtime:
                 if espec is not None:
                     count = self.instances or default_instances(espec)
                 for i in range(count):
-                    engine = await self._engine(key, espec, i) if espec is not None else None
+                    engine = (await self._engine(key, espec, i, count) if espec is not None
+                              else None)
                     fn = StageFunction(spec, s, engine)
                     router = self.router_factory(spec, stage) if self.router_factory else None
                     runner = StageRunner(

@@ -16,31 +16,32 @@ from orchestrator.spec import EngineSpec
 ENGINE_KINDS = ("sim", "openai", "local", "vllm")
 
 
-def _sim(spec: EngineSpec, instance: int) -> Engine:
+def _sim(spec: EngineSpec, instance: int, instances: int | None = None) -> Engine:
     from workers.engines.sim import SimEngine
 
     return SimEngine.from_spec(spec, instance)
 
 
-def _openai(spec: EngineSpec, instance: int) -> Engine:
+def _openai(spec: EngineSpec, instance: int, instances: int | None = None) -> Engine:
     from workers.engines.openai_compat import OpenAIEngine
 
     return OpenAIEngine.from_spec(spec, instance)
 
 
-def _local(spec: EngineSpec, instance: int) -> Engine:
+def _local(spec: EngineSpec, instance: int, instances: int | None = None) -> Engine:
     from workers.engines.local import LocalEngine
 
-    return LocalEngine.from_spec(spec, instance)
+    return LocalEngine.from_spec(spec, instance, instances)
 
 
-def _vllm(spec: EngineSpec, instance: int) -> Engine:
+def _vllm(spec: EngineSpec, instance: int, instances: int | None = None) -> Engine:
     from workers.engines.vllm_engine import VLLMEngine
 
     return VLLMEngine.from_spec(spec, instance)
 
 
-_BUILDERS: dict[str, Callable[[EngineSpec, int], Engine]] = {
+# (spec, instance, instances): only `local` needs the count (its instances share the CPUs)
+_BUILDERS: dict[str, Callable[[EngineSpec, int, int | None], Engine]] = {
     "sim": _sim,
     "openai": _openai,
     "local": _local,
@@ -48,8 +49,10 @@ _BUILDERS: dict[str, Callable[[EngineSpec, int], Engine]] = {
 }
 
 
-def build_engine(spec: EngineSpec, instance: int = 0) -> Engine:
-    """Build (but do not start) instance `instance` of the engine `spec` describes.
+def build_engine(spec: EngineSpec, instance: int = 0, instances: int | None = None) -> Engine:
+    """Build (but do not start) instance `instance` of the `instances` (default: the spec's
+    `instances`) of the engine `spec` describes: a `local` engine's instances share the
+    CPUs, so each needs to know how many there are.
 
     Raises ValueError for a bad option and RuntimeError when the kind's optional
     dependency is not installed; `await engine.start()` then loads weights or connects.
@@ -62,7 +65,7 @@ def build_engine(spec: EngineSpec, instance: int = 0) -> Engine:
         raise ValueError(
             f"unknown engine kind {spec.kind!r}; known kinds: {list(ENGINE_KINDS)}"
         ) from None
-    return builder(spec, instance)
+    return builder(spec, instance, instances)
 
 
 def fleet(spec: EngineSpec) -> list[str]:

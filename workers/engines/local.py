@@ -23,8 +23,10 @@ How it works, and why:
 - llama.cpp keeps the previous sequence's KV cache and reuses the longest common token
   prefix; `cached_tokens` in the usage reports that reuse.
 
-Options: chat (auto | true | false), n_ctx (2048), n_threads (os.cpu_count()), seed (0),
-top_k (40), top_p (0.95), min_p (0.05), repeat_penalty (1.0).
+Options: chat (auto | true | false), n_ctx (2048), n_threads (the instance's share of the
+CPUs: max(1, os.cpu_count() // instances), since each instance runs its own llama.cpp
+threads and every one defaulting to all CPUs oversubscribed them), seed (0), top_k (40),
+top_p (0.95), min_p (0.05), repeat_penalty (1.0).
 """
 
 from __future__ import annotations
@@ -131,6 +133,12 @@ class _Formatter:
         return plain_prompt(prompt, params), True, []
 
 
+def cpu_share(instances: int) -> int:
+    """The threads one of `instances` llama.cpp engines in a process gets by default: its
+    share of the CPUs, so that together they use the machine without oversubscribing it."""
+    return max(1, (os.cpu_count() or 1) // max(1, instances))
+
+
 class LocalEngine:
     """A llama.cpp model in this process; one sequence at a time."""
 
@@ -177,7 +185,9 @@ class LocalEngine:
         self.completion_tokens = 0
 
     @classmethod
-    def from_spec(cls, spec: EngineSpec, instance: int = 0) -> LocalEngine:
+    def from_spec(cls, spec: EngineSpec, instance: int = 0,
+                  instances: int | None = None) -> LocalEngine:
+        """Instance `instance` of `instances` (default: the spec's `instances`)."""
         if spec.capacity not in (None, 1):
             raise ValueError(
                 "local engine: capacity must be 1 (a llama.cpp context holds one sequence); "
@@ -189,7 +199,8 @@ class LocalEngine:
             name=f"local:{spec.model or 'gemma3-270m'}#{instance}",
             chat=_chat_option(opts),
             n_ctx=opts.integer("n_ctx", 2048, minimum=16),
-            n_threads=opts.integer("n_threads", os.cpu_count() or 1, minimum=1),
+            n_threads=opts.integer("n_threads", cpu_share(instances or spec.instances),
+                                   minimum=1),
             seed=opts.integer("seed", 0, minimum=0),
             top_k=opts.integer("top_k", 40, minimum=0),
             top_p=opts.number("top_p", 0.95),
