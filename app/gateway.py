@@ -18,7 +18,6 @@ one Redis.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -33,6 +32,7 @@ from app.admission import QueueGuard, same_owner
 from app.engines import EnginePool
 from app.errors import ApiError
 from app.metrics import Metrics
+from app.supervisor import WATCH_PREFIX, RunSupervisor, Watched
 from orchestrator.spec import PipelineSpec
 from orchestrator.tracker import RunTracker, event_order
 from orchestrator.transport import Transport
@@ -46,7 +46,6 @@ from workers.tracing import start_run_span
 
 log = logging.getLogger("alto.gateway")
 
-WATCH_PREFIX = "watch:"
 _MEMBERS_CACHE_S = 0.5
 _ENTRY_REFRESH_S = 0.1  # how stale the entry stage's placement inputs may get
 
@@ -177,7 +176,7 @@ class Gateway:
         self.tracer: Any = None  # set by app/main.py when OpenTelemetry is configured
         self._members_cache: dict[str, tuple[float, int]] = {}
         self.queues = QueueGuard(settings, transport, metrics)
-        self._reapers: set[asyncio.Task[None]] = set()
+        self.supervisor = RunSupervisor(transport, self.fail, self.expire, self._replayed_ended)
         # per pipeline: where entry messages go (a scheduling policy's placement) and when
         # its inputs (live instances, queue lengths, arrival counts) were last refreshed
         self._entry: dict[str, tuple[Router, float]] = {}
@@ -404,104 +403,50 @@ class Gateway:
     def reap_later(self, spec: PipelineSpec, run: str, grace_s: float, *,
                    slot: Slot | None = None, deadline_s: float | None = None,
                    total_s: float | None = None) -> None:
-        """Cancel `run` after `grace_s` unless someone follows it again by then; if
-        someone does (or `grace_s` is 0), stay with the run until it ends when given a
-        `slot` or a `deadline_s`.
-
-        `slot`: the run's admission slot, held until the run ends: a client dropping its
-        stream must not free room for another run while its own goes on (30 dropped
-        SSE streams ran at once under a limit of 4, and `alto_runs_inflight` read 0).
-        `deadline_s` (seconds left; `total_s` the whole): enforced while it runs, as a
-        follower does (a replayed run nobody followed ran on past its deadline)."""
-
-        async def reap() -> None:
-            if slot is None and deadline_s is None:
-                await asyncio.sleep(grace_s)
-                if not await self.transport.members(WATCH_PREFIX + run):
-                    await self._drop_unfollowed(spec, run)
-                return  # resumed: the new follower owns the decision now
-            try:
-                ended = asyncio.ensure_future(self._until_end(spec, run, deadline_s, total_s))
-                try:
-                    done, _ = await asyncio.wait({ended}, timeout=grace_s)
-                    if not done and not await self.transport.members(WATCH_PREFIX + run):
-                        await self._drop_unfollowed(spec, run)
-                    await ended
-                finally:
-                    ended.cancel()
-            finally:
-                if slot is not None:
-                    slot.release()
-
-        task = asyncio.get_running_loop().create_task(reap(), name=f"reap:{run}")
-        self._reapers.add(task)
-        task.add_done_callback(self._reapers.discard)
-
-    async def _drop_unfollowed(self, spec: PipelineSpec, run: str) -> None:
-        if await self.finished(spec, run):
-            await self.expire(run)
-        else:
-            await self.cancel(run, "no client followed the run within the resume grace period")
-
-    async def _until_end(self, spec: PipelineSpec, run: str, deadline_s: float | None,
-                         total_s: float | None) -> None:
-        """Wait (as no registered follower: clients resuming are told apart from this)
-        until `run` ends, failing it at its deadline."""
-        left = self.settings.run_deadline_s if deadline_s is None else deadline_s
-        try:
-            async for _ in follow_run(self.transport, spec, run, deadline_s=max(0.001, left)):
-                pass
-        except TimeoutError:
-            total = self.settings.run_deadline_s if total_s is None else total_s
-            await self.fail(run, "deadline_exceeded",
-                            f"the run did not finish within its deadline ({total:g} s)")
-            return
-        await self.expire(run)
+        """A run whose client went away: cancelled after `grace_s` unless someone follows
+        it again by then, failed at its deadline, and holding `slot` (its admission slot)
+        until it ends; see app/supervisor.py."""
+        total = self.settings.run_deadline_s if total_s is None else total_s
+        left = total if deadline_s is None else deadline_s
+        self.supervisor.watch(spec, run, deadline_s=left, total_s=total, grace_s=grace_s,
+                              slot=slot)
 
     async def replay(self, spec: PipelineSpec, entry_ids: list[str] | None, *,
                      owner: str | None) -> dict[str, str]:
         """Replay dead letters as new runs this gateway answers for as for its own: each
-        gets the run deadline (enforced here, though no client follows it), the log TTL
-        and the run metrics of a run started by a request."""
+        takes an admission slot (as many runs as there are free slots; the letters of the
+        others stay unresolved for a later replay, 429 when there is no slot at all), gets
+        the run deadline, enforced although no client follows it, the log TTL and the run
+        metrics of a run a request started."""
         deadline = self.settings.run_deadline_s
-        runs = await deadletters.replay(self.transport, spec, entry_ids, owner=owner,
-                                        deadline_s=deadline)
-        t0 = time.monotonic()
+        slots = [self.admit()]  # 429 at once when full
+        free = self.settings.max_inflight_runs - self.inflight
+        slots += [self.admit() for _ in range(max(0, free))]
+        try:
+            runs = await deadletters.replay(self.transport, spec, entry_ids, owner=owner,
+                                            deadline_s=deadline, max_runs=len(slots))
+        except BaseException:
+            for slot in slots:
+                slot.release()
+            raise
         for run in dict.fromkeys(runs.values()):
             self.metrics.runs_started.labels(spec.name).inc()
             await self.expire(run, int(deadline + self.settings.resume_grace_s)
                               + self.settings.run_ttl_s)
-            self._account(spec, run, t0, deadline)
+            self.supervisor.watch(spec, run, deadline_s=deadline, total_s=deadline,
+                                  slot=slots.pop(), account=True)
+        for slot in slots:
+            slot.release()
         return runs
 
-    def _account(self, spec: PipelineSpec, run: str, t0: float, deadline_s: float) -> None:
+    def _replayed_ended(self, w: Watched) -> None:
         """Count a replayed run's outcome and time as a request's run is counted."""
-
-        async def account() -> None:
-            outcome = "cancelled"
-            try:
-                async for _, ev in self.follow(spec, run, deadline_s=deadline_s,
-                                               total_s=deadline_s):
-                    if ev.get("type") == "result":
-                        outcome = "completed"
-                        self.metrics.run_seconds.labels(spec.name).observe(
-                            time.monotonic() - t0)
-                    elif ev.get("type") == "error":
-                        code = ev.get("code") or "error"
-                        outcome = {"deadline_exceeded": "timeout",
-                                   "cancelled": "cancelled"}.get(code, "failed")
-                await self.expire(run)
-            finally:
-                self.metrics.runs.labels(spec.name, outcome).inc()
-
-        task = asyncio.get_running_loop().create_task(account(), name=f"replayed:{run}")
-        self._reapers.add(task)
-        task.add_done_callback(self._reapers.discard)
+        self.metrics.runs.labels(w.spec.name, w.outcome or "completed").inc()
+        if w.outcome == "completed" and w.ended_at is not None:
+            self.metrics.run_seconds.labels(w.spec.name).observe(w.ended_at - w.t0)
 
     async def close(self) -> None:
-        for task in list(self._reapers):
-            task.cancel()
-        await asyncio.gather(*self._reapers, return_exceptions=True)
+        await self.supervisor.close()
         await self.engines.close()
 
 

@@ -151,6 +151,9 @@ selecting = APIRouter(route_class=SelectionRoute)
 class Replayed(BaseModel):
     object: Literal["dead_letters.replayed"] = "dead_letters.replayed"
     runs: dict[str, str] = Field(description="letter id -> the new run that re-submits its input")
+    unresolved: int = Field(description=(
+        "the pipeline's letters still unresolved: selected ones are left when their runs "
+        "would exceed the free admission slots (ALTO_MAX_INFLIGHT_RUNS); replay them later"))
 
 
 class Dropped(BaseModel):
@@ -159,6 +162,7 @@ class Dropped(BaseModel):
 
 
 ADMIN_ERRORS = errors(400, 401, 403, 404)
+REPLAY_ERRORS = errors(400, 401, 403, 404, 429)
 
 
 @router.get("/pipelines/{name}/dead-letters", response_model=DeadLetterList,
@@ -180,13 +184,15 @@ async def list_dead_letters(
 
 
 @selecting.post("/pipelines/{name}/dead-letters/replay", response_model=Replayed,
-             dependencies=[Depends(require_admin)], responses=ADMIN_ERRORS)
+             dependencies=[Depends(require_admin)], responses=REPLAY_ERRORS)
 async def replay_dead_letters(
     request: Request, name: PipelineName, selection: Annotated[Selection, Body()],
 ) -> Response:
     """Submit the input of each selected letter's run again, as a new run (once per failed
-    run), and resolve its letters. For after the cause is fixed. The new runs have the
-    gateway's run deadline, enforced although no client follows them."""
+    run), and resolve its letters. For after the cause is fixed. Each new run takes an
+    admission slot and has the gateway's run deadline, enforced although no client follows
+    it; runs beyond the free slots are not started (their letters stay unresolved), and
+    with no free slot the answer is 429."""
     spec = gateway(request).pipeline(name, param="name")
     try:
         runs = await gateway(request).replay(spec, _ids(selection),
@@ -195,7 +201,8 @@ async def replay_dead_letters(
         raise ApiError(404, str(exc), param="ids", code="dead_letter_not_found") from None
     except ValueError as exc:  # a letter without a run input
         raise ApiError(400, str(exc), param="ids", code="not_replayable") from None
-    return json_response(Replayed(runs=runs).model_dump())
+    left = await deadletters.count(gateway(request).transport, spec.name)
+    return json_response(Replayed(runs=runs, unresolved=left).model_dump())
 
 
 @selecting.post("/pipelines/{name}/dead-letters/drop", response_model=Dropped,

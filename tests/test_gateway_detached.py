@@ -95,3 +95,36 @@ def test_a_dropped_stream_keeps_its_slot_until_the_run_ends(
             assert after.status_code == 200 and after.json()["status"] == "completed"
     finally:
         server.stop()
+
+
+def test_a_replay_takes_admission_slots_and_leaves_what_does_not_fit(
+        words: tuple[set[str], set[str]]) -> None:
+    """Replayed runs are admitted as requests' runs are: no more than the free slots (30
+    replayed runs ran under a limit of 1, and a request then got in and hung)."""
+    broken, hanging = words
+    server = make_server(("stuck",), max_inflight_runs=2)
+    letters = "/v1/pipelines/stuck/dead-letters"
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            broken.update({"a", "b", "c"})
+            for word in "abc":
+                assert http.post(RUNS, json={"input": word}).json()["status"] == "failed"
+            broken.clear()
+            hanging.update({"a", "b", "c"})
+            first = http.post(f"{letters}/replay", json={"all": True})
+            assert first.status_code == 200, first.text
+            runs = sorted(set(first.json()["runs"].values()))
+            assert len(runs) == 2 and first.json()["unresolved"] == 1
+            assert server.gateway.inflight == 2
+            assert_error_shape(http.post(RUNS, json={"input": "free"}), 429, "too_many_runs")
+            assert_error_shape(http.post(f"{letters}/replay", json={"all": True}), 429,
+                               "too_many_runs")
+
+            for run in runs:
+                assert http.post(f"/v1/runs/{run}/cancel").status_code == 200
+            wait_for(lambda: server.gateway.inflight == 0, 30, "the replayed runs' slots")
+            rest = http.post(f"{letters}/replay", json={"all": True}).json()
+            assert len(rest["runs"]) == 1 and rest["unresolved"] == 0
+            assert http.get(letters).json()["data"] == []
+    finally:
+        server.stop()

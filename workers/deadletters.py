@@ -98,6 +98,7 @@ def _pick(letters: list[DeadLetter], entry_ids: Sequence[str] | None) -> list[De
 async def replay(
     transport: Transport, spec: PipelineSpec, entry_ids: Sequence[str] | None = None,
     *, limit: int = 100_000, owner: str | None = None, deadline_s: float | None = None,
+    max_runs: int | None = None,
 ) -> dict[str, str]:
     """Submit the input of each run these dead letters (all unresolved ones if None) come
     from again, as a new run, then resolve the letters; returns {entry id: new run id}.
@@ -112,6 +113,8 @@ async def replay(
     records), so only that key reads it, as it read the original; when that log has
     expired, to `owner` (the admin who replays, over HTTP), else to nobody in particular.
     `deadline_s` is recorded in each new run's `run` event, as a gateway's runs record theirs.
+    `max_runs`: start at most this many runs (oldest failed runs first); the letters of the
+    others stay unresolved.
     """
     listed = await unresolved(transport, spec.name, limit)
     letters = _pick(listed, entry_ids)
@@ -124,7 +127,7 @@ async def replay(
     for d in letters:
         by_run.setdefault(d.run, []).append(d)
     runs: dict[str, str] = {}
-    for failed, group in by_run.items():
+    for failed, group in list(by_run.items())[:max_runs]:
         meta: dict[str, Any] = {"replay_of": failed, "dead_letters": [d.entry_id for d in group]}
         if deadline_s is not None:
             meta["deadline_s"] = deadline_s

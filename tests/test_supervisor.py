@@ -1,0 +1,122 @@
+"""The gateway's supervisor of runs no client follows (app/supervisor.py), on a real
+embedded transport with no workers (the runs never progress on their own), through a
+transport that fails some reads as a restarting Redis does: one failed read used to end
+the per-run task that held the run's slot and enforced its deadline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.supervisor import RunSupervisor, Watched
+from orchestrator.embedded import EmbeddedTransport
+from orchestrator.spec import PipelineSpec, parse_pipeline
+from tests.waiting import eventually
+from workers.client import fail_run, start_run
+
+
+def _spec() -> PipelineSpec:
+    return parse_pipeline({"name": "idle", "stages": [
+        {"name": "s", "kind": "tool", "function": "tests.toy.stages:upper"}]})
+
+
+class FlakyTransport(EmbeddedTransport):
+    """Fails the first `n` reads of run logs and of memberships (ConnectionError)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.left = n
+        self.failed = 0
+        self.reads = 0
+
+    def _maybe_fail(self) -> None:
+        if self.left > 0:
+            self.left -= 1
+            self.failed += 1
+            raise ConnectionError("the bus is restarting")
+
+    async def read_events(self, *args: Any, **kw: Any) -> Any:
+        self.reads += 1
+        self._maybe_fail()
+        return await super().read_events(*args, **kw)
+
+    async def members(self, group: str) -> Any:
+        self._maybe_fail()
+        return await super().members(group)
+
+
+class Slot:
+    def __init__(self) -> None:
+        self.released = 0
+
+    def release(self) -> None:
+        self.released += 1
+
+
+def _supervisor(t: EmbeddedTransport, ended: list[Watched]) -> RunSupervisor:
+    async def fail(run: str, code: str, message: str) -> None:
+        await fail_run(t, run, code, message, 60)
+
+    async def expire(run: str) -> None:
+        await t.expire_run(run, 60)
+
+    return RunSupervisor(t, fail, expire, ended.append, tick_s=0.01)
+
+
+async def _codes(t: EmbeddedTransport, run: str) -> list[str]:
+    return [ev.get("code") for _, ev in await EmbeddedTransport.read_events(t, run, None, 100, 0)
+            if ev.get("type") == "error"]
+
+
+async def test_failed_reads_do_not_end_supervision_of_the_deadline() -> None:
+    t = FlakyTransport(0)
+    ended: list[Watched] = []
+    sup = _supervisor(t, ended)
+    run = await start_run(t, _spec(), "x")
+    slot = Slot()
+    t.left = 5  # every read fails for a while, from the first check on
+    sup.watch(_spec(), run, deadline_s=0.2, total_s=0.2, slot=slot, account=True)  # type: ignore[arg-type]
+    await eventually(lambda: slot.released == 1, timeout=30)
+    assert t.failed == 5 and await _codes(t, run) == ["deadline_exceeded"]
+    assert [(w.run, w.outcome) for w in ended] == [(run, "timeout")]
+    assert sup.runs == {}
+
+
+async def test_an_unfollowed_run_is_cancelled_after_the_grace_period_despite_errors() -> None:
+    t = FlakyTransport(0)
+    ended: list[Watched] = []
+    sup = _supervisor(t, ended)
+    run = await start_run(t, _spec(), "x")
+    slot = Slot()
+    t.left = 3
+    sup.watch(_spec(), run, deadline_s=300, total_s=300, grace_s=0.05, slot=slot)  # type: ignore[arg-type]
+    await eventually(lambda: slot.released == 1, timeout=30)
+    assert await _codes(t, run) == ["cancelled"]
+    assert ended == []  # not a replayed run: its outcome was counted when it detached
+
+
+async def test_a_followed_run_keeps_its_slot_until_it_ends() -> None:
+    t = FlakyTransport(0)
+    sup = _supervisor(t, [])
+    run = await start_run(t, _spec(), "x")
+    await t.heartbeat("watch:" + run, "client", {}, 60_000)  # a client resumed it
+    slot, again = Slot(), Slot()
+    sup.watch(_spec(), run, deadline_s=300, total_s=300, grace_s=0.0, slot=slot)  # type: ignore[arg-type]
+    sup.watch(_spec(), run, deadline_s=300, total_s=300, grace_s=0.0, slot=again)  # type: ignore[arg-type]
+    assert again.released == 1  # one slot per run: the second one goes back at once
+    reads = t.reads
+    await eventually(lambda: t.reads >= reads + 5)  # past its grace, checked 5 times more
+    assert slot.released == 0 and run in sup.runs
+    await fail_run(t, run, "cancelled", "the client cancelled it", 60)
+    await eventually(lambda: slot.released == 1, timeout=30)
+    assert await _codes(t, run) == ["cancelled"]
+
+
+async def test_close_gives_the_slots_back_and_counts_nothing() -> None:
+    t = EmbeddedTransport()
+    ended: list[Watched] = []
+    sup = _supervisor(t, ended)
+    run = await start_run(t, _spec(), "x")
+    slot = Slot()
+    sup.watch(_spec(), run, deadline_s=300, total_s=300, slot=slot, account=True)  # type: ignore[arg-type]
+    await sup.close()
+    assert slot.released == 1 and ended == [] and sup.runs == {}
