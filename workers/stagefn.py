@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.engine import Delta, Engine, GenParams
+from orchestrator.envelope import dumps_json, loads_json
 from orchestrator.framing import frame_value, make_framer
 from orchestrator.lint import call_errors
 from orchestrator.spec import PipelineSpec, SpecError, StageSpec
@@ -374,34 +375,16 @@ _looks: set[asyncio.Future[Any]] = set()  # running looks, referenced until they
 
 
 def _unit_key(unit: Any) -> bytes:
-    """What `unique` compares: the unit as JSON with sorted keys, so equal dicts are equal
-    whatever their key order. A function's unit JSON cannot sort (a dict with keys of mixed
-    types, {1: "a", "1": "b"}, which the unit check lets through: JSON writes both keys as
-    "1") or cannot hold (a set: the check then fails the call) is compared by the repr of
-    `_canonical(unit)`, in which key order does not count either."""
+    """What `unique` compares: the unit as the next stage reads it (JSON read back, on both
+    transports), written with sorted keys, so equal dicts are equal whatever their key
+    order, and two dicts whose keys JSON writes alike ({1: "a", "1": "b"} reads back as
+    {"1": "b"}) are compared as they will arrive. A unit JSON cannot hold (the unit check
+    fails the call when it is emitted) is compared by its repr."""
     try:
-        return json.dumps(unit, sort_keys=True, separators=(",", ":")).encode()
-    except (TypeError, ValueError):
-        try:
-            return repr(_canonical(unit)).encode()
-        except RecursionError:  # a circular unit: the unit check fails the call
-            return repr(unit).encode()
-
-
-def _canonical(value: Any) -> Any:
-    """`value` with each dict's items (and a set's members) in one order, sorted by type name
-    and repr (keys of different types do not compare); a tuple is a list, as in JSON."""
-    def order(x: Any) -> tuple[str, str]:
-        return type(x).__name__, repr(x)
-
-    if isinstance(value, dict):
-        items = [(_canonical(k), _canonical(v)) for k, v in value.items()]
-        return ("dict", sorted(items, key=lambda kv: (*order(kv[0]), repr(kv[1]))))
-    if isinstance(value, list | tuple):
-        return [_canonical(v) for v in value]
-    if isinstance(value, set | frozenset):
-        return ("set", sorted((_canonical(v) for v in value), key=order))
-    return value
+        return json.dumps(loads_json(dumps_json(unit)), sort_keys=True,
+                          separators=(",", ":")).encode()
+    except (TypeError, ValueError, RecursionError):
+        return repr(unit).encode()
 
 
 async def _limited(units: AsyncIterator[Any], most: int | None,
