@@ -181,8 +181,9 @@ class _Sentences(_Base):
     def _list_number(self, word: str) -> int | None:
         """The number of `word` if it is an inline list's marker here: a number opening the
         sentence, "1." after a word ending in ":", or the next number after the last marker.
-        A list cannot start after any word: "It cost 5. Then" ends after "5."."""
-        m = _NUMBERED.fullmatch(word)
+        A list cannot start after any word: "It cost 5. Then" ends after "5.". An opening
+        bracket or quote may precede it: "Steps: (1. Boil 2. Add.)"."""
+        m = _NUMBERED.fullmatch(word.lstrip(OPENERS))
         if m is None:
             return None
         n = int(m[1])

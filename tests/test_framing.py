@@ -42,7 +42,7 @@ FRAGMENTS = [
     "```json\n", "```", "\u00e9", "\u6f22\u5b57", "\U0001f600", "\u2028", "\xa0", "(", ")",
     "wait...", "etc. ", "end.", "Yes?\"", "\u3000", "\x0b", "\u201cQuoted.\u201d ", "Dr.",
     "abcdefghijklmnopqrstuvwxyz", "U.S.", "p.m. ", "Jan. 5", " on", "\u2026 x", "no. 7", "A.",
-    "Steps: ", "1. Boil", " 2. Add", "3. ", " 5. Then", ":", "0. ",
+    "Steps: ", "1. Boil", " 2. Add", "3. ", " 5. Then", ":", "0. ", "(1. ", "\"2. ",
 ]
 texts = st.one_of(
     st.text(max_size=60),
@@ -163,7 +163,7 @@ def reference_sentences(text: str, closed: bool = True) -> list[str]:
         word, space = m.groups()
         pending += word + space
         core = word.rstrip(CLOSERS)
-        number = re.fullmatch(r"([0-9]{1,3})\.", word)
+        number = re.fullmatch(r"([0-9]{1,3})\.", word.lstrip(OPENERS))
         n = int(number[1]) if number else None
         marker = n is not None and (words == 0 or (colon and n == 1) or n - 1 == last)
         ends = bool(core) and core[-1] in SENTENCE_ENDS
@@ -522,6 +522,7 @@ def test_lines_complete_at_newline() -> None:
         ("Note: 5. Then", ["Note: 5.", "Then"]),
         ("Steps: 1. Boil 3. Add", ["Steps: 1. Boil 3.", "Add"]),
         ("Steps:\n1. Boil 2. Add", ["Steps:", "1. Boil 2. Add"]),
+        ("Steps: (1. Boil 2. Add.) Done", ["Steps: (1. Boil 2. Add.)", "Done"]),
     ],
 )
 def test_sentences_examples(text: str, expected: list[str]) -> None:
