@@ -813,6 +813,8 @@ def serve(
             error = guarded.error
             _say_error(f"cannot start the gateway: {str(error) or type(error).__name__}")
             _exit(1)
+        finally:
+            guarded.close()
     _exit(128 + stopped[0] if stopped else 0)
 
 
@@ -851,6 +853,10 @@ class _StartupGuard:
         self.app = app
         self.error: Exception | None = None
         logging.getLogger("uvicorn.error").addFilter(self._quiet)
+
+    def close(self) -> None:
+        """Take the filter off uvicorn's logger (a process may serve more than once)."""
+        logging.getLogger("uvicorn.error").removeFilter(self._quiet)
 
     def _quiet(self, record: logging.LogRecord) -> bool:
         return not (self.error is not None and record.getMessage() == _STARTUP_FAILED)

@@ -181,3 +181,18 @@ async def test_serve_on_any_free_port_says_the_port_it_bound() -> None:
         proc.terminate()
         proc.wait(timeout=30)
         proc.stderr.close()
+
+
+def test_the_startup_guard_takes_its_log_filter_off_again() -> None:
+    """`alto serve` quiets uvicorn's startup-failure line with a filter on its logger; each
+    serve added one and none was removed (a process serving twice piled them up)."""
+    import logging
+
+    from app.cli import _StartupGuard
+
+    logger = logging.getLogger("uvicorn.error")
+    before = list(logger.filters)
+    guard = _StartupGuard(object())
+    assert len(logger.filters) == len(before) + 1
+    guard.close()
+    assert logger.filters == before
