@@ -39,8 +39,9 @@ def retrieve(value: Any, ctx: StageContext) -> list[dict[str, str]]:
 
 
 def passages_of(ctx: StageContext) -> list[dict[str, Any]]:
-    """The passages `retrieve` found for this run, from the call's context (a JSON text
-    or the list itself, depending on the transport's encoding)."""
+    """The passages `retrieve` found for this run, from the call's context: the list it
+    returned (on both transports), or a JSON text of one (a `retrieve` swapped for a
+    function that returns the text)."""
     found = ctx.values.get("retrieve")
     if isinstance(found, str):
         try:
