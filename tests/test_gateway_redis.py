@@ -98,3 +98,17 @@ async def test_redis_gateway_end_to_end(redis_gateway: LiveServer, redis_url: st
             await runtime.stop()
             await transport.close()
             await sdk.close()
+
+
+def test_the_redis_pool_has_room_for_every_admitted_follower(redis_url: str) -> None:
+    """Each followed run holds a connection in a blocking read: with the default pool of
+    64 the 65th follower queued for one (and starting runs with it)."""
+    from app.main import create_app
+
+    app = create_app(Settings(redis_url=redis_url, max_inflight_runs=300), pipelines("toy"))
+    server = LiveServer(app).start()
+    try:
+        pool = server.gateway.transport._pool
+        assert pool.max_connections >= 300 + 64
+    finally:
+        server.stop()
