@@ -400,44 +400,49 @@ class Gateway:
                 if tracker.finished:
                     return True
 
-    def reap_later(self, spec: PipelineSpec, run: str, grace_s: float, *,
-                   slot: Slot | None = None, deadline_s: float | None = None,
-                   total_s: float | None = None) -> None:
+    def reap_later(self, spec: PipelineSpec, run: str, grace_s: float, *, deadline_s: float,
+                   total_s: float, slot: Slot | None = None) -> None:
         """A run whose client went away: cancelled after `grace_s` unless someone follows
-        it again by then, failed at its deadline, and holding `slot` (its admission slot)
-        until it ends; see app/supervisor.py."""
-        total = self.settings.run_deadline_s if total_s is None else total_s
-        left = total if deadline_s is None else deadline_s
-        self.supervisor.watch(spec, run, deadline_s=left, total_s=total, grace_s=grace_s,
-                              slot=slot)
+        it again by then, failed at its deadline (`deadline_s` left of `total_s`), and
+        holding `slot` (its admission slot) until it ends; see app/supervisor.py."""
+        self.supervisor.watch(spec, run, deadline_s=deadline_s, total_s=total_s,
+                              grace_s=grace_s, slot=slot)
 
     async def replay(self, spec: PipelineSpec, entry_ids: list[str] | None, *,
                      owner: str | None) -> dict[str, str]:
         """Replay dead letters as new runs this gateway answers for as for its own: each
-        takes an admission slot (as many runs as there are free slots; the letters of the
-        others stay unresolved for a later replay, 429 when there is no slot at all), gets
-        the run deadline, enforced although no client follows it, the log TTL and the run
-        metrics of a run a request started."""
+        takes an admission slot before it starts (as many runs as there are free slots;
+        the letters of the others stay unresolved for a later replay, 429 when not even
+        one fits), gets the run deadline, enforced although no client follows it, the log
+        TTL and the run metrics of a run a request started."""
         deadline = self.settings.run_deadline_s
-        slots = [self.admit()]  # 429 at once when full
-        free = self.settings.max_inflight_runs - self.inflight
-        slots += [self.admit() for _ in range(max(0, free))]
-        try:
-            runs = await deadletters.replay(self.transport, spec, entry_ids, owner=owner,
-                                            deadline_s=deadline, max_runs=len(slots))
-        except BaseException:
-            for slot in slots:
-                slot.release()
-            raise
-        for run in dict.fromkeys(runs.values()):
+        slots: list[Slot] = []
+        started: list[str] = []
+
+        def may_start() -> bool:
+            try:
+                slots.append(self.admit())
+            except ApiError:
+                if not started:
+                    raise  # not one fits: 429
+                return False
+            return True
+
+        async def on_start(run: str) -> None:  # watched at once: a later failure strands none
+            started.append(run)
             self.metrics.runs_started.labels(spec.name).inc()
-            await self.expire(run, int(deadline + self.settings.resume_grace_s)
-                              + self.settings.run_ttl_s)
             self.supervisor.watch(spec, run, deadline_s=deadline, total_s=deadline,
                                   slot=slots.pop(), account=True)
-        for slot in slots:
-            slot.release()
-        return runs
+            await self.expire(run, int(deadline + self.settings.resume_grace_s)
+                              + self.settings.run_ttl_s)
+
+        try:
+            return await deadletters.replay(self.transport, spec, entry_ids, owner=owner,
+                                            deadline_s=deadline, may_start=may_start,
+                                            on_start=on_start)
+        finally:
+            for slot in slots:  # taken for a run that did not start
+                slot.release()
 
     def _replayed_ended(self, w: Watched) -> None:
         """Count a replayed run's outcome and time as a request's run is counted."""

@@ -270,7 +270,8 @@ async def run_events(
         if state["ended"]:
             await gw.expire(run_id)  # a resumed run's log gets its TTL like any other
         elif request.method != "HEAD":  # a HEAD never followed the run: it cannot drop it
-            gw.reap_later(spec, run_id, gw.settings.resume_grace_s)
+            gw.reap_later(spec, run_id, gw.settings.resume_grace_s,
+                          deadline_s=max(0.001, created + total - time.time()), total_s=total)
 
     return ClosingEventSource(
         events(), on_close=on_close, ping_s=gw.settings.sse_ping_s,

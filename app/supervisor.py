@@ -10,6 +10,10 @@ error ended, releasing the slot and enforcing nothing more. Here an error is log
 the check is tried again at the next tick; the slot goes only when the run's end is seen
 (or, if its log is gone, a minute past its deadline).
 
+A replayed run is followed by the gateway itself: the supervisor heartbeats as its
+watcher, so a client that opens and drops its stream (here or at another gateway) does not
+start a grace period that would cancel it.
+
 Supervision lives as long as the gateway: on shutdown the slots go with the process, and
 the deadline the `run` event records is enforced by the next `GET /v1/runs/{id}`.
 """
@@ -20,9 +24,13 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orchestrator.spec import PipelineSpec
 from orchestrator.tracker import RunTracker
@@ -35,7 +43,12 @@ log = logging.getLogger("alto.gateway")
 
 TICK_S = 0.25
 GIVE_UP_S = 60.0  # past the deadline with no end in sight (the log is gone): let go
+CALL_TIMEOUT_S = 5.0  # one transport call of a check; a black-holed bus must not stall all
+READS_PER_TICK = 8  # batches of 512 events per run and tick: a huge log is read over ticks
+BEAT_S = 10.0  # how often the supervisor renews its watch of a replayed run
 WATCH_PREFIX = "watch:"  # a run's followers heartbeat as members of this group + run id
+# the bus itself is down: the rest of this sweep would fail alike, so it waits a tick
+_BUS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
 
 
 @dataclass
@@ -53,6 +66,7 @@ class Watched:
     failed: bool = False  # our deadline error was written
     outcome: str | None = None
     ended_at: float | None = None
+    beat_at: float = 0.0  # when the supervisor last renewed its watch (replayed runs)
 
 
 class RunSupervisor:
@@ -66,14 +80,18 @@ class RunSupervisor:
         observe: Callable[[Watched], None],
         *,
         tick_s: float = TICK_S,
+        give_up_s: float = GIVE_UP_S,
     ) -> None:
         self.transport = transport
         self._fail = fail
         self._expire = expire
         self._observe = observe  # metrics of a run that ended (when `account`)
         self.tick_s = tick_s
+        self.give_up_s = give_up_s
         self.runs: dict[str, Watched] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._member = f"supervisor:{uuid.uuid4().hex[:12]}"
 
     def watch(self, spec: PipelineSpec, run: str, *, deadline_s: float, total_s: float,
               grace_s: float | None = None, slot: Slot | None = None,
@@ -81,62 +99,110 @@ class RunSupervisor:
         now = time.monotonic()
         old = self.runs.get(run)
         if old is not None:  # watched again (a resumed stream dropped): one slot per run
-            if grace_s is not None:
+            old.deadline_at = min(old.deadline_at, now + max(0.0, deadline_s))
+            if grace_s is not None and not old.account:  # a replay is the gateway's own
                 old.grace_at = now + grace_s
             if slot is not None and old.slot is None:
                 old.slot = slot
             elif slot is not None:
                 slot.release()
-            old.account = old.account or account
             return
         self.runs[run] = Watched(
             spec, run, now + max(0.0, deadline_s), total_s,
-            None if grace_s is None else now + grace_s, slot, account,
+            None if grace_s is None or account else now + grace_s, slot, account,
             tracker=RunTracker(spec, run),
         )
+        if self._closed:
+            self._end(self.runs[run])
+            return
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop(),
                                                                 name="run-supervisor")
 
     async def _loop(self) -> None:
-        while self.runs:
+        while self.runs and not self._closed:
             await asyncio.sleep(self.tick_s)
             for w in list(self.runs.values()):
                 try:
                     await self._check(w)
-                except Exception:  # noqa: BLE001 - the bus may be restarting: next tick
+                except _BUS_DOWN:  # every run's check would fail alike: next tick
+                    log.warning("checking unfollowed runs: the bus is unreachable; trying "
+                                "again", extra={"run": w.run}, exc_info=True)
+                    break
+                except Exception:  # noqa: BLE001 - this run's trouble; the others go on
                     log.warning("checking unfollowed run %s failed; trying again", w.run,
-                                exc_info=True)
+                                extra={"run": w.run}, exc_info=True)
+
+    async def _call(self, call: Awaitable[Any]) -> Any:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives
+        # as its call completes, and close() then waited on this loop for good
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            return await call
 
     async def _check(self, w: Watched) -> None:
+        """One look at a run: read what its log gained, then act on its grace period,
+        deadline and give-up time whatever the read did (a log that cannot be read must
+        still be failed at its deadline). Raises the first error, once all is tried."""
         assert w.tracker is not None
-        while not w.tracker.finished:
-            batch = await self.transport.read_events(w.run, w.cursor, 512, 0)
-            if not batch:
-                break
-            for raw_id, event in batch:
-                w.cursor = raw_id
-                for _, ev in w.tracker.feed(raw_id, event):
-                    self._note(w, ev)
+        errors: list[Exception] = []
+        try:
+            for _ in range(READS_PER_TICK):
+                if w.tracker.finished:
+                    break
+                batch = await self._call(
+                    self.transport.read_events(w.run, w.cursor, 512, 0))
+                if not batch:
+                    break
+                for raw_id, event in batch:
+                    w.cursor = raw_id
+                    for _, ev in w.tracker.feed(raw_id, event):
+                        self._note(w, ev)
+        except _BUS_DOWN:
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. an entry that cannot be read
+            errors.append(exc)
         now = time.monotonic()
         if w.tracker.finished:
-            self._end(w)
-            with contextlib.suppress(Exception):
-                await self._expire(w.run)
+            await self._finish(w)
             return
-        if w.grace_at is not None and now >= w.grace_at:
-            if not await self.transport.members(WATCH_PREFIX + w.run):
-                await self._fail(w.run, "cancelled",
-                                 "no client followed the run within the resume grace period")
-            w.grace_at = None  # resumed, or cancelled (its end is read at the next tick)
-        if now >= w.deadline_at and not w.failed:
-            await self._fail(w.run, "deadline_exceeded",
-                             f"the run did not finish within its deadline ({w.total_s:g} s)")
-            w.failed = True
-        if now >= w.deadline_at + GIVE_UP_S:
+        try:
+            if w.grace_at is not None and now >= w.grace_at:
+                if not await self._call(self.transport.members(WATCH_PREFIX + w.run)):
+                    await self._call(self._fail(
+                        w.run, "cancelled",
+                        "no client followed the run within the resume grace period"))
+                w.grace_at = None  # resumed, or cancelled (its end is read next tick)
+            if now >= w.deadline_at and not w.failed:
+                await self._call(self._fail(
+                    w.run, "deadline_exceeded",
+                    f"the run did not finish within its deadline ({w.total_s:g} s)"))
+                w.failed = True
+            if w.account and now - w.beat_at >= BEAT_S:
+                ttl_ms = int((max(0.0, w.deadline_at - now) + self.give_up_s + BEAT_S) * 1000)
+                await self._call(self.transport.heartbeat(
+                    WATCH_PREFIX + w.run, self._member, {"supervisor": True}, ttl_ms))
+                w.beat_at = now
+        except _BUS_DOWN:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+        if now >= w.deadline_at + self.give_up_s:
             log.warning("run %s: no end in its log a minute past its deadline; letting go",
-                        w.run)
-            self._end(w)
+                        w.run, extra={"run": w.run})
+            if w.outcome is None and w.failed:
+                w.outcome, w.ended_at = "timeout", now
+            await self._finish(w)
+            return
+        if errors:
+            raise errors[0]
+
+    async def _finish(self, w: Watched) -> None:
+        self._end(w)
+        with contextlib.suppress(Exception):
+            await self._call(self._expire(w.run))
+        if w.account:
+            with contextlib.suppress(Exception):
+                await self._call(self.transport.leave(WATCH_PREFIX + w.run, self._member))
 
     @staticmethod
     def _note(w: Watched, ev: dict[str, Any]) -> None:
@@ -158,6 +224,7 @@ class RunSupervisor:
 
     async def close(self) -> None:
         """Stop watching (the gateway is closing): slots go back, no outcome is counted."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -165,4 +232,7 @@ class RunSupervisor:
         for w in list(self.runs.values()):
             if w.slot is not None:
                 w.slot.release()
+            if w.account:
+                with contextlib.suppress(Exception):
+                    await self._call(self.transport.leave(WATCH_PREFIX + w.run, self._member))
         self.runs.clear()

@@ -16,6 +16,7 @@ from tests.gateway_fixtures import *  # noqa: F403
 from tests.gateway_fixtures import LiveServer, assert_error_shape, make_server, wait_for
 from tests.test_gateway_metrics import scrape, value
 from tests.toy import faulty
+from workers.client import start_run
 
 RUNS = "/v1/pipelines/stuck/runs"
 
@@ -126,5 +127,67 @@ def test_a_replay_takes_admission_slots_and_leaves_what_does_not_fit(
             rest = http.post(f"{letters}/replay", json={"all": True}).json()
             assert len(rest["runs"]) == 1 and rest["unresolved"] == 0
             assert http.get(letters).json()["data"] == []
+    finally:
+        server.stop()
+
+
+def _error_codes(server: LiveServer, run: str) -> list[str]:
+    return [ev.get("code") for ev in _events(server, run) if ev.get("type") == "error"]
+
+
+def _drop_after_first_event(http: httpx.Client, method: str, url: str,
+                            **kw: Any) -> dict[str, Any]:
+    with connect_sse(http, method, url, **kw) as source:
+        return dict(next(iter(source.iter_sse())).json())
+
+
+def test_a_viewer_dropping_a_replayed_runs_stream_does_not_cancel_it(
+        words: tuple[set[str], set[str]]) -> None:
+    """The replay is the gateway's own run: a client that opens its stream and drops it
+    asked for a grace period that cancelled it (nobody was registered as following it)."""
+    broken, hanging = words
+    server = make_server(("stuck",), resume_grace_s=0.2)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            broken.add("r")
+            assert http.post(RUNS, json={"input": "r"}).json()["status"] == "failed"
+            broken.clear()
+            hanging.update({"r", "control"})
+            replayed = http.post("/v1/pipelines/stuck/dead-letters/replay",
+                                 json={"all": True}).json()
+            [run] = set(replayed["runs"].values())
+            _drop_after_first_event(http, "GET", f"/v1/runs/{run}/events")
+            # a client's own run, dropped after the viewer: its grace ends later
+            control = _drop_after_first_event(http, "POST", RUNS,
+                                              json={"input": "control"})["run"]
+            wait_for(lambda: _error_codes(server, control) == ["cancelled"], 30,
+                     "the control run to be cancelled at the end of its grace period")
+            assert _error_codes(server, run) == []
+            assert http.get(f"/v1/runs/{run}").json()["status"] == "running"
+    finally:
+        server.stop()
+
+
+def test_a_resumed_stream_dropped_again_keeps_the_runs_own_deadline(
+        words: tuple[set[str], set[str]]) -> None:
+    """Dropping a resumed stream set the gateway's default deadline, counted from the drop,
+    not the run's own: a run started with a longer X-Alto-Deadline was failed early."""
+    _, hanging = words
+    hanging.update({"long", "control"})
+    server = make_server(("stuck",), run_deadline_s=1.0, resume_grace_s=600)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            # started by another gateway (which then died) with X-Alto-Deadline: 600
+            spec = server.gateway.pipelines["stuck"]
+            t = server.gateway.transport
+            run = server.call(lambda: start_run(t, spec, "long", meta={"deadline_s": 600.0}))
+            _drop_after_first_event(http, "GET", f"/v1/runs/{run}/events")
+            # started after that drop with the default 1 s: its deadline passes later than
+            # a default deadline counted from the drop would have
+            control = _drop_after_first_event(http, "POST", RUNS,
+                                              json={"input": "control"})["run"]
+            wait_for(lambda: _error_codes(server, control) == ["deadline_exceeded"], 30,
+                     "the control run's deadline")
+            assert _error_codes(server, run) == []
     finally:
         server.stop()

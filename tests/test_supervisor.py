@@ -120,3 +120,57 @@ async def test_close_gives_the_slots_back_and_counts_nothing() -> None:
     sup.watch(_spec(), run, deadline_s=300, total_s=300, slot=slot, account=True)  # type: ignore[arg-type]
     await sup.close()
     assert slot.released == 1 and ended == [] and sup.runs == {}
+
+
+class UnreadableLog(EmbeddedTransport):
+    """A run log whose entries cannot be read (not the bus being down: a bad entry)."""
+
+    async def read_events(self, *args: Any, **kw: Any) -> Any:
+        raise ValueError("an entry that cannot be decoded")
+
+
+async def test_a_log_that_cannot_be_read_is_still_failed_at_its_deadline_then_let_go() -> None:
+    t = UnreadableLog()
+    ended: list[Watched] = []
+
+    async def fail(run: str, code: str, message: str) -> None:
+        await fail_run(t, run, code, message, 60)
+
+    async def expire(run: str) -> None:
+        await t.expire_run(run, 60)
+
+    sup = RunSupervisor(t, fail, expire, ended.append, tick_s=0.01, give_up_s=0.2)
+    run = await start_run(t, _spec(), "x")
+    slot = Slot()
+    sup.watch(_spec(), run, deadline_s=0.05, total_s=0.05, slot=slot, account=True)  # type: ignore[arg-type]
+    await eventually(lambda: slot.released == 1, timeout=30)
+    assert await _codes(t, run) == ["deadline_exceeded"]  # written though never read back
+    assert [(w.run, w.outcome) for w in ended] == [(run, "timeout")]  # counted as a timeout
+
+
+async def test_a_replayed_run_is_watched_by_the_supervisor_and_gets_no_grace_period() -> None:
+    """A client opening a replayed run's stream and dropping it asks for a grace period:
+    the replay must not be cancelled for it, here or by another gateway's reaper (which
+    looks for watchers)."""
+    t = EmbeddedTransport()
+    sup = _supervisor(t, [])
+    run = await start_run(t, _spec(), "x")
+    sup.watch(_spec(), run, deadline_s=300, total_s=300, slot=Slot(), account=True)  # type: ignore[arg-type]
+    sup.watch(_spec(), run, deadline_s=300, total_s=300, grace_s=0.0)  # a viewer dropped
+    await eventually(lambda: t.members("watch:" + run))  # the supervisor is its watcher
+    assert sup.runs[run].grace_at is None and await _codes(t, run) == []
+    await sup.close()
+    assert await t.members("watch:" + run) == {}  # and leaves with the gateway
+
+
+async def test_watching_again_keeps_the_earlier_deadline() -> None:
+    t = EmbeddedTransport()
+    sup = _supervisor(t, [])
+    run = await start_run(t, _spec(), "x")
+    sup.watch(_spec(), run, deadline_s=300, total_s=300, slot=Slot())  # type: ignore[arg-type]
+    first = sup.runs[run].deadline_at
+    sup.watch(_spec(), run, deadline_s=600, total_s=600)
+    assert sup.runs[run].deadline_at == first
+    sup.watch(_spec(), run, deadline_s=1, total_s=1)
+    assert sup.runs[run].deadline_at < first
+    await sup.close()

@@ -17,7 +17,7 @@ its delivery count in that group. Works the same on both transports; the CLI
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +98,8 @@ def _pick(letters: list[DeadLetter], entry_ids: Sequence[str] | None) -> list[De
 async def replay(
     transport: Transport, spec: PipelineSpec, entry_ids: Sequence[str] | None = None,
     *, limit: int = 100_000, owner: str | None = None, deadline_s: float | None = None,
-    max_runs: int | None = None,
+    may_start: Callable[[], bool] | None = None,
+    on_start: Callable[[str], Awaitable[None]] | None = None,
 ) -> dict[str, str]:
     """Submit the input of each run these dead letters (all unresolved ones if None) come
     from again, as a new run, then resolve the letters; returns {entry id: new run id}.
@@ -113,8 +114,9 @@ async def replay(
     records), so only that key reads it, as it read the original; when that log has
     expired, to `owner` (the admin who replays, over HTTP), else to nobody in particular.
     `deadline_s` is recorded in each new run's `run` event, as a gateway's runs record theirs.
-    `max_runs`: start at most this many runs (oldest failed runs first); the letters of the
-    others stay unresolved.
+    `may_start()` is asked before each run starts (oldest failed runs first): False stops
+    the replay there, leaving the letters of the rest unresolved; `on_start(run)` is told
+    of each run as soon as it has started.
     """
     listed = await unresolved(transport, spec.name, limit)
     letters = _pick(listed, entry_ids)
@@ -127,7 +129,9 @@ async def replay(
     for d in letters:
         by_run.setdefault(d.run, []).append(d)
     runs: dict[str, str] = {}
-    for failed, group in list(by_run.items())[:max_runs]:
+    for failed, group in by_run.items():
+        if may_start is not None and not may_start():
+            break
         meta: dict[str, Any] = {"replay_of": failed, "dead_letters": [d.entry_id for d in group]}
         if deadline_s is not None:
             meta["deadline_s"] = deadline_s
@@ -137,6 +141,8 @@ async def replay(
         if recorded is not None:
             meta["owner"] = recorded
         run = await start_run(transport, spec, str(group[0].input), meta=meta)
+        if on_start is not None:
+            await on_start(run)
         await _resolve(transport, spec.name, [d.entry_id for d in group])
         runs.update((d.entry_id, run) for d in group)
     await transport.trim(dead_letter_stream(spec.name))  # resolved letters go, once
