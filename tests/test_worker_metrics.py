@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.embedded import EmbeddedTransport
@@ -208,3 +209,50 @@ async def test_worker_serves_probes_and_metrics(
 
 async def _has_member(t: RedisTransport, group: str) -> bool:
     return len(await t.members(group)) > 0
+
+
+@pytest.mark.redis
+async def test_worker_with_several_instances_reports_their_sum(
+        redis_url: str, redis_t: RedisTransport, tmp_path: Path) -> None:
+    """`--instances 3 --concurrency 2`: one process, three runners of one stage, so
+    alto_stage_inflight and alto_stage_capacity are the three runners' sum (the process's
+    load, as the counters beside them are). Each runner set the same series, so the last
+    one won: capacity read 2, not 6, and a saturated worker looked a third busy."""
+    path = tmp_path / "hold.yaml"  # a sim engine at an hour per decode step: calls never end
+    path.write_text(yaml.safe_dump({
+        "name": "hold", "engines": {"default": {"kind": "sim", "decode_base_ms": 3_600_000}},
+        "stages": [{"name": "ask", "kind": "lm", "prompt": "{input}", "max_tokens": 8}]}))
+    spec = load_pipeline(path)
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALTO_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker", "-p", str(path), "--stage", "ask",
+         "--redis-url", redis_url, "--metrics-port", str(port), "--instances", "3",
+         "--concurrency", "2"],
+        cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT), "ALTO_HEARTBEAT_MS": "100"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    group = stage_group("hold", "ask")
+    try:
+        async def busy(n: int) -> bool:
+            """All three instances registered, with `n` inputs in flight in all (their
+            heartbeats in Redis: what `alto status` reads, not the endpoint under test)."""
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            members = await redis_t.members(group)
+            return len(members) == 3 and sum(m["inflight"] for m in members.values()) == n
+
+        await eventually(lambda: busy(0), 60, every=0.05)
+        for i in range(6):  # two per runner: each takes only what its slots hold
+            await start_run(redis_t, spec, f"question {i}")
+        await eventually(lambda: busy(6), 60, every=0.05)
+        got = samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
+    finally:
+        proc.kill()  # its calls never end: a drain would wait for them
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+    ps = (("pipeline", "hold"), ("stage", "ask"))
+    assert got[("alto_stage_capacity", ps)] == 6
+    assert got[("alto_stage_inflight", ps)] == 6
+    assert got[("alto_queue_pending", ps)] == 6  # the group's, once, not per runner
+    assert got[("alto_queue_lag", ps)] == 0
+    assert len([k for k in got if k[0] == "alto_worker_info"]) == 3  # one per consumer

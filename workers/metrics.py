@@ -1,9 +1,12 @@
 """Prometheus metrics and health endpoints of one `alto worker` process.
 
-A worker hosts one stage (one runner instance), so per-process numbers are per-instance
-numbers: Prometheus' own `instance`/`pod` target labels tell instances apart, and the
-metrics carry only `pipeline` and `stage` (a random consumer name as a label would make a
-new series at every restart; `alto_worker_info` maps the pod to its Redis consumer name).
+A worker hosts one stage, usually as one runner instance, so per-process numbers are
+per-instance numbers: Prometheus' own `instance`/`pod` target labels tell instances apart,
+and the metrics carry only `pipeline` and `stage` (a random consumer name as a label would
+make a new series at every restart; `alto_worker_info` maps the pod to its Redis consumer
+names). A worker running several runners (`--instances N`) reports their sum: the counters
+add up by themselves, and `alto_stage_inflight`/`alto_stage_capacity` are summed at scrape
+time (the process's load against the process's slots).
 
 Names follow the gateway's (app/metrics.py) where the meaning is the same, so one
 dashboard covers embedded and distributed deployments: the per-call series come from
@@ -138,12 +141,22 @@ class WorkerMetrics:
         """Queue depth of each hosted stage's group and the runners' load, at scrape time."""
         from workers.status import queue_depth
 
+        # summed per stage: one process may run several runners of a stage (--instances),
+        # and each setting the same series left only the last one's load showing
+        load: dict[tuple[str, str], tuple[int, int]] = {}
+        specs: dict[tuple[str, str], Any] = {}
         for r in runtime.runners:
             labels = (r.spec.name, r.stage.name)
             self.info.labels(*labels, r.instance).set(1)
-            self.inflight.labels(*labels).set(r.inflight)
-            self.capacity.labels(*labels).set(r.capacity)
-            length, pending, lag = await queue_depth(runtime.transport, r.spec, r.stage.name)
+            inflight, capacity = load.get(labels, (0, 0))
+            load[labels] = (inflight + r.inflight, capacity + r.capacity)
+            specs[labels] = r.spec
+        for labels, (inflight, capacity) in load.items():
+            self.inflight.labels(*labels).set(inflight)
+            self.capacity.labels(*labels).set(capacity)
+            # the group's depth, the same for every runner of the stage: read once
+            length, pending, lag = await queue_depth(runtime.transport, specs[labels],
+                                                     labels[1])
             self.queue_length.labels(*labels).set(length)
             self.queue_pending.labels(*labels).set(pending)
             self.queue_lag.labels(*labels).set(lag)
