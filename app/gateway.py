@@ -445,10 +445,18 @@ class Gateway:
                 slot.release()
 
     def _replayed_ended(self, w: Watched) -> None:
-        """Count a replayed run's outcome and time as a request's run is counted."""
-        self.metrics.runs.labels(w.spec.name, w.outcome or "completed").inc()
+        """Count a replayed run's outcome, time and error as a request's run is counted
+        (RunHandle._observe)."""
+        m = self.metrics
+        m.runs.labels(w.spec.name, w.outcome or "completed").inc()
         if w.outcome == "completed" and w.ended_at is not None:
-            self.metrics.run_seconds.labels(w.spec.name).observe(w.ended_at - w.t0)
+            m.run_seconds.labels(w.spec.name).observe(w.ended_at - w.t0)
+        if w.error is not None:
+            m.errors.labels(f"run_{w.error.get('code') or 'error'}").inc()
+            if w.error.get("stage"):
+                m.stage_errors.labels(w.spec.name, w.error["stage"]).inc()
+        elif w.outcome == "timeout":  # failed by us, its error event never read back
+            m.errors.labels("run_deadline_exceeded").inc()
 
     async def close(self) -> None:
         await self.supervisor.close()

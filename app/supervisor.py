@@ -67,6 +67,7 @@ class Watched:
     outcome: str | None = None
     ended_at: float | None = None
     beat_at: float = 0.0  # when the supervisor last renewed its watch (replayed runs)
+    error: dict[str, Any] | None = None  # the run's error event, if it failed
 
 
 class RunSupervisor:
@@ -210,6 +211,7 @@ class RunSupervisor:
         if kind == "result":
             w.outcome, w.ended_at = "completed", time.monotonic()
         elif kind == "error":
+            w.error = ev
             code = ev.get("code") or "error"
             w.outcome = {"deadline_exceeded": "timeout", "cancelled": "cancelled"}.get(
                 code, "failed")

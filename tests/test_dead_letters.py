@@ -154,6 +154,29 @@ async def listed(redis_url: str) -> list[dict]:
 
 
 @pytest.mark.redis
+async def test_replays_at_once_start_each_failed_run_once(
+    transport: Transport, broken: set[str]
+) -> None:
+    """Two replays at once (two operators, a retried request, the CLI beside the gateway):
+    both listed the letters before either resolved them, and each started every run."""
+    broken.add("bad")
+    rt = Runtime(transport, [SPEC], config=CONFIG)
+    await rt.start()
+    try:
+        for text in ("bad", "bad a", "bad b"):
+            await run_to_completion(transport, SPEC, text, deadline_s=30)
+        letters = await deadletters.unresolved(transport, SPEC.name)
+        broken.clear()
+        one, two = await asyncio.gather(deadletters.replay(transport, SPEC),
+                                        deadletters.replay(transport, SPEC))
+        left = await deadletters.count(transport, SPEC.name)
+    finally:
+        await rt.stop()
+    assert len(letters) == 3
+    assert sorted([*one, *two]) == sorted(d.entry_id for d in letters)  # each letter once
+    assert len(set(one.values()) | set(two.values())) == 3 and left == 0
+
+
 async def test_the_cli_lists_drops_and_replays(
     redis_url: str, redis_t: RedisTransport, broken: set[str]
 ) -> None:

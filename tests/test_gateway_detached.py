@@ -66,6 +66,8 @@ def test_a_replayed_run_gets_the_deadline_and_the_metrics(
                                                          pipeline="stuck", outcome="timeout") + 1
 
             wait_for(counted, 30, "the replayed run's outcome in alto_runs_total")
+            errors = value(scrape(server), "alto_errors_total", code="run_deadline_exceeded")
+            assert errors == value(before, "alto_errors_total", code="run_deadline_exceeded") + 1
             started = value(scrape(server), "alto_runs_started_total", pipeline="stuck")
             assert started == value(before, "alto_runs_started_total", pipeline="stuck") + 1
     finally:

@@ -17,6 +17,7 @@ its delivery count in that group. Works the same on both transports; the CLI
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +96,9 @@ def _pick(letters: list[DeadLetter], entry_ids: Sequence[str] | None) -> list[De
     return [by_id[i] for i in entry_ids]
 
 
+REPLAY_CLAIM_MS = 60_000  # how long a replay holds a failed run: start + resolve take ms
+
+
 async def replay(
     transport: Transport, spec: PipelineSpec, entry_ids: Sequence[str] | None = None,
     *, limit: int = 100_000, owner: str | None = None, deadline_s: float | None = None,
@@ -105,7 +109,10 @@ async def replay(
     from again, as a new run, then resolve the letters; returns {entry id: new run id}.
     One failed run can leave several letters (inputs that failed side by side before the
     cancel reached them): its input is submitted once and all of its letters are resolved,
-    named or not (else a later replay of one left behind would submit it again). A letter
+    named or not (else a later replay of one left behind would submit it again). Replays
+    running at once (two operators, a retried request, the CLI beside the gateway) start
+    each failed run once: a lease per failed run, and a look that its letters are still
+    unresolved once it is held. A letter
     without an input raises before anything is submitted. Each run is started before its
     letters are resolved: if this process dies between the two, they stay unresolved and a
     later replay submits the input again (a duplicate run rather than a lost one).
@@ -129,10 +136,27 @@ async def replay(
     for d in letters:
         by_run.setdefault(d.run, []).append(d)
     runs: dict[str, str] = {}
+    me = uuid.uuid4().hex
+    stream = dead_letter_stream(spec.name)
     for failed, group in by_run.items():
-        if may_start is not None and not may_start():
+        ids = [d.entry_id for d in group]
+        # one replay of a failed run at a time, and none once its letters are resolved:
+        # two operators (or a retried request) replaying together each started it
+        lease = f"replay:{spec.name}:{failed}"
+        if await transport.acquire_fenced(lease, me, REPLAY_CLAIM_MS) is None:
+            continue  # another replay is starting it
+        if not await transport.claim(stream, OPERATORS, OPERATORS, ids, 0):
+            await transport.release_lease(lease, me)
+            continue  # replayed (or dropped) since we listed it
+        try:
+            go = may_start is None or may_start()
+        except BaseException:  # e.g. the gateway's 429: the run stays for a later replay
+            await transport.release_lease(lease, me)
+            raise
+        if not go:
+            await transport.release_lease(lease, me)
             break
-        meta: dict[str, Any] = {"replay_of": failed, "dead_letters": [d.entry_id for d in group]}
+        meta: dict[str, Any] = {"replay_of": failed, "dead_letters": ids}
         if deadline_s is not None:
             meta["deadline_s"] = deadline_s
         first = await transport.read_events(failed, None, 1, 0)
@@ -140,10 +164,15 @@ async def replay(
             else owner
         if recorded is not None:
             meta["owner"] = recorded
-        run = await start_run(transport, spec, str(group[0].input), meta=meta)
+        try:
+            run = await start_run(transport, spec, str(group[0].input), meta=meta)
+        except BaseException:
+            await transport.release_lease(lease, me)
+            raise
         if on_start is not None:
             await on_start(run)
-        await _resolve(transport, spec.name, [d.entry_id for d in group])
+        await _resolve(transport, spec.name, ids)  # the lease expires on its own: by then
+        # every replay that listed these letters finds them resolved
         runs.update((d.entry_id, run) for d in group)
     await transport.trim(dead_letter_stream(spec.name))  # resolved letters go, once
     return runs
