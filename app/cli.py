@@ -528,7 +528,8 @@ def worker(
     instances: Annotated[int | None, typer.Option(
         min=1, max=256, help="engine instances this process runs, each with its own runner "
         "(or ALTO_INSTANCES; default 1, or one per server of an openai engine's base_url "
-        "list; instance i talks to the i-th server)")] = None,
+        "list; instance i talks to the i-th server; LM stages only: a tool or reduce stage "
+        "runs one runner, sized by --concurrency)")] = None,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="barrier mode")] = False,
     metrics_port: Annotated[
         int | None, typer.Option(min=0, max=65535, help="serve /metrics /healthz /readyz "

@@ -138,3 +138,15 @@ def test_worker_refuses_an_instances_setting_out_of_range() -> None:
                                "--redis-url", NOWHERE, env=clean_env(ALTO_INSTANCES="0")))
     assert line == ("error: invalid setting ALTO_INSTANCES: 0 is not between 1 and 256 "
                     "(--instances's range)"), line
+
+
+def test_instances_help_says_it_is_for_lm_stages_only() -> None:
+    """A tool or reduce stage runs one runner whatever --instances / ALTO_INSTANCES say (its
+    --concurrency sizes it); the help and README said nothing, so a deployment-wide
+    ALTO_INSTANCES gave no hint that function stages did not scale with it."""
+    proc = alto("worker", "--help", env=clean_env(COLUMNS="1000"))
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if "--instances" in x)
+    assert "LM stages only" in line, line
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "`ALTO_INSTANCES` (LM stages only" in readme
