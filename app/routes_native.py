@@ -37,6 +37,7 @@ from app.streaming import (
     ClientGone,
     ClosingEventSource,
     json_response,
+    resume_elsewhere,
     sse,
     unless_disconnected,
 )
@@ -204,6 +205,7 @@ async def create_run(name: PipelineName, body: RunRequest, request: Request) -> 
             on_close=on_close,
             ping_s=gw.settings.sse_ping_s,
             headers=headers,
+            farewell=resume_elsewhere(),
         )
     try:
         result = await unless_disconnected(request, _collect(handle))
@@ -275,7 +277,7 @@ async def run_events(
 
     return ClosingEventSource(
         events(), on_close=on_close, ping_s=gw.settings.sse_ping_s,
-        headers={"X-Alto-Run": run_id},
+        headers={"X-Alto-Run": run_id}, farewell=resume_elsewhere(),
     )
 
 

@@ -161,6 +161,19 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
 
 
+RESUME_RETRY_MS = 1_000
+
+
+def resume_elsewhere() -> list[ServerSentEvent]:
+    """The end of a native (resumable) stream cut by the server's shutdown: a comment saying
+    so and a `retry` hint, then a clean end of the body. The run goes on; the client
+    resumes it (at another gateway) with Last-Event-ID, as a browser's EventSource does by
+    itself after `retry` ms. Without it the body was cut mid-chunk (clients raised an
+    incomplete-body error) and the server logged an ERROR per open stream."""
+    return [ServerSentEvent(comment="the server is shutting down; the run goes on: resume "
+                                    "it with Last-Event-ID", retry=RESUME_RETRY_MS, sep="\n")]
+
+
 def shutting_down(what: str) -> list[ServerSentEvent]:
     """The end of an OpenAI-format stream cut by the server's shutdown: an error chunk (the
     SDK raises it) and `[DONE]`. `what`: what became of the work behind the answer."""

@@ -104,3 +104,64 @@ def test_serve_ends_with_128_plus_the_signal(sig: signal.Signals) -> None:
             proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+
+def test_sigterm_ends_a_native_stream_cleanly_with_a_resume_hint() -> None:
+    """A native stream is resumable: the run goes on, so a shutdown ends the body cleanly
+    with a comment and a `retry` hint (an EventSource reconnects with Last-Event-ID by
+    itself). The body used to be cut mid-chunk: clients raised an incomplete-body error
+    and the server logged an ERROR per open stream."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "ALTO_SIM_TIME_SCALE": "1.0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "-p", str(PIPELINE), "--port", str(port),
+         "--host", "127.0.0.1"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    failure: list[BaseException] = []
+    flowing = threading.Event()
+
+    def read() -> None:
+        try:
+            with httpx.stream("POST", f"{url}/v1/pipelines/slow/runs", json={"input": "400"},
+                              headers={"Accept": "text/event-stream"}, timeout=60) as r:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    if sum(x.startswith("event: partial") for x in lines) >= 2:
+                        flowing.set()
+        except BaseException as exc:  # noqa: BLE001 - the test asserts there is none
+            failure.append(exc)
+            flowing.set()
+
+    log = ""
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        assert eventually_sync(ready, timeout=60, every=0.1), "alto serve did not start"
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert flowing.wait(60), "the stream did not start"
+        proc.send_signal(signal.SIGTERM)
+        reader.join(60)
+        assert not reader.is_alive(), "the stream did not end"
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        log = proc.stdout.read() if proc.stdout else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    assert failure == [], failure
+    assert any(x.startswith(": the server is shutting down") for x in lines), lines[-4:]
+    assert "retry: 1000" in lines
+    assert not any(x.startswith("event: result") or x.startswith("event: error")
+                   for x in lines)  # cut, not ended: the run goes on elsewhere
+    assert "ASGI callable returned without completing response" not in log
