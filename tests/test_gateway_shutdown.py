@@ -5,12 +5,15 @@ process, real socket, real signal."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -21,38 +24,52 @@ from tests.waiting import eventually_sync
 PIPELINE = REPO / "tests" / "gateway_pipelines" / "slow.yaml"
 
 
-@pytest.mark.parametrize("model", ["slow", "slow/default"])  # a pipeline; an engine model
-def test_sigterm_ends_an_open_stream_with_an_error_and_done(model: str) -> None:
+@contextlib.contextmanager
+def serving(**popen: Any) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """`alto serve` of the slow pipeline on a free port, ready (its /readyz answers 200);
+    killed at the end if the test has not ended it."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "ALTO_SIM_TIME_SCALE": "1.0"}  # calibrated speed: seconds of output
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "-p", str(PIPELINE), "--port", str(port),
-         "--host", "127.0.0.1"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    datas: list[str] = []
-    flowing = threading.Event()
-
-    def read() -> None:
-        body = {"model": model, "stream": True, "max_tokens": 20000,
-                "messages": [{"role": "user", "content": "400"}]}
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    datas.append(line[6:])
-                    if len(datas) >= 3:
-                        flowing.set()
-
+         "--host", "127.0.0.1"], cwd=REPO, text=True, **popen)
+    url = f"http://127.0.0.1:{port}"
     try:
         def ready() -> bool:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert proc.poll() is None, "alto serve exited"
             try:
                 return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
             except httpx.TransportError:
                 return False
 
         assert eventually_sync(ready, timeout=60, every=0.1), "alto serve did not start"
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+
+
+@pytest.mark.parametrize("model", ["slow", "slow/default"])  # a pipeline; an engine model
+def test_sigterm_ends_an_open_stream_with_an_error_and_done(model: str) -> None:
+    env = {**os.environ, "ALTO_SIM_TIME_SCALE": "1.0"}  # calibrated speed: seconds of output
+    datas: list[str] = []
+    flowing = threading.Event()
+
+    with serving(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as (url, proc):
+        def read() -> None:
+            body = {"model": model, "stream": True, "max_tokens": 20000,
+                    "messages": [{"role": "user", "content": "400"}]}
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
+                              timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        datas.append(line[6:])
+                        if len(datas) >= 3:
+                            flowing.set()
+
         reader = threading.Thread(target=read)
         reader.start()
         assert flowing.wait(60), "the stream did not start"
@@ -62,12 +79,6 @@ def test_sigterm_ends_an_open_stream_with_an_error_and_done(model: str) -> None:
         # 128 + SIGTERM, through alto's exit (atexit runs: batched spans are sent), not
         # killed by the signal uvicorn re-raises after its graceful shutdown (-15)
         assert proc.wait(30) == 128 + signal.SIGTERM
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
     assert datas[-1] == "[DONE]", datas[-3:]
     last = json.loads(datas[-2])
     assert last["error"]["code"] == "server_shutting_down", datas[-3:]
@@ -80,30 +91,10 @@ def test_serve_ends_with_128_plus_the_signal(sig: signal.Signals) -> None:
     """What a shell reports for a process the signal ended, after alto's own cleanup:
     SIGINT used to exit 0 (uvicorn.run swallows the KeyboardInterrupt it re-raises),
     SIGTERM to die by the signal (-15)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "-p", str(PIPELINE), "--port", str(port),
-         "--host", "127.0.0.1"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        def ready() -> bool:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        assert eventually_sync(ready, timeout=60, every=0.1), "alto serve did not start"
+    with serving(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as (_, proc):
         proc.send_signal(sig)
         assert proc.wait(30) == 128 + sig
         assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
 
 def test_sigterm_ends_a_native_stream_cleanly_with_a_resume_hint() -> None:
@@ -111,40 +102,25 @@ def test_sigterm_ends_a_native_stream_cleanly_with_a_resume_hint() -> None:
     with a comment and a `retry` hint (an EventSource reconnects with Last-Event-ID by
     itself). The body used to be cut mid-chunk: clients raised an incomplete-body error
     and the server logged an ERROR per open stream."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "ALTO_SIM_TIME_SCALE": "1.0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "-p", str(PIPELINE), "--port", str(port),
-         "--host", "127.0.0.1"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
     lines: list[str] = []
     failure: list[BaseException] = []
     flowing = threading.Event()
 
-    def read() -> None:
-        try:
-            with httpx.stream("POST", f"{url}/v1/pipelines/slow/runs", json={"input": "400"},
-                              headers={"Accept": "text/event-stream"}, timeout=60) as r:
-                for line in r.iter_lines():
-                    lines.append(line)
-                    if sum(x.startswith("event: partial") for x in lines) >= 2:
-                        flowing.set()
-        except BaseException as exc:  # noqa: BLE001 - the test asserts there is none
-            failure.append(exc)
-            flowing.set()
-
-    log = ""
-    try:
-        def ready() -> bool:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+    with serving(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as (url, proc):
+        def read() -> None:
             try:
-                return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
+                with httpx.stream("POST", f"{url}/v1/pipelines/slow/runs",
+                                  json={"input": "400"},
+                                  headers={"Accept": "text/event-stream"}, timeout=60) as r:
+                    for line in r.iter_lines():
+                        lines.append(line)
+                        if sum(x.startswith("event: partial") for x in lines) >= 2:
+                            flowing.set()
+            except BaseException as exc:  # noqa: BLE001 - the test asserts there is none
+                failure.append(exc)
+                flowing.set()
 
-        assert eventually_sync(ready, timeout=60, every=0.1), "alto serve did not start"
         reader = threading.Thread(target=read)
         reader.start()
         assert flowing.wait(60), "the stream did not start"
@@ -153,12 +129,6 @@ def test_sigterm_ends_a_native_stream_cleanly_with_a_resume_hint() -> None:
         assert not reader.is_alive(), "the stream did not end"
         assert proc.wait(30) == 128 + signal.SIGTERM
         log = proc.stdout.read() if proc.stdout else ""
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
     assert failure == [], failure
     assert any(x.startswith(": the server is shutting down") for x in lines), lines[-4:]
     assert "retry: 1000" in lines
