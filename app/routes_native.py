@@ -37,7 +37,7 @@ from app.streaming import (
     ClientGone,
     ClosingEventSource,
     json_response,
-    resume_elsewhere,
+    native_farewell,
     sse,
     unless_disconnected,
 )
@@ -205,7 +205,7 @@ async def create_run(name: PipelineName, body: RunRequest, request: Request) -> 
             on_close=on_close,
             ping_s=gw.settings.sse_ping_s,
             headers=headers,
-            farewell=resume_elsewhere(),
+            farewell=native_farewell(handle.run, resumable=not gw.transport.in_process),
         )
     try:
         result = await unless_disconnected(request, _collect(handle))
@@ -277,7 +277,8 @@ async def run_events(
 
     return ClosingEventSource(
         events(), on_close=on_close, ping_s=gw.settings.sse_ping_s,
-        headers={"X-Alto-Run": run_id}, farewell=resume_elsewhere(),
+        headers={"X-Alto-Run": run_id},
+        farewell=native_farewell(run_id, resumable=not gw.transport.in_process),
     )
 
 

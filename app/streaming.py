@@ -90,6 +90,8 @@ async def _until(content: AsyncIterator[ServerSentEvent], stopping: anyio.Event,
                 task.uncancel()
                 break
             yield event
+            if event.event in ("result", "error") or event.data == "[DONE]":
+                return  # the stream's own end went out: no farewell after it
         for event in farewell:  # the server is shutting down
             yield event
     finally:
@@ -164,14 +166,24 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 RESUME_RETRY_MS = 1_000
 
 
-def resume_elsewhere() -> list[ServerSentEvent]:
-    """The end of a native (resumable) stream cut by the server's shutdown: a comment saying
-    so and a `retry` hint, then a clean end of the body. The run goes on; the client
-    resumes it (at another gateway) with Last-Event-ID, as a browser's EventSource does by
-    itself after `retry` ms. Without it the body was cut mid-chunk (clients raised an
-    incomplete-body error) and the server logged an ERROR per open stream."""
-    return [ServerSentEvent(comment="the server is shutting down; the run goes on: resume "
-                                    "it with Last-Event-ID", retry=RESUME_RETRY_MS, sep="\n")]
+def native_farewell(run: str, *, resumable: bool) -> list[ServerSentEvent]:
+    """The end of a native stream cut by the server's shutdown, then a clean end of the
+    body (it was cut mid-chunk: clients raised an incomplete-body error, and the server
+    logged an ERROR per open stream).
+
+    `resumable` (the runs live on Redis): a comment saying so and a `retry` hint; the run
+    goes on and the client resumes it at another gateway with Last-Event-ID, as a browser's
+    EventSource does by itself after `retry` ms. Otherwise (embedded: the run ends with
+    this process) an `error` event, code `server_shutting_down`, without an id, so a
+    client's last event id stays that of the last event the run wrote."""
+    if resumable:
+        return [ServerSentEvent(comment="the server is shutting down; the run goes on: "
+                                        "resume it with Last-Event-ID",
+                                retry=RESUME_RETRY_MS, sep="\n")]
+    body = {"type": "error", "run": run, "code": "server_shutting_down",
+            "message": "the server is shutting down, and the run with it (embedded "
+                       "transport: its runners and events live in this process)"}
+    return [sse(body, event="error")]
 
 
 def shutting_down(what: str) -> list[ServerSentEvent]:

@@ -167,12 +167,16 @@ class RunSupervisor:
             await self._finish(w)
             return
         try:
-            if w.grace_at is not None and now >= w.grace_at:
-                if not await self._call(self.transport.members(WATCH_PREFIX + w.run)):
-                    await self._call(self._fail(
-                        w.run, "cancelled",
-                        "no client followed the run within the resume grace period"))
-                w.grace_at = None  # resumed, or cancelled (its end is read next tick)
+            grace = w.grace_at
+            if grace is not None and now >= grace:
+                followed = await self._call(self.transport.members(WATCH_PREFIX + w.run))
+                if w.grace_at == grace:  # no client dropped again meanwhile (a new grace)
+                    if not followed:
+                        await self._call(self._fail(
+                            w.run, "cancelled",
+                            "no client followed the run within the resume grace period"))
+                    if w.grace_at == grace:
+                        w.grace_at = None  # resumed, or cancelled (its end: next tick)
             if now >= w.deadline_at and not w.failed:
                 await self._call(self._fail(
                     w.run, "deadline_exceeded",

@@ -97,11 +97,11 @@ def test_serve_ends_with_128_plus_the_signal(sig: signal.Signals) -> None:
         assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
 
 
-def test_sigterm_ends_a_native_stream_cleanly_with_a_resume_hint() -> None:
-    """A native stream is resumable: the run goes on, so a shutdown ends the body cleanly
-    with a comment and a `retry` hint (an EventSource reconnects with Last-Event-ID by
-    itself). The body used to be cut mid-chunk: clients raised an incomplete-body error
-    and the server logged an ERROR per open stream."""
+def test_sigterm_ends_a_native_stream_cleanly() -> None:
+    """A native stream open at shutdown ends its body cleanly. It was cut mid-chunk:
+    clients raised an incomplete-body error and the server logged an ERROR per open
+    stream. Embedded, the run ends with the process: an `error` event says so, without an
+    id (on Redis a comment and a `retry` hint say to resume elsewhere instead)."""
     env = {**os.environ, "ALTO_SIM_TIME_SCALE": "1.0"}
     lines: list[str] = []
     failure: list[BaseException] = []
@@ -130,8 +130,17 @@ def test_sigterm_ends_a_native_stream_cleanly_with_a_resume_hint() -> None:
         assert proc.wait(30) == 128 + signal.SIGTERM
         log = proc.stdout.read() if proc.stdout else ""
     assert failure == [], failure
-    assert any(x.startswith(": the server is shutting down") for x in lines), lines[-4:]
-    assert "retry: 1000" in lines
-    assert not any(x.startswith("event: result") or x.startswith("event: error")
-                   for x in lines)  # cut, not ended: the run goes on elsewhere
+    assert "event: result" not in lines
+    at = lines.index("event: error")
+    assert json.loads(lines[at + 1][len("data: "):])["code"] == "server_shutting_down"
+    assert not lines[at - 1].startswith("id:")  # no id: the last id is the run's own
     assert "ASGI callable returned without completing response" not in log
+
+
+def test_on_redis_the_native_farewell_says_to_resume() -> None:
+    from app.streaming import native_farewell
+
+    [event] = native_farewell("r", resumable=True)
+    text = event.encode().decode()
+    assert text.startswith(": the server is shutting down") and "retry: 1000" in text
+    assert "event:" not in text and "data:" not in text  # no event: the run goes on

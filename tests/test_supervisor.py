@@ -174,3 +174,15 @@ async def test_watching_again_keeps_the_earlier_deadline() -> None:
     sup.watch(_spec(), run, deadline_s=1, total_s=1)
     assert sup.runs[run].deadline_at < first
     await sup.close()
+
+
+async def test_the_supervisor_stops_watching_a_replayed_run_when_it_ends() -> None:
+    t = EmbeddedTransport()
+    sup = _supervisor(t, [])
+    run = await start_run(t, _spec(), "x")
+    slot = Slot()
+    sup.watch(_spec(), run, deadline_s=300, total_s=300, slot=slot, account=True)  # type: ignore[arg-type]
+    await eventually(lambda: t.members("watch:" + run))
+    await fail_run(t, run, "cancelled", "an operator cancelled it", 60)
+    await eventually(lambda: slot.released == 1)
+    assert await t.members("watch:" + run) == {}

@@ -17,6 +17,7 @@ its delivery count in that group. Works the same on both transports; the CLI
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -145,29 +146,25 @@ async def replay(
         lease = f"replay:{spec.name}:{failed}"
         if await transport.acquire_fenced(lease, me, REPLAY_CLAIM_MS) is None:
             continue  # another replay is starting it
-        if not await transport.claim(stream, OPERATORS, OPERATORS, ids, 0):
-            await transport.release_lease(lease, me)
-            continue  # replayed (or dropped) since we listed it
-        try:
-            go = may_start is None or may_start()
-        except BaseException:  # e.g. the gateway's 429: the run stays for a later replay
-            await transport.release_lease(lease, me)
-            raise
-        if not go:
-            await transport.release_lease(lease, me)
-            break
-        meta: dict[str, Any] = {"replay_of": failed, "dead_letters": ids}
-        if deadline_s is not None:
-            meta["deadline_s"] = deadline_s
-        first = await transport.read_events(failed, None, 1, 0)
-        recorded = first[0][1].get("owner") if first and first[0][1].get("type") == "run" \
-            else owner
-        if recorded is not None:
-            meta["owner"] = recorded
-        try:
+        try:  # until the run has started, any failure gives the failed run back
+            if not await transport.claim(stream, OPERATORS, OPERATORS, ids, 0):
+                await transport.release_lease(lease, me)
+                continue  # replayed (or dropped) since we listed it
+            if may_start is not None and not may_start():  # may raise: the gateway's 429
+                await transport.release_lease(lease, me)
+                break
+            meta: dict[str, Any] = {"replay_of": failed, "dead_letters": ids}
+            if deadline_s is not None:
+                meta["deadline_s"] = deadline_s
+            first = await transport.read_events(failed, None, 1, 0)
+            recorded = first[0][1].get("owner") if first and first[0][1].get("type") == "run" \
+                else owner
+            if recorded is not None:
+                meta["owner"] = recorded
             run = await start_run(transport, spec, str(group[0].input), meta=meta)
         except BaseException:
-            await transport.release_lease(lease, me)
+            with contextlib.suppress(Exception):
+                await transport.release_lease(lease, me)
             raise
         if on_start is not None:
             await on_start(run)
