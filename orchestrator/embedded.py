@@ -500,6 +500,20 @@ class EmbeddedTransport(Transport):
         self._set_expiry("lease", name, ttl_ms / 1000)
         return holder[1]
 
+    async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """Without a fencing token (no counter kept per name, as on Redis)."""
+        if ttl_ms <= 0:
+            raise ValueError("ttl_ms must be positive")
+        self._sweep()
+        self._alive("lease", name)
+        holder = self._leases.get(name)
+        if holder is not None and holder[0] != owner:
+            return False
+        if holder is None:
+            self._leases[name] = (owner, 0)
+        self._set_expiry("lease", name, ttl_ms / 1000)
+        return True
+
     async def release_lease(self, name: str, owner: str) -> None:
         self._alive("lease", name)
         held = self._leases.get(name)

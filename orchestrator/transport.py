@@ -249,7 +249,9 @@ class Transport(abc.ABC):
 
     # ---- leases and registry ------------------------------------------------------------
     async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
-        """Take or renew the lease `name` for `owner`; False if another owner holds it."""
+        """Take or renew the lease `name` for `owner`; False if another owner holds it.
+        Transports may keep no fencing token for it (nothing lingers once it expires); a
+        name is used with this or with `acquire_fenced`, never both."""
         return await self.acquire_fenced(name, owner, ttl_ms) is not None
 
     @abc.abstractmethod

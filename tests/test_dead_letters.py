@@ -240,3 +240,30 @@ async def test_alto_status_shows_instances_queues_and_dead_letters(
     assert all(s["instances"] == 1 and s["lag"] == 0 for s in st["stages"]), st
     assert table.returncode == 0 and "1 unresolved dead letter" in table.stdout
     assert all(name in table.stdout for name in ("split", "check", "final"))
+
+
+@pytest.mark.redis
+async def test_a_replay_leaves_no_key_behind_on_redis(
+    redis_t: Transport, redis_url: str, broken: set[str]
+) -> None:
+    """A replay's lease on a failed run is a plain lock: it left a `fence:` counter per
+    replayed run, which never expires."""
+    import redis.asyncio as aioredis
+
+    broken.add("bad")
+    rt = Runtime(redis_t, [SPEC], config=CONFIG)
+    await rt.start()
+    try:
+        await run_to_completion(redis_t, SPEC, "bad", deadline_s=30)
+        broken.clear()
+        assert len(await deadletters.replay(redis_t, SPEC)) == 1
+    finally:
+        await rt.stop()
+    r = aioredis.from_url(redis_url)
+    try:
+        fences = [k async for k in r.scan_iter(match="*fence:replay:*")]
+        leases = [k async for k in r.scan_iter(match="*lease:replay:*")]
+        ttls = [await r.pttl(k) for k in leases]
+    finally:
+        await r.aclose()
+    assert fences == [] and all(t > 0 for t in ttls)  # the lease itself expires

@@ -144,7 +144,7 @@ async def replay(
         # one replay of a failed run at a time, and none once its letters are resolved:
         # two operators (or a retried request) replaying together each started it
         lease = f"replay:{spec.name}:{failed}"
-        if await transport.acquire_fenced(lease, me, REPLAY_CLAIM_MS) is None:
+        if not await transport.acquire_lease(lease, me, REPLAY_CLAIM_MS):
             continue  # another replay is starting it
         try:  # until the run has started, any failure gives the failed run back
             if not await transport.claim(stream, OPERATORS, OPERATORS, ids, 0):

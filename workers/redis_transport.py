@@ -223,6 +223,20 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return token
 """
 
+# A lease without a fencing token (token 0): what needs only mutual exclusion (router slots,
+# a dead-letter replay) leaves no `fence:` counter behind, which never expires.
+_LOCK = """
+local cur = redis.call('HGET', KEYS[1], 'owner')
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if cur then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'token', 0)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -413,6 +427,7 @@ class RedisTransport(Transport):
         self._trim = _Script(self._r, _TRIM)
         self._acquire = _Script(self._r, _ACQUIRE)
         self._release = _Script(self._r, _RELEASE)
+        self._lock = _Script(self._r, _LOCK)
         self._heartbeat = _Script(self._r, _HEARTBEAT)
         self._members = _Script(self._r, _MEMBERS)
         self._rate = _Script(self._r, _RATE)
@@ -820,6 +835,11 @@ class RedisTransport(Transport):
             keys=[f"{self.prefix}lease:{name}", f"{self.prefix}fence:{name}"], args=[owner, ttl_ms]
         )
         return int(token) or None
+
+    async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        if ttl_ms <= 0:
+            raise ValueError("ttl_ms must be positive")
+        return bool(await self._lock(keys=[f"{self.prefix}lease:{name}"], args=[owner, ttl_ms]))
 
     async def release_lease(self, name: str, owner: str) -> None:
         await self._release(keys=[f"{self.prefix}lease:{name}"], args=[owner])
