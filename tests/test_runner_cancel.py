@@ -19,7 +19,7 @@ from orchestrator.transport import Transport
 from tests import fixtures_llama
 from tests.fixtures_llama import ScriptedSSEServer, start_scripted
 from tests.test_sim_engine import GatedSleep
-from tests.waiting import eventually
+from tests.waiting import eventually, loop_turn
 from workers.client import follow_run, start_run
 from workers.engines.openai_compat import OpenAIEngine
 from workers.engines.sim import SimEngine
@@ -172,7 +172,7 @@ async def steady_units(value: object, ctx: object) -> AsyncIterator[str]:
     i = 0
     try:
         while True:
-            await asyncio.sleep(0)  # a loop turn, as a real producer's I/O would give
+            await loop_turn()  # a loop turn, as a real producer's I/O would give
             yield str(i)
             i += 1
             _hang["entered"] = True
@@ -323,7 +323,7 @@ async def paced_units(value: object, ctx: object) -> AsyncIterator[str]:
     itself only if that look did not end it."""
     i = 0
     while LOOKS["n"] < 1:
-        await asyncio.sleep(0)  # a loop turn, as a real producer's I/O would give
+        await loop_turn()  # a loop turn, as a real producer's I/O would give
         yield str(i)
         i += 1
     yield str(i)

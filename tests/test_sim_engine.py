@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from orchestrator.engine import Delta, Engine, GenParams
 from orchestrator.spec import EngineSpec
+from tests.waiting import loop_turn
 from workers.engines import sim
 from workers.engines.sim import PrefixCache, SimEngine, pseudo_text, resolve_responder
 from workers.engines.tokens import count_tokens, detokenize, tokenize
@@ -36,7 +37,7 @@ class RecordingSleep:
 
     async def __call__(self, seconds: float) -> None:
         self.durations.append(seconds)
-        await asyncio.sleep(0)
+        await loop_turn()
 
 
 class GatedSleep:

@@ -22,6 +22,7 @@ from orchestrator.embedded import EmbeddedTransport, NoGroupError
 from orchestrator.envelope import Envelope
 from orchestrator.transport import Commit, Progress, Transport
 from tests.waiting import eventually as _eventually
+from tests.waiting import loop_turn
 
 WAIT_S = 10.0  # generous upper bound for anything that should happen "soon"
 BIG_IDLE_MS = 3_600_000  # an hour: nothing delivered during a test is that idle
@@ -403,7 +404,7 @@ async def test_concurrent_reader_never_sees_half_a_commit(transport: Transport) 
             # read in the order opposite to the commit's: later parts first would show
             # a torn commit as more progress than messages
             observations.append((len(events), sum(p is not None for p in progress), length))
-            await asyncio.sleep(0)
+            await loop_turn()
 
     watcher = asyncio.create_task(observe())
     for i in range(n):

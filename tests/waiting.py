@@ -37,3 +37,13 @@ def eventually_sync(condition: Callable[[], bool], timeout: float = 30.0, every:
             return False
         time.sleep(every)
     return True
+
+
+async def loop_turn() -> None:
+    """Let every task that is ready run once before going on: the turn a real producer's
+    I/O gives the loop. It waits on the loop's own scheduling (a future resolved by the
+    next iteration), never on time."""
+    loop = asyncio.get_running_loop()
+    turn = loop.create_future()
+    loop.call_soon(turn.set_result, None)
+    await turn
