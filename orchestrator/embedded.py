@@ -487,6 +487,15 @@ class EmbeddedTransport(Transport):
 
     # ---- leases and registry ------------------------------------------------------------
     async def acquire_fenced(self, name: str, owner: str, ttl_ms: int) -> int | None:
+        return self._take_lease(name, owner, ttl_ms, fenced=True)
+
+    async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """Without a fencing token (no counter kept per name, as on Redis)."""
+        return self._take_lease(name, owner, ttl_ms, fenced=False) is not None
+
+    def _take_lease(self, name: str, owner: str, ttl_ms: int, *, fenced: bool) -> int | None:
+        """Take or renew; the holder's token (0 when not `fenced`), None if another owner
+        holds the lease."""
         if ttl_ms <= 0:
             raise ValueError("ttl_ms must be positive")
         self._sweep()
@@ -495,24 +504,12 @@ class EmbeddedTransport(Transport):
         if holder is not None and holder[0] != owner:
             return None
         if holder is None:
-            token = self._fences[name] = self._fences.get(name, 0) + 1
+            token = 0
+            if fenced:
+                token = self._fences[name] = self._fences.get(name, 0) + 1
             holder = self._leases[name] = (owner, token)
         self._set_expiry("lease", name, ttl_ms / 1000)
         return holder[1]
-
-    async def acquire_lease(self, name: str, owner: str, ttl_ms: int) -> bool:
-        """Without a fencing token (no counter kept per name, as on Redis)."""
-        if ttl_ms <= 0:
-            raise ValueError("ttl_ms must be positive")
-        self._sweep()
-        self._alive("lease", name)
-        holder = self._leases.get(name)
-        if holder is not None and holder[0] != owner:
-            return False
-        if holder is None:
-            self._leases[name] = (owner, 0)
-        self._set_expiry("lease", name, ttl_ms / 1000)
-        return True
 
     async def release_lease(self, name: str, owner: str) -> None:
         self._alive("lease", name)
