@@ -31,7 +31,7 @@ import anyio
 from app.admission import QueueGuard, same_owner
 from app.engines import EnginePool
 from app.errors import ApiError
-from app.metrics import Metrics
+from app.metrics import Metrics, run_outcome
 from app.supervisor import WATCH_PREFIX, RunSupervisor, Watched
 from orchestrator.spec import PipelineSpec
 from orchestrator.tracker import RunTracker, event_order
@@ -107,13 +107,8 @@ class RunHandle:
             m.run_seconds.labels(self.spec.name).observe(time.monotonic() - self.t0)
         elif kind == "error":
             self.finished = True
-            code = ev.get("code") or "error"
-            self.outcome = {"deadline_exceeded": "timeout", "cancelled": "cancelled"}.get(
-                code, "failed"
-            )
-            m.errors.labels(f"run_{code}").inc()
-            if ev.get("stage"):
-                m.stage_errors.labels(self.spec.name, ev["stage"]).inc()
+            self.outcome = run_outcome(ev.get("code"))
+            m.run_error(self.spec.name, ev)
 
     async def close(self, *, grace_s: float = 0.0) -> None:
         """End of the owner's connection: release the slot and cancel unfinished work, or
@@ -452,9 +447,7 @@ class Gateway:
         if w.outcome == "completed" and w.ended_at is not None:
             m.run_seconds.labels(w.spec.name).observe(w.ended_at - w.t0)
         if w.error is not None:
-            m.errors.labels(f"run_{w.error.get('code') or 'error'}").inc()
-            if w.error.get("stage"):
-                m.stage_errors.labels(w.spec.name, w.error["stage"]).inc()
+            m.run_error(w.spec.name, w.error)
         elif w.outcome == "timeout":  # failed by us, its error event never read back
             m.errors.labels("run_deadline_exceeded").inc()
 

@@ -28,6 +28,12 @@ log = logging.getLogger("alto.gateway")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+def run_outcome(code: str | None) -> str:
+    """The `alto_runs_total` outcome of a run that ended with an error event of `code`."""
+    return {"deadline_exceeded": "timeout", "cancelled": "cancelled"}.get(code or "error",
+                                                                         "failed")
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -113,6 +119,13 @@ class Metrics:
         )
 
     # ---- the Runtime observer hook (workers.runner.Observer) -------------------------------
+    def run_error(self, pipeline: str, ev: dict[str, Any]) -> None:
+        """A run's error event: `alto_errors_total{code="run_<code>"}` and, when a stage
+        failed it, `alto_stage_errors_total` (for runs followed or only supervised)."""
+        self.errors.labels(f"run_{ev.get('code') or 'error'}").inc()
+        if ev.get("stage"):
+            self.stage_errors.labels(pipeline, ev["stage"]).inc()
+
     def observe(self, event: str, data: dict[str, Any]) -> None:
         """Called by runners in this process after each finished call; must never raise."""
         if event not in ("call", "retry"):

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from app.metrics import run_outcome
 from orchestrator.spec import PipelineSpec
 from orchestrator.tracker import RunTracker
 from orchestrator.transport import Transport
@@ -61,13 +62,16 @@ class Watched:
     slot: Slot | None
     account: bool  # count the outcome in the run metrics (replayed runs)
     t0: float = field(default_factory=time.monotonic)
-    tracker: RunTracker | None = None
+    tracker: RunTracker = field(init=False)  # the run's log as read so far
     cursor: str | None = None
     failed: bool = False  # our deadline error was written
     outcome: str | None = None
     ended_at: float | None = None
     beat_at: float = 0.0  # when the supervisor last renewed its watch (replayed runs)
     error: dict[str, Any] | None = None  # the run's error event, if it failed
+
+    def __post_init__(self) -> None:
+        self.tracker = RunTracker(self.spec, self.run)
 
 
 class RunSupervisor:
@@ -111,7 +115,6 @@ class RunSupervisor:
         self.runs[run] = Watched(
             spec, run, now + max(0.0, deadline_s), total_s,
             None if grace_s is None or account else now + grace_s, slot, account,
-            tracker=RunTracker(spec, run),
         )
         if self._closed:
             self._end(self.runs[run])
@@ -144,7 +147,6 @@ class RunSupervisor:
         """One look at a run: read what its log gained, then act on its grace period,
         deadline and give-up time whatever the read did (a log that cannot be read must
         still be failed at its deadline). Raises the first error, once all is tried."""
-        assert w.tracker is not None
         errors: list[Exception] = []
         try:
             for _ in range(READS_PER_TICK):
@@ -216,9 +218,7 @@ class RunSupervisor:
             w.outcome, w.ended_at = "completed", time.monotonic()
         elif kind == "error":
             w.error = ev
-            code = ev.get("code") or "error"
-            w.outcome = {"deadline_exceeded": "timeout", "cancelled": "cancelled"}.get(
-                code, "failed")
+            w.outcome = run_outcome(ev.get("code"))
             w.ended_at = time.monotonic()
 
     def _end(self, w: Watched) -> None:
