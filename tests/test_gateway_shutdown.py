@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -52,33 +52,54 @@ def serving(**popen: Any) -> Iterator[tuple[str, subprocess.Popen[str]]]:
                 stream.close()
 
 
+def stream_through_sigterm(
+    url: str, proc: subprocess.Popen[str], path: str, body: dict[str, Any], *,
+    started: Callable[[list[str]], bool], headers: dict[str, str] | None = None,
+) -> tuple[list[str], list[BaseException]]:
+    """POST `body` to `path` as a stream, SIGTERM the server once `started(lines so far)`,
+    and read the stream to its end: its lines, and what reading it raised (if anything).
+    The server must then exit 128 + SIGTERM, through alto's exit (atexit runs: batched
+    spans are sent), not killed by the signal uvicorn re-raises after shutting down."""
+    lines: list[str] = []
+    failure: list[BaseException] = []
+    flowing = threading.Event()
+
+    def read() -> None:
+        try:
+            with httpx.stream("POST", f"{url}{path}", json=body, headers=headers,
+                              timeout=60) as r:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    if started(lines):
+                        flowing.set()
+        except BaseException as exc:  # noqa: BLE001 - the caller asserts on it
+            failure.append(exc)
+            flowing.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert flowing.wait(60), "the stream did not start"
+    proc.send_signal(signal.SIGTERM)
+    reader.join(60)
+    assert not reader.is_alive(), "the stream did not end"
+    assert proc.wait(30) == 128 + signal.SIGTERM
+    return lines, failure
+
+
 @pytest.mark.parametrize("model", ["slow", "slow/default"])  # a pipeline; an engine model
 def test_sigterm_ends_an_open_stream_with_an_error_and_done(model: str) -> None:
     env = {**os.environ, "ALTO_SIM_TIME_SCALE": "1.0"}  # calibrated speed: seconds of output
-    datas: list[str] = []
-    flowing = threading.Event()
+    body = {"model": model, "stream": True, "max_tokens": 20000,
+            "messages": [{"role": "user", "content": "400"}]}
+
+    def data(lines: list[str]) -> list[str]:
+        return [x[len("data: "):] for x in lines if x.startswith("data: ")]
 
     with serving(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as (url, proc):
-        def read() -> None:
-            body = {"model": model, "stream": True, "max_tokens": 20000,
-                    "messages": [{"role": "user", "content": "400"}]}
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
-                              timeout=60) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        datas.append(line[6:])
-                        if len(datas) >= 3:
-                            flowing.set()
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        assert flowing.wait(60), "the stream did not start"
-        proc.send_signal(signal.SIGTERM)
-        reader.join(60)
-        assert not reader.is_alive(), "the stream did not end"
-        # 128 + SIGTERM, through alto's exit (atexit runs: batched spans are sent), not
-        # killed by the signal uvicorn re-raises after its graceful shutdown (-15)
-        assert proc.wait(30) == 128 + signal.SIGTERM
+        lines, failure = stream_through_sigterm(
+            url, proc, "/v1/chat/completions", body, started=lambda got: len(data(got)) >= 3)
+    assert failure == [], failure
+    datas = data(lines)
     assert datas[-1] == "[DONE]", datas[-3:]
     last = json.loads(datas[-2])
     assert last["error"]["code"] == "server_shutting_down", datas[-3:]
@@ -103,31 +124,11 @@ def test_sigterm_ends_a_native_stream_cleanly() -> None:
     stream. Embedded, the run ends with the process: an `error` event says so, without an
     id (on Redis a comment and a `retry` hint say to resume elsewhere instead)."""
     env = {**os.environ, "ALTO_SIM_TIME_SCALE": "1.0"}
-    lines: list[str] = []
-    failure: list[BaseException] = []
-    flowing = threading.Event()
-
     with serving(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as (url, proc):
-        def read() -> None:
-            try:
-                with httpx.stream("POST", f"{url}/v1/pipelines/slow/runs",
-                                  json={"input": "400"},
-                                  headers={"Accept": "text/event-stream"}, timeout=60) as r:
-                    for line in r.iter_lines():
-                        lines.append(line)
-                        if sum(x.startswith("event: partial") for x in lines) >= 2:
-                            flowing.set()
-            except BaseException as exc:  # noqa: BLE001 - the test asserts there is none
-                failure.append(exc)
-                flowing.set()
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        assert flowing.wait(60), "the stream did not start"
-        proc.send_signal(signal.SIGTERM)
-        reader.join(60)
-        assert not reader.is_alive(), "the stream did not end"
-        assert proc.wait(30) == 128 + signal.SIGTERM
+        lines, failure = stream_through_sigterm(
+            url, proc, "/v1/pipelines/slow/runs", {"input": "400"},
+            headers={"Accept": "text/event-stream"},
+            started=lambda got: sum(x.startswith("event: partial") for x in got) >= 2)
         log = proc.stdout.read() if proc.stdout else ""
     assert failure == [], failure
     assert "event: result" not in lines
