@@ -24,6 +24,12 @@ N = 6  # within the stage's default slots (8)
 # the idle sweep would take an hour: only the dead-consumer path can recover the entries
 CONFIG = RunnerConfig(claim_idle_ms=3_600_000, block_ms=20, lease_ttl_ms=300, heartbeat_ms=50)
 CONFIG_SHORT = RunnerConfig(claim_idle_ms=200, block_ms=20, lease_ttl_ms=300, heartbeat_ms=50)
+# for tests that a takeover would fail: the runners share this process' loop, so a stall of
+# the loop (a loaded CI machine) longer than the touch interval (claim_idle / 3) or the
+# member TTL (5 heartbeats) would make the other runner take over a live call, or one
+# longer than the lease TTL would move a partition still firing; these bounds are 600 ms,
+# far above the stalls seen (~150-300 ms), and still short enough to wait past several times
+CONFIG_LIVE = RunnerConfig(claim_idle_ms=600, block_ms=20, lease_ttl_ms=600, heartbeat_ms=120)
 
 
 async def test_dead_workers_backlog_is_taken_over_at_once_and_in_parallel(
@@ -68,7 +74,7 @@ async def test_a_live_workers_long_call_is_not_taken_over(transport: Transport) 
     RENDEZVOUS.reset(target=1, patience_s=30)
     (stream,) = stage_streams(HOLD, "work")
     group = stage_group(HOLD.name, "work")
-    rts = [Runtime(transport, [HOLD], config=CONFIG_SHORT) for _ in range(2)]  # 2 workers
+    rts = [Runtime(transport, [HOLD], config=CONFIG_LIVE) for _ in range(2)]  # 2 workers
     for rt in rts:
         await rt.start()
     try:
@@ -76,11 +82,11 @@ async def test_a_live_workers_long_call_is_not_taken_over(transport: Transport) 
         assert len(runners) == 2
         run = await start_run(transport, HOLD, "slow")
         await eventually(lambda: RENDEZVOUS.active == 1, 10)
-        # both instances sweep for idle entries every 100 ms; wait until each has swept
-        # well past the 200 ms after which an untouched entry would be claimed
+        # both instances sweep for idle entries every 300 ms; wait until each has swept
+        # well past the 600 ms after which an untouched entry would be claimed
         base = [r.sweeps for r in runners]
         await eventually(lambda: all(r.sweeps >= b + 6 for r, b in zip(runners, base,
-                                                                        strict=True)), 10)
+                                                                        strict=True)), 20)
         held = await transport.pending(stream, group, 10)
         calls_while_held = RENDEZVOUS.calls
         RENDEZVOUS.release.set()
@@ -101,19 +107,19 @@ async def test_a_draining_worker_keeps_its_calls(transport: Transport) -> None:
     RENDEZVOUS.reset(target=1, patience_s=30)
     (stream,) = stage_streams(HOLD, "work")
     group = stage_group(HOLD.name, "work")
-    draining = Runtime(transport, [HOLD], config=CONFIG_SHORT)
+    draining = Runtime(transport, [HOLD], config=CONFIG_LIVE)
     await draining.start()
     run = await start_run(transport, HOLD, "slow")
     await eventually(lambda: RENDEZVOUS.active == 1, 10)  # the call runs on `draining`
-    other = Runtime(transport, [HOLD], config=CONFIG_SHORT)
+    other = Runtime(transport, [HOLD], config=CONFIG_LIVE)
     await other.start()
     stopping = asyncio.create_task(draining.stop(drain=True))
     try:
         (mine,) = draining.runners
         (theirs,) = other.runners
-        # past the member TTL (250 ms) and claim_idle (200 ms), several times over
+        # past the member TTL and claim_idle (600 ms each), several times over
         beats, sweeps = mine.beats, theirs.sweeps
-        await eventually(lambda: mine.beats >= beats + 8 and theirs.sweeps >= sweeps + 6, 10)
+        await eventually(lambda: mine.beats >= beats + 15 and theirs.sweeps >= sweeps + 6, 20)
         members = await transport.members(group)
         held = await transport.pending(stream, group, 10)
         calls_while_draining = RENDEZVOUS.calls
@@ -154,7 +160,7 @@ async def test_a_draining_aggregator_hands_its_partitions_over(transport: Transp
     keeps the firing group's partition until that firing ends, so the group is not fired a
     second time by the next owner; then that partition moves too."""
     RENDEZVOUS.reset(target=1, patience_s=30)
-    a = Runtime(transport, [GATHER], config=CONFIG_SHORT)
+    a = Runtime(transport, [GATHER], config=CONFIG_LIVE)
     await a.start()
     b: Runtime | None = None
     stopping: asyncio.Task[None] | None = None
@@ -163,7 +169,7 @@ async def test_a_draining_aggregator_hands_its_partitions_over(transport: Transp
         await eventually(lambda: RENDEZVOUS.active == 1, 10)  # the group fires on a
         ga = _gather_runner(a)
         (firing,) = {g.partition for g in ga._groups.values() if g.firing}
-        b = Runtime(transport, [GATHER], config=CONFIG_SHORT)
+        b = Runtime(transport, [GATHER], config=CONFIG_LIVE)
         await b.start()
         gb = _gather_runner(b)
         stopping = asyncio.create_task(a.stop(drain=True))
