@@ -45,7 +45,9 @@ log = logging.getLogger("alto.gateway")
 TICK_S = 0.25
 GIVE_UP_S = 60.0  # past the deadline with no end in sight (the log is gone): let go
 CALL_TIMEOUT_S = 5.0  # one transport call of a check; a black-holed bus must not stall all
-READS_PER_TICK = 8  # batches of 512 events per run and tick: a huge log is read over ticks
+READS_PER_TICK = 8  # batches of events per run and tick: a huge log is read over ticks
+EVENTS_PER_READ = 512
+RUNS_PER_READ = 256  # runs per bulk read (one pipeline on Redis)
 BEAT_S = 10.0  # how often the supervisor renews its watch of a replayed run
 WATCH_PREFIX = "watch:"  # a run's followers heartbeat as members of this group + run id
 # the bus itself is down: the rest of this sweep would fail alike, so it waits a tick
@@ -126,16 +128,29 @@ class RunSupervisor:
     async def _loop(self) -> None:
         while self.runs and not self._closed:
             await asyncio.sleep(self.tick_s)
-            for w in list(self.runs.values()):
-                try:
-                    await self._check(w)
-                except _BUS_DOWN:  # every run's check would fail alike: next tick
-                    log.warning("checking unfollowed runs: the bus is unreachable; trying "
-                                "again", extra={"run": w.run}, exc_info=True)
-                    break
-                except Exception:  # noqa: BLE001 - this run's trouble; the others go on
-                    log.warning("checking unfollowed run %s failed; trying again", w.run,
-                                extra={"run": w.run}, exc_info=True)
+            try:
+                await self.sweep()
+            except _BUS_DOWN:  # every run's check would fail alike: next tick
+                log.warning("checking unfollowed runs: the bus is unreachable; trying "
+                            "again", exc_info=True)
+
+    async def sweep(self) -> None:
+        """One look at every watched run: read what their logs gained (a few round trips
+        for all of them, not one per run), then act on each one's grace period, deadline
+        and give-up time. A run's own trouble is logged and tried again next tick; an
+        unreachable bus ends the sweep (raised)."""
+        watched = list(self.runs.values())
+        read_errors = await self._read(watched)
+        for w in watched:
+            if self.runs.get(w.run) is not w:  # ended meanwhile (closed, or watched anew)
+                continue
+            try:
+                await self._act(w, read_errors.get(w.run))
+            except _BUS_DOWN:
+                raise
+            except Exception:  # noqa: BLE001 - this run's trouble; the others go on
+                log.warning("checking unfollowed run %s failed; trying again", w.run,
+                            extra={"run": w.run}, exc_info=True)
 
     async def _call(self, call: Awaitable[Any]) -> Any:
         # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives
@@ -143,27 +158,44 @@ class RunSupervisor:
         async with asyncio.timeout(CALL_TIMEOUT_S):
             return await call
 
-    async def _check(self, w: Watched) -> None:
-        """One look at a run: read what its log gained, then act on its grace period,
-        deadline and give-up time whatever the read did (a log that cannot be read must
-        still be failed at its deadline). Raises the first error, once all is tried."""
-        errors: list[Exception] = []
-        try:
-            for _ in range(READS_PER_TICK):
-                if w.tracker.finished:
-                    break
-                batch = await self._call(
-                    self.transport.read_events(w.run, w.cursor, 512, 0))
-                if not batch:
-                    break
-                for raw_id, event in batch:
-                    w.cursor = raw_id
-                    for _, ev in w.tracker.feed(raw_id, event):
-                        self._note(w, ev)
-        except _BUS_DOWN:
-            raise
-        except Exception as exc:  # noqa: BLE001 - e.g. an entry that cannot be read
-            errors.append(exc)
+    async def _read(self, watched: list[Watched]) -> dict[str, Exception]:
+        """Feed each unfinished run's tracker what its log gained since its cursor, in
+        bulk reads of RUNS_PER_READ runs; a run whose batch came back full is read again,
+        up to READS_PER_TICK times (a huge log is read over several ticks). Returns the
+        runs whose log could not be read, with why."""
+        errors: dict[str, Exception] = {}
+        todo = [w for w in watched if not w.tracker.finished]
+        for _ in range(READS_PER_TICK):
+            if not todo:
+                break
+            more: list[Watched] = []
+            for i in range(0, len(todo), RUNS_PER_READ):
+                chunk = {w.run: w for w in todo[i:i + RUNS_PER_READ]}
+                got = await self._call(self.transport.read_events_many(
+                    {run: w.cursor for run, w in chunk.items()}, EVENTS_PER_READ))
+                for run, batch in got.items():
+                    w = chunk[run]
+                    if isinstance(batch, Exception):
+                        errors[run] = batch
+                        continue
+                    try:
+                        for raw_id, event in batch:
+                            w.cursor = raw_id
+                            for _, ev in w.tracker.feed(raw_id, event):
+                                self._note(w, ev)
+                    except Exception as exc:  # noqa: BLE001 - e.g. an entry out of shape
+                        errors[run] = exc
+                        continue
+                    if len(batch) >= EVENTS_PER_READ and not w.tracker.finished:
+                        more.append(w)
+            todo = more
+        return errors
+
+    async def _act(self, w: Watched, read_error: Exception | None) -> None:
+        """Act on what is known of a run: its end, else its grace period, deadline and
+        give-up time, whatever the read did (a log that cannot be read must still be
+        failed at its deadline). Raises the first error, once all is tried."""
+        errors: list[Exception] = [read_error] if read_error is not None else []
         now = time.monotonic()
         if w.tracker.finished:
             await self._finish(w)

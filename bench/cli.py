@@ -15,7 +15,7 @@ from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Benchmarks: runtime overhead, streaming vs barrier, scheduling, soak, "
-                       "recovery (see BENCHMARKS.md).")
+                       "recovery, supervisor (see BENCHMARKS.md).")
 console = Console(stderr=True)
 
 
@@ -234,6 +234,28 @@ def recovery(
         console.print(f"claim_idle {row['claim_idle_ms']} ms {row['code']}: held "
                       f"{row['held']:g}, recovered in {row['recover_s']} s (median), peak "
                       f"{row['peak_rerunning']:g} at once, all ok {row['all_ok']}")
+    console.print("wrote " + ", ".join(r["files"]))
+
+
+@app.command()
+def supervisor(
+    runs: Annotated[str, typer.Option(help="watched runs per trial, comma-separated")]
+    = "64,256,1024",
+    reps: Annotated[int, typer.Option(help="alternating reps of each way of reading")] = 5,
+    idle_s: Annotated[float, typer.Option(help="seconds of the real supervisor per trial")]
+    = 5.0,
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("bench/results"),
+    markdown: Annotated[Path | None, typer.Option(help="file whose section to update")] = Path(
+        "BENCHMARKS.md"),
+    no_markdown: Annotated[bool, typer.Option("--no-markdown", help="do not touch it")] = False,
+) -> None:
+    """The gateway's cost of watching runs nobody follows: run-by-run vs bulk log reads."""
+    from bench.supervisor_sweep import SweepConfig, main
+
+    counts = [int(r) for r in _rates(runs)]
+    cfg = SweepConfig(runs=counts, reps=reps, idle_s=idle_s, out_dir=out,
+                      markdown=None if no_markdown else markdown)
+    r = main(cfg, log=lambda s: console.print(s))
     console.print("wrote " + ", ".join(r["files"]))
 
 

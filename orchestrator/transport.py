@@ -47,7 +47,7 @@ between them, so every semantic rule lives in this docstring:
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -231,6 +231,28 @@ class Transport(abc.ABC):
     ) -> list[tuple[str, dict[str, Any]]]:
         """Events of `run` after event id `after` (from the start if None), waiting up to
         `block_ms` for at least one."""
+
+    async def read_events_many(
+        self, after: Mapping[str, str | None], count: int
+    ) -> dict[str, list[tuple[str, dict[str, Any]]] | Exception]:
+        """For each run in `after`, its events after the given id, without waiting: one
+        look at many logs (the gateway's supervisor polls every unfollowed run each tick).
+
+        A run whose log cannot be read gets its exception as its value, so one bad log
+        does not hide the others; a bus that cannot be reached raises for the whole call.
+        This default reads run after run; a networked bus sends them all in one round trip.
+        """
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        out: dict[str, list[tuple[str, dict[str, Any]]] | Exception] = {}
+        for run, cursor in after.items():
+            try:
+                out[run] = await self.read_events(run, cursor, count, 0)
+            except (ConnectionError, TimeoutError, *self.transient_errors):
+                raise
+            except Exception as exc:  # noqa: BLE001 - this log's trouble, returned as such
+                out[run] = exc
+        return out
 
     @abc.abstractmethod
     async def last_event_id(self, run: str) -> str | None:

@@ -572,6 +572,23 @@ async def test_events_resume_after_id(transport: Transport) -> None:
     assert await transport.read_events("missing", None, 10, 0) == []
 
 
+async def test_read_events_many_reads_each_log_from_its_own_cursor(transport: Transport) -> None:
+    """One look at many logs (the supervisor's tick) gives what one read per run gives."""
+    for i in range(4):
+        await transport.commit(Commit(events=[("a", {"i": i}), ("b", {"j": i})]))
+    (a1, _), _ = await transport.read_events("a", None, 2, 0)
+    got = await transport.read_events_many({"a": a1, "b": None, "missing": None}, 2)
+    assert set(got) == {"a", "b", "missing"}
+    for run, cursor in (("a", a1), ("b", None), ("missing", None)):
+        assert got[run] == await transport.read_events(run, cursor, 2, 0)
+    assert [e for _, e in got["a"]] == [{"i": 1}, {"i": 2}]  # after a1, two at most
+    assert [e for _, e in got["b"]] == [{"j": 0}, {"j": 1}]
+    assert got["missing"] == []
+    assert await transport.read_events_many({}, 10) == {}
+    with pytest.raises(ValueError):
+        await transport.read_events_many({"a": None}, 0)
+
+
 async def test_blocking_read_events_wakes_on_append(transport: Transport) -> None:
     await transport.commit(Commit(events=[("r", {"i": 0})]))
     [(last, _)] = await transport.read_events("r", None, 10, 0)
@@ -1209,3 +1226,25 @@ async def test_redis_cancel_by_another_process_is_seen(redis_url: str) -> None:
     finally:
         for t in (exact, default, other):
             await t.close()
+
+
+@pytest.mark.redis
+async def test_redis_read_events_many_isolates_a_log_that_cannot_be_read(redis_url: str) -> None:
+    """A run whose log holds an entry that is not JSON, or whose key is not a stream, gets
+    its error as its value; the runs read in the same pipeline get their events."""
+    import redis.exceptions
+
+    from workers.redis_transport import RedisTransport
+
+    t = RedisTransport(redis_url)
+    try:
+        await t.commit(Commit(events=[("good", {"i": 0}), ("bad", {"i": 0})]))
+        await t._r.xadd(t._run_key("bad", "events"), {"e": "{not json"})
+        await t._r.set(t._run_key("wrong", "events"), "not a stream")
+        got = await t.read_events_many({"good": None, "bad": None, "wrong": None}, 10)
+        assert [e for _, e in got["good"]] == [{"i": 0}]  # type: ignore[union-attr]
+        assert isinstance(got["bad"], ValueError)  # JSONDecodeError
+        assert isinstance(got["wrong"], redis.exceptions.ResponseError)
+        assert "WRONGTYPE" in str(got["wrong"])
+    finally:
+        await t.close()

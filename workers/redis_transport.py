@@ -40,7 +40,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -798,6 +798,34 @@ class RedisTransport(Transport):
             for _key, entries in res or []
             for entry_id, fields in entries
         ]
+
+    async def read_events_many(
+        self, after: Mapping[str, str | None], count: int
+    ) -> dict[str, list[tuple[str, dict[str, Any]]] | Exception]:
+        # one pipeline of single-key XREADs: one round trip, and unlike a multi-key XREAD
+        # each command names one key, as a Redis Cluster client would need
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        runs = list(after)
+        if not runs:
+            return {}
+        async with self._r.pipeline(transaction=False) as pipe:
+            for run in runs:
+                pipe.xread({self._run_key(run, "events"): after[run] or "0-0"}, count=count)
+            replies = await pipe.execute(raise_on_error=False)
+        out: dict[str, list[tuple[str, dict[str, Any]]] | Exception] = {}
+        for run, reply in zip(runs, replies, strict=True):
+            if isinstance(reply, self.transient_errors):
+                raise reply
+            if isinstance(reply, Exception):
+                out[run] = reply
+                continue
+            try:
+                out[run] = [(entry_id, loads_json(fields["e"]))
+                            for _key, entries in reply or [] for entry_id, fields in entries]
+            except Exception as exc:  # noqa: BLE001 - an entry that cannot be decoded
+                out[run] = exc
+        return out
 
     async def last_event_id(self, run: str) -> str | None:
         got = await self._r.xrevrange(self._run_key(run, "events"), count=1)
