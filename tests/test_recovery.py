@@ -27,9 +27,10 @@ CONFIG_SHORT = RunnerConfig(claim_idle_ms=200, block_ms=20, lease_ttl_ms=300, he
 # for tests that a takeover would fail: the runners share this process' loop, so a stall of
 # the loop (a loaded CI machine) longer than the touch interval (claim_idle / 3) or the
 # member TTL (5 heartbeats) would make the other runner take over a live call, or one
-# longer than the lease TTL would move a partition still firing; these bounds are 600 ms,
-# far above the stalls seen (~150-300 ms), and still short enough to wait past several times
-CONFIG_LIVE = RunnerConfig(claim_idle_ms=600, block_ms=20, lease_ttl_ms=600, heartbeat_ms=120)
+# longer than the lease TTL would move a partition still firing; these bounds (1 s, touches
+# every 333 ms; the lease, which no test waits out, 1.5 s) are far above the stalls seen
+# (~150-300 ms), and still short enough to wait past several times
+CONFIG_LIVE = RunnerConfig(claim_idle_ms=1000, block_ms=20, lease_ttl_ms=1500, heartbeat_ms=200)
 
 
 async def test_dead_workers_backlog_is_taken_over_at_once_and_in_parallel(
@@ -82,8 +83,8 @@ async def test_a_live_workers_long_call_is_not_taken_over(transport: Transport) 
         assert len(runners) == 2
         run = await start_run(transport, HOLD, "slow")
         await eventually(lambda: RENDEZVOUS.active == 1, 10)
-        # both instances sweep for idle entries every 300 ms; wait until each has swept
-        # well past the 600 ms after which an untouched entry would be claimed
+        # both instances sweep for idle entries every 500 ms; wait until each has swept
+        # well past the 1 s after which an untouched entry would be claimed
         base = [r.sweeps for r in runners]
         await eventually(lambda: all(r.sweeps >= b + 6 for r, b in zip(runners, base,
                                                                         strict=True)), 20)
@@ -117,7 +118,7 @@ async def test_a_draining_worker_keeps_its_calls(transport: Transport) -> None:
     try:
         (mine,) = draining.runners
         (theirs,) = other.runners
-        # past the member TTL and claim_idle (600 ms each), several times over
+        # past the member TTL and claim_idle (1 s each), several times over
         beats, sweeps = mine.beats, theirs.sweeps
         await eventually(lambda: mine.beats >= beats + 15 and theirs.sweeps >= sweeps + 6, 20)
         members = await transport.members(group)
