@@ -16,6 +16,9 @@ import redis
 
 from bench.procs import free_port, start_redis, stop_process
 from orchestrator.transport import Transport
+from tests import loop_stalls
+
+loop_stalls.install()  # only with ALTO_TEST_LOOP_STALL_MS set (a flake hunt)
 
 # ==========================================================================================
 # Redis server
