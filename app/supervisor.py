@@ -46,11 +46,13 @@ TICK_S = 0.25
 GIVE_UP_S = 60.0  # past the deadline with no end in sight (the log is gone): let go
 CALL_TIMEOUT_S = 5.0  # one transport call of a check; a black-holed bus must not stall all
 READS_PER_TICK = 8  # batches of events per run and tick: a huge log is read over ticks
-EVENTS_PER_READ = 512
+EVENTS_PER_READ = 512  # at most, per run and batch
 RUNS_PER_READ = 256  # runs per bulk read (one pipeline on Redis)
+# events one bulk read may return in all (each run's batch shrinks when many are read at
+# once, down to 16): 256 runs x 512 events took seconds to decode, in one loop turn
+ENTRIES_PER_READ = 8_192
 BEAT_S = 10.0  # how often the supervisor renews its watch of a replayed run
 WATCH_PREFIX = "watch:"  # a run's followers heartbeat as members of this group + run id
-# the bus itself is down: the rest of this sweep would fail alike, so it waits a tick
 _BUS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError)
 
 
@@ -98,6 +100,9 @@ class RunSupervisor:
         self.runs: dict[str, Watched] = {}
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._sweeping = asyncio.Lock()  # the loop's sweeps and a caller's never overlap
+        # the bus itself is down: the rest of a sweep would fail alike, so it waits a tick
+        self._bus_down = (*_BUS_DOWN, *transport.transient_errors)
         self._member = f"supervisor:{uuid.uuid4().hex[:12]}"
 
     def watch(self, spec: PipelineSpec, run: str, *, deadline_s: float, total_s: float,
@@ -130,27 +135,32 @@ class RunSupervisor:
             await asyncio.sleep(self.tick_s)
             try:
                 await self.sweep()
-            except _BUS_DOWN:  # every run's check would fail alike: next tick
+            except self._bus_down:  # every run's check would fail alike: next tick
                 log.warning("checking unfollowed runs: the bus is unreachable; trying "
                             "again", exc_info=True)
+            except Exception:  # noqa: BLE001 - the task must outlive any one sweep
+                log.warning("checking unfollowed runs failed; trying again", exc_info=True)
 
     async def sweep(self) -> None:
         """One look at every watched run: read what their logs gained (a few round trips
         for all of them, not one per run), then act on each one's grace period, deadline
         and give-up time. A run's own trouble is logged and tried again next tick; an
         unreachable bus ends the sweep (raised)."""
-        watched = list(self.runs.values())
-        read_errors = await self._read(watched)
-        for w in watched:
-            if self.runs.get(w.run) is not w:  # ended meanwhile (closed, or watched anew)
-                continue
-            try:
-                await self._act(w, read_errors.get(w.run))
-            except _BUS_DOWN:
-                raise
-            except Exception:  # noqa: BLE001 - this run's trouble; the others go on
-                log.warning("checking unfollowed run %s failed; trying again", w.run,
-                            extra={"run": w.run}, exc_info=True)
+        async with self._sweeping:
+            watched = list(self.runs.values())
+            read_errors = await self._read(watched)
+            for w in watched:
+                if self.runs.get(w.run) is w:  # not ended meanwhile (closed, watched anew)
+                    await self._act_logged(w, read_errors.get(w.run))
+
+    async def _act_logged(self, w: Watched, read_error: Exception | None) -> None:
+        try:
+            await self._act(w, read_error)
+        except self._bus_down:
+            raise
+        except Exception:  # noqa: BLE001 - this run's trouble; the others go on
+            log.warning("checking unfollowed run %s failed; trying again", w.run,
+                        extra={"run": w.run}, exc_info=True)
 
     async def _call(self, call: Awaitable[Any]) -> Any:
         # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives
@@ -171,8 +181,16 @@ class RunSupervisor:
             more: list[Watched] = []
             for i in range(0, len(todo), RUNS_PER_READ):
                 chunk = {w.run: w for w in todo[i:i + RUNS_PER_READ]}
-                got = await self._call(self.transport.read_events_many(
-                    {run: w.cursor for run, w in chunk.items()}, EVENTS_PER_READ))
+                per_run = min(EVENTS_PER_READ, max(16, ENTRIES_PER_READ // len(chunk)))
+                try:
+                    got = await self._call(self.transport.read_events_many(
+                        {run: w.cursor for run, w in chunk.items()}, per_run))
+                except self._bus_down:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - e.g. a reply out of shape: each
+                    for run in chunk:  # run's deadline is still acted on
+                        errors[run] = exc
+                    continue
                 for run, batch in got.items():
                     w = chunk[run]
                     if isinstance(batch, Exception):
@@ -186,8 +204,9 @@ class RunSupervisor:
                     except Exception as exc:  # noqa: BLE001 - e.g. an entry out of shape
                         errors[run] = exc
                         continue
-                    if len(batch) >= EVENTS_PER_READ and not w.tracker.finished:
+                    if len(batch) >= per_run and not w.tracker.finished:
                         more.append(w)
+                await asyncio.sleep(0)  # let the gateway's streams run between reads
             todo = more
         return errors
 
@@ -221,7 +240,7 @@ class RunSupervisor:
                 await self._call(self.transport.heartbeat(
                     WATCH_PREFIX + w.run, self._member, {"supervisor": True}, ttl_ms))
                 w.beat_at = now
-        except _BUS_DOWN:
+        except self._bus_down:
             raise
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)

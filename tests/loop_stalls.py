@@ -14,6 +14,7 @@ import asyncio
 import os
 import random
 import time
+import weakref
 
 ENV = "ALTO_TEST_LOOP_STALL_MS"
 
@@ -23,12 +24,12 @@ def install() -> None:
     if stall_ms <= 0:
         return
     run_forever = asyncio.BaseEventLoop.run_forever
-    chained: set[int] = set()
+    chained: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()  # not ids: reused
 
     def stalling_run_forever(self: asyncio.BaseEventLoop) -> None:
         # one chain of stalls per loop: pytest-asyncio enters run_forever many times
-        if id(self) not in chained:
-            chained.add(id(self))
+        if self not in chained:
+            chained.add(self)
 
             def stall() -> None:
                 time.sleep(stall_ms / 1000 * random.uniform(0.5, 1.0))

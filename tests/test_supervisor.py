@@ -195,9 +195,11 @@ class CountingReads(EmbeddedTransport):
     def __init__(self) -> None:
         super().__init__()
         self.bulk: list[set[str]] = []
+        self.counts: list[int] = []
 
     async def read_events_many(self, after: Any, count: int) -> Any:
         self.bulk.append(set(after))
+        self.counts.append(count)
         return await super().read_events_many(after, count)
 
 
@@ -235,11 +237,87 @@ async def test_a_long_log_is_read_over_several_sweeps(monkeypatch: Any) -> None:
     slot = Slot()
     sup.watch(_spec(), run, deadline_s=300, total_s=300, slot=slot)  # type: ignore[arg-type]
     sweeps = 0
-    while run in sup.runs:
+    for _ in range(10):
+        if run not in sup.runs:
+            break
         await sup.sweep()
         sweeps += 1
+    await sup.close()
     assert total == 10 and sweeps == 3  # four events a tick: 4, 4, then 2 with the end
     assert slot.released == 1
+
+
+async def test_many_runs_read_at_once_get_smaller_batches(monkeypatch: Any) -> None:
+    """One bulk read returns at most ENTRIES_PER_READ events in all (256 runs x 512
+    events took seconds to decode in one loop turn), each run's batch at least 16."""
+    import app.supervisor as supervisor
+
+    monkeypatch.setattr(supervisor, "ENTRIES_PER_READ", 64)
+    t = CountingReads()
+    sup = RunSupervisor(t, _noop_fail, _noop_expire, lambda w: None, tick_s=3600)
+    for n, want in ((1, 64), (2, 32), (8, 16)):
+        for _ in range(n - len(sup.runs)):
+            sup.watch(_spec(), await start_run(t, _spec(), "x"), deadline_s=300, total_s=300)
+        await sup.sweep()
+        assert t.counts[-1] == want, (n, t.counts)
+    await sup.close()
+
+
+class BrokenBulkRead(EmbeddedTransport):
+    """A bulk read that fails as a whole, not as the bus being down (a reply out of
+    shape), `n` times."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.left = n
+
+    async def read_events_many(self, after: Any, count: int) -> Any:
+        if self.left > 0:
+            self.left -= 1
+            raise RuntimeError("a reply out of shape")
+        return await super().read_events_many(after, count)
+
+
+async def test_a_failed_bulk_read_neither_ends_supervision_nor_skips_deadlines() -> None:
+    """Such an error used to escape the sweep and end the supervisor's task for good:
+    no deadline enforced, no slot given back, until another run was watched."""
+    t = BrokenBulkRead(1_000_000)
+    ended: list[Watched] = []
+    sup = _supervisor(t, ended)
+    run = await start_run(t, _spec(), "x")
+    slot = Slot()
+    sup.watch(_spec(), run, deadline_s=0.05, total_s=0.05, slot=slot, account=True)  # type: ignore[arg-type]
+    async def failed() -> bool:
+        return "deadline_exceeded" in await _codes(t, run)
+
+    await eventually(failed, timeout=30)
+    t.left = 0  # the log is readable again: the error written is seen, the run ends
+    await eventually(lambda: slot.released == 1, timeout=30)
+    assert [(w.run, w.outcome) for w in ended] == [(run, "timeout")] and sup.runs == {}
+
+
+async def test_one_unreadable_log_does_not_keep_another_run_from_ending() -> None:
+    t = OneUnreadableLog()
+    sup = RunSupervisor(t, _noop_fail, _noop_expire, lambda w: None, tick_s=3600)
+    bad, good = [await start_run(t, _spec(), "x") for _ in range(2)]
+    t.unreadable = bad
+    slots = {bad: Slot(), good: Slot()}
+    for run in (bad, good):
+        sup.watch(_spec(), run, deadline_s=300, total_s=300, slot=slots[run])  # type: ignore[arg-type]
+    await fail_run(t, good, "cancelled", "an operator cancelled it", 60)
+    await sup.sweep()
+    assert set(sup.runs) == {bad} and slots[good].released == 1 and slots[bad].released == 0
+    await sup.close()
+
+
+class OneUnreadableLog(EmbeddedTransport):
+    unreadable = ""
+
+    async def read_events(self, run: str, *args: Any, **kw: Any) -> Any:
+        if run == self.unreadable:
+            raise ValueError("an entry that cannot be decoded")
+        return await super().read_events(run, *args, **kw)
+
 
 
 async def _noop_fail(run: str, code: str, message: str) -> None:
