@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +167,7 @@ class Gateway:
         self.metrics = metrics
         self.engines = engines
         self.inflight = 0
+        self.viewers = 0  # GET /v1/runs/{id}/events streams open (admit_viewer)
         self.instance = uuid.uuid4().hex[:12]
         self.tracer: Any = None  # set by app/main.py when OpenTelemetry is configured
         self._members_cache: dict[str, tuple[float, int]] = {}
@@ -188,6 +189,33 @@ class Gateway:
                 param=param,
             )
         return spec
+
+    def admit_viewer(self) -> Callable[[], None]:
+        """Let one more client follow a run's events, or refuse with 429 at once: every
+        viewer holds a bus connection in a blocking read, and the Redis pool is sized for
+        ALTO_MAX_RUN_VIEWERS of them beside the admitted runs. Returns the (idempotent)
+        release."""
+        if self.viewers >= self.settings.max_run_viewers:
+            self.metrics.rejected.inc()
+            raise ApiError(
+                429,
+                f"too many clients following runs ({self.settings.max_run_viewers}); retry "
+                "later",
+                code="too_many_viewers",
+                retry_after_s=self.settings.retry_after_s,
+            )
+        self.viewers += 1
+        self.metrics.viewers.set(self.viewers)
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.viewers -= 1
+                self.metrics.viewers.set(self.viewers)
+
+        return release
 
     def admit(self) -> Slot:
         """Take a slot or refuse with 429 at once: queueing here would hold memory and

@@ -107,11 +107,11 @@ def create_app(
                 from workers.redis_transport import RedisTransport
 
                 # every run a client follows holds a connection in a blocking read (up to
-                # a second at a time): room for all admitted runs, and as much again for
-                # the rest (starting runs, heartbeats, the supervisor's reads); the
-                # default 64 made followers beyond 64 queue for a connection
-                t = RedisTransport(redis_url,
-                                   max_connections=settings.max_inflight_runs + 64)
+                # a second at a time): room for all admitted runs and all viewers of run
+                # events, and 64 more for the rest (starting runs, heartbeats, the
+                # supervisor's reads); the default 64 made followers beyond 64 queue
+                t = RedisTransport(redis_url, max_connections=settings.max_inflight_runs
+                                   + settings.max_run_viewers + 64)
                 try:  # say so at once (requests would answer 503 transport_unavailable)
                     await asyncio.wait_for(t.ping(), 5.0)  # a black-holed host: don't hang
                 except Exception as exc:  # noqa: BLE001 - any failure is reported alike

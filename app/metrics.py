@@ -62,6 +62,8 @@ class Metrics:
                               registry=r)
         self.rejected = Counter("alto_admission_rejected", "Requests refused with 429",
                                 registry=r)
+        self.viewers = Gauge("alto_run_viewers", "GET /v1/runs/{id}/events streams open now",
+                             registry=r)
         self.stage_done_seconds = Histogram(
             "alto_stage_done_seconds", "Time from run start until a stage has finished the run",
             ["pipeline", "stage"], buckets=_LATENCY_BUCKETS, registry=r,

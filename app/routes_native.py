@@ -259,6 +259,7 @@ async def run_events(
     total = float(first.get("deadline_s") or gw.settings.run_deadline_s)
     deadline = max(0.001, created + total - time.time())
     state = {"ended": False}
+    release_viewer = gw.admit_viewer()
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         async for eid, ev in gw.follow(spec, run_id, after=resume, deadline_s=deadline,
@@ -269,6 +270,7 @@ async def run_events(
         state["ended"] = True  # the log was complete (possibly before `after`)
 
     async def on_close() -> None:
+        release_viewer()
         if state["ended"]:
             await gw.expire(run_id)  # a resumed run's log gets its TTL like any other
         elif request.method != "HEAD":  # a HEAD never followed the run: it cannot drop it

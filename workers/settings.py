@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # they are API keys too. With API keys but no admin key, those endpoints answer 403
     admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     max_inflight_runs: int = 256
+    # GET /v1/runs/{id}/events streams open at once (each holds a bus connection in a
+    # blocking read); more get 429 too_many_viewers. A run's own stream is not one of them
+    max_run_viewers: int = 256
     max_body_bytes: int = 1_000_000
     retry_after_s: int = 1
     # gateway security and admission (app/ratelimit.py, app/gateway.py; docs/API.md):
