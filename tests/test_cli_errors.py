@@ -6,12 +6,13 @@ below the configured log level never print. Every test runs the real CLI as a su
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,38 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALTO_")}
     env.pop("COLUMNS", None)  # rich's default width (80): one-liners must not wrap
     return {**env, **extra}
+
+
+@contextlib.asynccontextmanager
+async def serving_on_any_port(env: dict[str, str]) -> AsyncIterator[
+        Callable[[Callable[[str], bool]], Awaitable[str]]]:
+    """`alto serve --port 0` on PIPELINE; yields `until(pred)`, which reads its stderr up to
+    the first line `pred` accepts (60 s at most; fails if the server ends first). The
+    server is stopped on the way out."""
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "-p", str(PIPELINE),
+                             "--port", "0"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    stderr = proc.stderr
+    seen: list[str] = []
+
+    async def until(pred: Callable[[str], bool]) -> str:
+        async def read() -> str:
+            while True:
+                line = await asyncio.to_thread(stderr.readline)
+                assert line, f"alto serve ended: {seen}"
+                seen.append(line)
+                if pred(line):
+                    return line
+
+        return await asyncio.wait_for(read(), 60)
+
+    try:
+        yield until
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        stderr.close()
 
 
 def alto(*args: str, env: dict[str, str] | None = None,
@@ -201,29 +234,15 @@ def test_records_below_the_level_do_not_print_whatever_a_library_sets() -> None:
 async def test_serve_json_logs_keep_uvicorns_own_level() -> None:
     """A guard for the above: with ALTO_LOG_FORMAT=json uvicorn logs through a handler like
     the root's, at `Settings.log_level` (info), as its text handlers do."""
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "-p", str(PIPELINE),
-                             "--port", "0"], cwd=ROOT, env=clean_env(ALTO_LOG_FORMAT="json"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    seen: list[str] = []
+    def uvicorn_started(line: str) -> bool:
+        if not line.startswith("{"):
+            return False
+        record = json.loads(line)
+        return bool(record["logger"].startswith("uvicorn")
+                    and "startup complete" in record["message"])
 
-    async def started() -> None:
-        while True:
-            line = await asyncio.to_thread(proc.stderr.readline)
-            assert line, f"alto serve ended: {seen}"
-            seen.append(line)
-            if line.startswith("{"):
-                record = json.loads(line)
-                if record["logger"].startswith("uvicorn") and \
-                        "startup complete" in record["message"]:
-                    return
-
-    try:
-        await asyncio.wait_for(started(), 60)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        proc.stderr.close()
+    async with serving_on_any_port(clean_env(ALTO_LOG_FORMAT="json")) as until:
+        await until(uvicorn_started)
 
 
 # ---- alto run --redis-url: workers first, and a stopped run is cancelled -------------------

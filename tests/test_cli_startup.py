@@ -8,20 +8,23 @@ Every test runs the real CLI as a subprocess."""
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from tests.test_cli_errors import NOWHERE, PIPELINE, alto, clean_env, one_line_error
-from tests.worker_procs import ROOT
+from tests.test_cli_errors import (
+    NOWHERE,
+    PIPELINE,
+    alto,
+    clean_env,
+    one_line_error,
+    serving_on_any_port,
+)
 
 KNOWN_SIM = "known options: ['block_size'"
 
@@ -153,22 +156,8 @@ def test_openapi_output_that_cannot_be_written_is_one_line(where: str,
 async def test_serve_on_any_free_port_says_the_port_it_bound() -> None:
     """`alto serve --port 0` printed `http://127.0.0.1:0` as its address; the start line
     now comes once uvicorn has bound, with the real port, where the gateway answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "-p", str(PIPELINE),
-                             "--port", "0"], cwd=ROOT, env=clean_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    seen: list[str] = []
-
-    async def start_line() -> str:
-        while True:
-            line = await asyncio.to_thread(proc.stderr.readline)
-            assert line, f"alto serve ended: {seen}"
-            seen.append(line)
-            if line.startswith("alto gateway"):
-                return line
-
-    try:
-        line = await asyncio.wait_for(start_line(), 60)
+    async with serving_on_any_port(clean_env()) as until:
+        line = await until(lambda line: line.startswith("alto gateway"))
         found = re.match(r"alto gateway http://127\.0\.0\.1:(\d+) \(embedded; pipelines: toy4\)$",
                          line.strip())
         assert found, line
@@ -177,10 +166,6 @@ async def test_serve_on_any_free_port_says_the_port_it_bound() -> None:
         async with httpx.AsyncClient() as client:
             reply = await client.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
         assert reply.status_code == 200, reply.text
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        proc.stderr.close()
 
 
 def test_the_startup_guard_takes_its_log_filter_off_again() -> None:

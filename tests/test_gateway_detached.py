@@ -160,10 +160,7 @@ def test_a_viewer_dropping_a_replayed_runs_stream_does_not_cancel_it(
             [run] = set(replayed["runs"].values())
             _drop_after_first_event(http, "GET", f"/v1/runs/{run}/events")
             # a client's own run, dropped after the viewer: its grace ends later
-            control = _drop_after_first_event(http, "POST", RUNS,
-                                              json={"input": "control"})["run"]
-            wait_for(lambda: _error_codes(server, control) == ["cancelled"], 30,
-                     "the control run to be cancelled at the end of its grace period")
+            _drop_control_run_until(http, server, "cancelled")
             assert _error_codes(server, run) == []
             assert http.get(f"/v1/runs/{run}").json()["status"] == "running"
     finally:
@@ -186,10 +183,16 @@ def test_a_resumed_stream_dropped_again_keeps_the_runs_own_deadline(
             _drop_after_first_event(http, "GET", f"/v1/runs/{run}/events")
             # started after that drop with the default 1 s: its deadline passes later than
             # a default deadline counted from the drop would have
-            control = _drop_after_first_event(http, "POST", RUNS,
-                                              json={"input": "control"})["run"]
-            wait_for(lambda: _error_codes(server, control) == ["deadline_exceeded"], 30,
-                     "the control run's deadline")
+            _drop_control_run_until(http, server, "deadline_exceeded")
             assert _error_codes(server, run) == []
     finally:
         server.stop()
+
+
+def _drop_control_run_until(http: httpx.Client, server: LiveServer, code: str) -> None:
+    """Start a run of the hanging input "control", drop its stream after the first event,
+    and wait until the gateway ends it with `code`: the moment by which the run under test
+    would have been ended too, had it been treated like this one."""
+    control = _drop_after_first_event(http, "POST", RUNS, json={"input": "control"})["run"]
+    wait_for(lambda: _error_codes(server, control) == [code], 30,
+             f"the control run to end with {code}")
